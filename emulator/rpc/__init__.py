@@ -1,0 +1,1 @@
+"""Sans-IO connection-oriented DCE/RPC (MS-RPCE, C706 chapter 12)."""
