@@ -1,0 +1,206 @@
+"""rpcauth: serve | client | matrix | explain | compare | report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import sys
+
+from .config import ConfigError, coerce_config, default_config, load_config
+
+PRIVILEGED = 1024
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _write_ready(path: str, info: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(info, fh)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .lab import Lab
+
+    try:
+        config = load_config(args.config) if args.config else default_config()
+    except ConfigError as exc:
+        print(f"rpcauth serve: bad config: {exc}", file=sys.stderr)
+        return 2
+    config = config.with_ports(smb=args.smb_port, epm=args.epm_port, emsmdb=args.emsmdb_port)
+    t = config.transports
+    if os.geteuid() != 0:
+        for name, tr in (("smb", t.smb), ("epm", t.epm), ("emsmdb", t.emsmdb)):
+            if tr.enabled and 0 < tr.port < PRIVILEGED:
+                print(f"rpcauth serve: port {tr.port} for {name} needs root. Pick another with "
+                      f"--{name}-port N (for example --{name}-port {tr.port + 10000}, or 0 for an "
+                      f"ephemeral port; the ready file then tells clients which).", file=sys.stderr)
+                return 2
+    if not _is_loopback(args.host):
+        print(f"rpcauth serve: WARNING: listening on {args.host}, not loopback. This lab accepts and "
+              f"records NTLM exchanges (user names, challenge responses) from anyone who can reach it.",
+              file=sys.stderr)
+
+    lab = Lab(config, host=args.host, ephemeral=False, captures=args.captures,
+              events_path=args.events, seed=args.seed)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await lab.start_async()
+        try:
+            info = lab.ready_info()
+            if args.ready_file:
+                _write_ready(args.ready_file, info)
+            print(f"rpcauth: serving lab {config.source} on {args.host}: "
+                  + ", ".join(f"{k} {v}" for k, v in lab.ports.items()), file=sys.stderr, flush=True)
+            await stop.wait()
+        finally:
+            await lab.stop_async()
+        print("rpcauth: stopped; captures closed and events flushed", file=sys.stderr)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"rpcauth serve: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------- client
+def cmd_client(args: argparse.Namespace) -> int:
+    from .client.cli import run_client_command
+
+    return run_client_command(args)
+
+
+# ---------------------------------------------------------------------- matrix
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from .matrix import run_matrix_command
+
+    return run_matrix_command(args)
+
+
+# ---------------------------------------------------------------------- captures
+def _capture_cli(fn):
+    def run(args: argparse.Namespace) -> int:
+        from .capture import CaptureError
+
+        try:
+            return fn(args)
+        except CaptureError as exc:
+            print(f"rpcauth {args.command}: {exc}", file=sys.stderr)
+            return 2
+        except ConfigError as exc:
+            print(f"rpcauth {args.command}: bad lab config: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _passwords(args: argparse.Namespace) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in args.password or []:
+        user, sep, pw = item.partition(":")
+        if not sep:
+            raise SystemExit("rpcauth: --password takes user:password")
+        out[user] = pw
+    return out
+
+
+@_capture_cli
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .capture.explain import explain
+
+    lab = load_config(args.lab) if args.lab else None
+    text = explain(args.capture, args.format, passwords=_passwords(args), lab=lab,
+                   progress=sys.stderr.isatty())
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+@_capture_cli
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .capture.compare import compare
+
+    result = compare(args.a, args.b)
+    for line in result.lines:
+        print(line)
+    return 0 if result.same else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .matrix import report_command
+
+    return report_command(args)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rpcauth", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the lab's SMB, endpoint mapper and EMSMDB listeners")
+    s.add_argument("--config", help="lab config (YAML); default: the embedded KB lab")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--smb-port", type=int, help="SMB port (0 = ephemeral; 445 needs root)")
+    s.add_argument("--epm-port", type=int, help="endpoint mapper port (0 = ephemeral; 135 needs root)")
+    s.add_argument("--emsmdb-port", type=int, help="EMSMDB port (0 = ephemeral)")
+    s.add_argument("--captures", help="directory for one pcap per connection")
+    s.add_argument("--events", help="JSON Lines event file")
+    s.add_argument("--ready-file", help="written as JSON once every listener accepts")
+    s.add_argument("--seed", type=int, help="deterministic challenges, handles and timestamps (labs only)")
+    s.set_defaults(func=cmd_serve)
+
+    from .client.cli import add_client_arguments
+
+    c = sub.add_parser("client", help="run the synthetic Exchange client")
+    add_client_arguments(c)
+    c.set_defaults(func=cmd_client)
+
+    m = sub.add_parser("matrix", help="run the KB Q146188 matrix against an embedded lab")
+    m.add_argument("--captures", help="directory for one capture per row")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.add_argument("--scenarios", help="YAML file of rows to run instead of the KB table")
+    m.add_argument("--config", help="lab config for the embedded lab (default: the KB lab)")
+    m.add_argument("--report", help="also write the HTML teaching report to this directory")
+    m.add_argument("--seed", type=int, help="deterministic server output (for reference captures)")
+    m.set_defaults(func=cmd_matrix)
+
+    e = sub.add_parser("explain", help="explain who authenticated where in a capture")
+    e.add_argument("capture")
+    e.add_argument("--format", choices=["text", "json", "mermaid", "html"], default="text")
+    e.add_argument("--lab", help="lab config whose users' keys unseal PKT_PRIVACY stubs")
+    e.add_argument("--password", action="append", metavar="USER:PW", help="a user's password, to unseal stubs")
+    e.set_defaults(func=cmd_explain)
+
+    k = sub.add_parser("compare", help="compare the auth paths of two captures")
+    k.add_argument("a")
+    k.add_argument("b")
+    k.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="HTML teaching report for a matrix run directory")
+    r.add_argument("directory")
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Runs one logon the way the Exchange client does, with impacket's client stack, and reports
+what the user saw and what the server did."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from impacket.dcerpc.v5 import epm, transport
+from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_WINNT, DCERPCException
+from impacket.smbconnection import SessionError, SMBConnection
+from impacket.uuid import uuidtup_to_bin
+
+from ..directory import EC_LOGIN_FAILURE, EC_SUCCESS, status_hex, status_name
+from ..interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect, hEcDoConnectEx, hEcDoDisconnect
+from . import dialogs
+from .decision import Attempt, plan
+from .profile import SERVED_PROTSEQS, Credentials, Profile
+
+EMSMDB_IF = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
+
+
+@dataclass
+class ClientReport:
+    mailbox_dn: str
+    prompt_shown: bool = False
+    prompt_answer_used: bool = False
+    transports_tried: list[dict[str, str]] = field(default_factory=list)
+    transport_used: str | None = None
+    auth_layer: str | None = None          # smb_session_setup | rpc_bind
+    wire_user: str | None = None           # whose credentials the client actually sent
+    acting_user: str | None = None         # whose identity the server acted on
+    identity_source: str | None = None     # smb_session | rpc_auth | anonymous (the server's words)
+    identity_from: str = "inferred"        # "server_events" when read from an in-process lab
+    status: str | None = None
+    status_name: str | None = None
+    outcome: str = "unreachable"           # opened | denied | logon_failure | unknown_user | unreachable
+    dialog: str | None = None
+    server_conns: list[str] = field(default_factory=list)
+    local_ports: list[int] = field(default_factory=list)
+
+    @property
+    def opened(self) -> bool:
+        return self.outcome == "opened"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["opened"] = self.opened
+        return d
+
+
+class _Unreachable(Exception):
+    pass
+
+
+def _nodelay(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _call(dce, profile: Profile) -> tuple[int | None, str]:
+    """EcDoConnect(Ex) then EcDoDisconnect. (status, 'ok'|'fault') ; a fault means the RPC layer
+    refused us (a failed NTLM bind faults the first call with access denied)."""
+    connect = hEcDoConnectEx if profile.connect_call == "EcDoConnectEx" else hEcDoConnect
+    try:
+        status, handle, _display = connect(dce, profile.mailbox_dn)
+    except DCERPCException:
+        return None, "fault"
+    if status == EC_SUCCESS:
+        try:
+            hEcDoDisconnect(dce, handle)
+        except DCERPCException:
+            pass
+    return status, "ok"
+
+
+def _pipe_via_epm(smb: SMBConnection, profile: Profile) -> str:
+    t = transport.SMBTransport(profile.server.host, profile.server.smb_port, r"\epmapper", smb_connection=smb)
+    dce = t.get_dce_rpc()
+    dce.connect()
+    try:
+        binding = epm.hept_map(profile.server.host, EMSMDB_IF, protocol="ncacn_np", dce=dce)
+    finally:
+        dce.disconnect()
+    m = re.search(r"\[(.*)\]", binding)
+    if not m:
+        raise _Unreachable("endpoint mapper gave no pipe")
+    return m.group(1)
+
+
+def _port_via_epm(profile: Profile) -> int:
+    rt = transport.DCERPCTransportFactory(f"ncacn_ip_tcp:{profile.server.host}[{profile.server.epm_port}]")
+    rt.set_connect_timeout(profile.timeout)
+    dce = rt.get_dce_rpc()
+    try:
+        dce.connect()
+    except (OSError, socket.error) as exc:
+        raise _Unreachable(str(exc)) from None
+    try:
+        binding = epm.hept_map(profile.server.host, EMSMDB_IF, protocol="ncacn_ip_tcp", dce=dce)
+    finally:
+        dce.disconnect()
+    return int(re.search(r"\[(\d+)\]", binding).group(1))
+
+
+def _over_named_pipe(profile: Profile, attempt: Attempt, report: ClientReport) -> tuple[int | None, str]:
+    creds = attempt.smb_credentials
+    assert creds is not None
+    try:
+        smb = SMBConnection(profile.server.host, profile.server.host, sess_port=profile.server.smb_port,
+                            timeout=profile.timeout)
+    except (OSError, socket.error, Exception) as exc:
+        if isinstance(exc, SessionError):
+            raise
+        raise _Unreachable(str(exc)) from None
+    report.local_ports.append(smb.getSMBServer().get_socket().getsockname()[1])
+    try:
+        try:
+            smb.login(creds.user, creds.password, creds.domain)
+        except SessionError:
+            return None, "smb_logon_failed"
+        pipe = profile.server.pipe or _pipe_via_epm(smb, profile)
+        t = transport.SMBTransport(profile.server.host, profile.server.smb_port, pipe, smb_connection=smb)
+        dce = t.get_dce_rpc()
+        dce.connect()
+        try:
+            dce.bind(EMSMDB_IF)         # no RPC-level authentication: the pipe's session is used
+            return _call(dce, profile)
+        finally:
+            dce.disconnect()
+    finally:
+        try:
+            smb.logoff()
+        except Exception:
+            pass
+        smb.close()
+
+
+def _over_tcp(profile: Profile, attempt: Attempt, report: ClientReport) -> tuple[int | None, str]:
+    port = profile.server.emsmdb_port or _port_via_epm(profile)
+    rt = transport.DCERPCTransportFactory(f"ncacn_ip_tcp:{profile.server.host}[{port}]")
+    rt.set_connect_timeout(profile.timeout)
+    creds = attempt.rpc_credentials
+    if creds is not None:
+        rt.set_credentials(creds.user, creds.password, creds.domain)
+    dce = rt.get_dce_rpc()
+    if creds is not None:
+        dce.set_auth_type(RPC_C_AUTHN_WINNT)
+        dce.set_auth_level(profile.auth_level)
+    try:
+        dce.connect()
+    except (OSError, socket.error) as exc:
+        raise _Unreachable(str(exc)) from None
+    _nodelay(rt.get_socket())
+    report.local_ports.append(rt.get_socket().getsockname()[1])
+    try:
+        try:
+            dce.bind(EMSMDB_IF)
+        except DCERPCException:
+            return None, "bind_refused"
+        return _call(dce, profile)
+    finally:
+        try:
+            dce.disconnect()
+        except Exception:
+            pass
+
+
+def _server_view(report: ClientReport, events: Any) -> None:
+    """Read whose identity the server acted on from the lab's own events."""
+    peers = {f"127.0.0.1:{p}" for p in report.local_ports} | {f"{h}:{p}" for p in report.local_ports
+                                                               for h in ("::1", "localhost")}
+    conns = [r["conn"] for r in events.records("conn.open") if r.get("peer") in peers]
+    report.server_conns = conns
+    connects = [r for r in events.records("emsmdb.connect") if r["conn"] in conns]
+    report.identity_from = "server_events"
+    if connects:
+        last = connects[-1]
+        report.acting_user = last.get("acting_user")
+        report.identity_source = last.get("identity_source")
+    else:
+        report.acting_user = None
+        report.identity_source = None
+
+
+def run_client(profile: Profile, *, events: Any = None) -> ClientReport:
+    """Walk the binding order like the Exchange client and log on to the mailbox."""
+    report = ClientReport(mailbox_dn=profile.mailbox_dn)
+    for protseq in profile.binding_order:
+        if protseq not in SERVED_PROTSEQS:
+            report.transports_tried.append({"protseq": protseq, "outcome": "not_served"})
+            continue
+        attempt = plan(profile, protseq)
+        report.prompt_shown = report.prompt_shown or attempt.prompt_shown
+        runner = _over_named_pipe if protseq == "ncacn_np" else _over_tcp
+        try:
+            status, how = runner(profile, attempt, report)
+        except _Unreachable:
+            report.transports_tried.append({"protseq": protseq, "outcome": "unreachable"})
+            continue
+        report.transports_tried.append({"protseq": protseq, "outcome": "used"})
+        report.transport_used = protseq
+        report.auth_layer = attempt.auth_layer
+        wire = attempt.smb_credentials or attempt.rpc_credentials
+        report.wire_user = wire.qualified if wire else None
+        report.prompt_answer_used = (attempt.rpc_credentials is not None
+                                     and attempt.rpc_credentials == profile.prompt_answer)
+        report.acting_user = wire.qualified if (wire and status is not None) else None
+        report.identity_source = ("smb_session" if protseq == "ncacn_np" else "rpc_auth") if report.acting_user else None
+        if status is None:
+            report.outcome = "logon_failure"
+            report.status = status_hex(EC_LOGIN_FAILURE)
+            report.status_name = f"{how}"
+            report.dialog = dialogs.LOGON_FAILED
+        else:
+            report.status, report.status_name = status_hex(status), status_name(status)
+            report.outcome = {0: "opened", 0x3F2: "denied", 0x3EB: "unknown_user"}.get(status, "logon_failure")
+            report.dialog = dialogs.for_status(status)
+        break
+    else:
+        report.dialog = dialogs.UNREACHABLE
+    if events is not None and report.local_ports:
+        _server_view(report, events)
+    return report

@@ -1,0 +1,166 @@
+"""Lab: every listener of one lab config, started on an asyncio loop, for the CLI, the tests and
+the pytest plugin.
+
+    with Lab() as lab:                      # the embedded KB cast, ephemeral loopback ports
+        lab.ports["emsmdb"], lab.ports["smb"], lab.ports["epm"]
+        lab.events.records("emsmdb.connect")
+
+`Lab.run_forever()` serves in the calling thread (rpcauth serve); `start()`/`stop()` (and the
+context manager) serve from a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any, Iterator
+
+from .config import LabConfig, coerce_config
+from .determinism import sources
+from .events import EventLog, event
+from .server.captures import PerConnectionCaptures, SharedCapture
+from .server.listener import Listener
+from .server.services import LabServices
+
+# Ports written into captures, so Wireshark decodes SMB and the endpoint mapper by port.
+CAPTURE_PORTS = {"smb": 445, "epm": 135}
+
+
+class Lab:
+    def __init__(self, config: Any = None, *, host: str = "127.0.0.1", ephemeral: bool = True,
+                 captures: str | None = None, capture_file: str | None = None,
+                 events_path: str | None = None, seed: int | None = None,
+                 ports: dict[str, int | None] | None = None) -> None:
+        cfg: LabConfig = coerce_config(config)
+        if ephemeral:
+            cfg = cfg.with_ports(smb=0, epm=0, emsmdb=0)
+        if ports:
+            cfg = cfg.with_ports(**ports)
+        self.config = cfg
+        self.host = host
+        self.seed = seed
+        self.random_bytes, self.now = sources(seed)
+        self.events = EventLog(events_path, clock=self.now)
+        self.captures_dir = captures
+        self._capture_file = capture_file
+        self._capture: Any = None
+        self.ports: dict[str, int] = {}
+        self.listeners: list[Listener] = []
+        self.services: LabServices | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopped: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ async core
+    async def start_async(self) -> None:
+        self.services = LabServices(self.config, random_bytes=self.random_bytes, now=self.now, host=self.host)
+        if self._capture_file:
+            self._capture = SharedCapture(self._capture_file, self.now)
+        elif self.captures_dir:
+            self._capture = PerConnectionCaptures(self.captures_dir, self.now)
+        t = self.config.transports
+        specs = [
+            ("epm", t.epm.enabled, t.epm.port, self.services.epm_engine, "rpc"),
+            ("emsmdb", t.emsmdb.enabled, t.emsmdb.port, self.services.emsmdb_engine, "rpc"),
+            ("smb", t.smb.enabled, t.smb.port, self.services.smb_engine, "smb"),
+        ]
+        for name, enabled, port, factory, layer in specs:
+            if not enabled:
+                continue
+            lst = Listener(name, self.host, port, factory, self.events, self.config.policy.limits,
+                           capture=self._capture, capture_port=CAPTURE_PORTS.get(name), layer=layer)
+            await lst.start()
+            self.listeners.append(lst)
+            self.ports[name] = lst.port
+        self.services.bound_ports = dict(self.ports)
+        self.events.emit("lab", event("lab", "lab.ready", host=self.host, ports=dict(self.ports),
+                                      config=self.config.source))
+
+    async def stop_async(self) -> None:
+        for lst in self.listeners:
+            await lst.stop()
+        self.listeners = []
+        if self._capture is not None:
+            self._capture.close()
+        self.events.emit("lab", event("lab", "lab.stopped"))
+        self.events.close()
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        await self.start_async()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop_async()
+
+    # ------------------------------------------------------------------ background thread
+    def start(self) -> "Lab":
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._stopped = asyncio.Event()
+            try:
+                loop.run_until_complete(self._run_in_thread())
+            except BaseException as exc:  # reported to start()
+                self._error = exc
+                self._ready.set()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="rpcauth-lab", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        if not self._ready.is_set():
+            raise RuntimeError("lab did not start within 30 s")
+        return self
+
+    async def _run_in_thread(self) -> None:
+        assert self._stopped is not None
+        await self.start_async()
+        self._ready.set()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop_async()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(30)
+            self._thread = None
+
+    def __enter__(self) -> "Lab":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ conveniences
+    @property
+    def capture_paths(self) -> list[str]:
+        if isinstance(self._capture, SharedCapture):
+            return [self._capture.path]
+        if isinstance(self._capture, PerConnectionCaptures):
+            return list(self._capture.paths)
+        return []
+
+    def password(self, user: str) -> str:
+        """The lab password of a user, for tests that play that user."""
+        u = self.config.user(user)
+        if u is None or u.password is None:
+            raise KeyError(f"no password for {user!r} in this lab")
+        return u.password
+
+    def records(self, kind: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        return self.events.records(kind, **match)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.events)
+
+    def ready_info(self) -> dict[str, Any]:
+        return {"host": self.host, "smb": self.ports.get("smb"), "epm": self.ports.get("epm"),
+                "emsmdb": self.ports.get("emsmdb"), "pid": os.getpid()}

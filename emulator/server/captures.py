@@ -1,0 +1,62 @@
+"""Where a listener's connections are recorded: one pcap per connection, or one shared pcap
+(one per matrix row). Both hand out per-stream recorders from emulator.capture.recorder."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable
+
+
+class _ClosingStream:
+    """A stream recorder that also closes its own file when the connection ends."""
+
+    def __init__(self, writer, stream) -> None:
+        self._writer, self._stream = writer, stream
+
+    def client_data(self, data: bytes) -> None:
+        self._stream.client_data(data)
+
+    def server_data(self, data: bytes) -> None:
+        self._stream.server_data(data)
+
+    def close(self) -> None:
+        self._stream.close()
+        self._writer.close()
+
+
+class PerConnectionCaptures:
+    def __init__(self, directory: str, clock: Callable[[], float]) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.directory, self._clock = directory, clock
+        self.paths: list[str] = []
+        self._lock = threading.Lock()
+
+    def stream(self, conn: str, listener: str, client: tuple[str, int], server: tuple[str, int]):
+        from ..capture.recorder import CaptureWriter
+
+        path = os.path.join(self.directory, f"{conn}-{listener}.pcap")
+        with self._lock:
+            self.paths.append(path)
+        writer = CaptureWriter(path, clock=self._clock)
+        return _ClosingStream(writer, writer.stream(client, server))
+
+    def close(self) -> None:
+        pass
+
+
+class SharedCapture:
+    """All connections into one file, e.g. everything one matrix row did."""
+
+    def __init__(self, path: str, clock: Callable[[], float]) -> None:
+        from ..capture.recorder import CaptureWriter
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self._writer = CaptureWriter(path, clock=clock)
+
+    def stream(self, conn: str, listener: str, client: tuple[str, int], server: tuple[str, int]):
+        return self._writer.stream(client, server)
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,80 @@
+"""Wires one lab together: directory, authentication, interfaces, and the engine factories the
+listeners call for each new TCP connection or pipe open.
+
+The identity each engine starts from is decided here and only here: ANONYMOUS for a raw TCP
+connection, the SMB session's user for a pipe (handed in by the SMB engine through
+PipeFactory). The RPC core then applies the one rule: an authenticated bind replaces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..config import LabConfig
+from ..directory import Directory
+from ..identity import ANONYMOUS, Identity
+from ..interfaces.emsmdb import EMSMDB_UUID, EmsmdbInterface
+from ..interfaces.epm import Endpoint, EpmInterface
+from ..interfaces.srvsvc import SrvsvcInterface
+from ..ntlm import AuthFactory
+from ..rpc.connection import RpcConnection
+from ..smb.connection import SmbConnection
+from ..smb.pipe import PipeFactory
+
+EPM_PIPE = "epmapper"
+SRVSVC_PIPE = "srvsvc"
+
+
+class LabServices:
+    def __init__(self, config: LabConfig, *, random_bytes: Callable[[int], bytes],
+                 now: Callable[[], float], host: str = "127.0.0.1") -> None:
+        self.config = config
+        self.host = host
+        self.random_bytes, self.now = random_bytes, now
+        self.directory = Directory(config)
+        self.auth = AuthFactory(self.directory, config.policy, config.server,
+                                random_bytes=random_bytes, now=now)
+        self.emsmdb = EmsmdbInterface(self.directory, config.policy, config.server, random_bytes=random_bytes)
+        self.epm = EpmInterface(self.endpoints)
+        self.srvsvc = SrvsvcInterface(config.server)
+        # Filled in by the lab once listeners are bound (port 0 means "ask the kernel").
+        self.bound_ports: dict[str, int] = {}
+        self.emsmdb_pipe = config.transports.smb.pipes.get("emsmdb", "emsmdb")
+        self.pipes = PipeFactory({
+            self.emsmdb_pipe: self._pipe_builder([self.emsmdb]),
+            EPM_PIPE: self._pipe_builder([self.epm]),
+            SRVSVC_PIPE: self._pipe_builder([self.srvsvc]),
+        })
+
+    # ------------------------------------------------------------------ endpoint map
+    def endpoints(self) -> list[Endpoint]:
+        out = []
+        version = EmsmdbInterface.version
+        if "emsmdb" in self.bound_ports:
+            out.append(Endpoint(EMSMDB_UUID, version, "ncacn_ip_tcp", str(self.bound_ports["emsmdb"]),
+                                self.host, "Exchange EMSMDB (rpcauth-emulator)"))
+        if "smb" in self.bound_ports:
+            out.append(Endpoint(EMSMDB_UUID, version, "ncacn_np", f"\\PIPE\\{self.emsmdb_pipe}",
+                                self.config.server.netbios_name, "Exchange EMSMDB (rpcauth-emulator)"))
+        return out
+
+    # ------------------------------------------------------------------ engine factories
+    def _rpc(self, transport: str, identity: Identity, interfaces: list, info: dict[str, Any]) -> RpcConnection:
+        return RpcConnection(transport=transport, transport_identity=identity, interfaces=interfaces,
+                             auth=self.auth, policy=self.config.policy, info=info,
+                             random_bytes=self.random_bytes, now=self.now)
+
+    def _pipe_builder(self, interfaces: list) -> Callable[[Identity, dict[str, Any]], RpcConnection]:
+        def build(identity: Identity, info: dict[str, Any]) -> RpcConnection:
+            return self._rpc("ncacn_np", identity, interfaces, info)
+        return build
+
+    def smb_engine(self, info: dict[str, Any]) -> SmbConnection:
+        return SmbConnection(config=self.config, auth=self.auth, pipes=self.pipes, info=info,
+                             random_bytes=self.random_bytes, now=self.now)
+
+    def epm_engine(self, info: dict[str, Any]) -> RpcConnection:
+        return self._rpc("ncacn_ip_tcp", ANONYMOUS, [self.epm], info)
+
+    def emsmdb_engine(self, info: dict[str, Any]) -> RpcConnection:
+        return self._rpc("ncacn_ip_tcp", ANONYMOUS, [self.emsmdb], info)
