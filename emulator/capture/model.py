@@ -1,0 +1,98 @@
+"""What the capture reader found: one `Connection` per RPC connection (a named pipe, or a TCP
+stream carrying DCE/RPC), in the shape of DESIGN.md section 5."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# MS-RPCE 2.2.1.1.8 authentication levels and 2.2.1.1.7 security providers.
+AUTH_LEVEL_NAMES = {0: "none", 1: "none", 2: "connect", 3: "call", 4: "packet", 5: "integrity",
+                    6: "privacy"}
+AUTH_TYPE_NAMES = {0: "none", 9: "spnego", 10: "ntlm", 14: "schannel", 16: "kerberos",
+                   0x44: "netlogon", 0xFF: "default"}
+
+EMSMDB_UUID = "a4f1db00-ca47-1067-b31f-00dd010662da"
+INTERFACE_NAMES = {
+    EMSMDB_UUID: "emsmdb",
+    "5261574a-4572-206e-b268-6b199213b4e5": "asyncemsmdb",
+    "f5cc5a18-4264-101a-8c59-08002b2f8426": "nspi",
+    "1544f5e0-613c-11d1-93df-00c04fd7bd09": "rfr",
+    "e1af8308-5d1f-11c9-91a4-08002b14a0fa": "epm",
+    "4b324fc8-1670-01d3-1278-5a47bf6ee188": "srvsvc",
+    "12345778-1234-abcd-ef00-0123456789ab": "lsarpc",
+    "12345778-1234-abcd-ef00-0123456789ac": "samr",
+    "12345678-1234-abcd-ef00-01234567cffb": "netlogon",
+    "6bffd098-a112-3610-9833-46c3f87e345a": "wkssvc",
+    "367abb81-9844-35f1-ad32-98f038001003": "svcctl",
+    "338cd001-2244-31f1-aaaa-900038001003": "winreg",
+    "00000143-0000-0000-c000-000000000046": "IRemUnknown2",
+    "000001a0-0000-0000-c000-000000000046": "ISystemActivator",
+    "99fcfec4-5260-101b-bbcb-00aa0021347a": "IOXIDResolver",
+}
+EMSMDB_CALLS = {0: "EcDoConnect", 1: "EcDoDisconnect", 2: "EcDoRpc", 10: "EcDoConnectEx",
+                11: "EcDoRpcExt2"}
+
+
+@dataclass
+class BindInfo:
+    frame: int
+    call_id: int
+    kind: str  # "bind" or "alter_context"
+    interface: str
+    interface_name: str
+    version: str
+    auth_type: str
+    auth_level: str
+    result: str = "pending"  # ok | rejected | nak | pending
+    result_frame: int | None = None
+
+
+@dataclass
+class EmsmdbCall:
+    call: str
+    frame: int
+    user_dn: str | None
+    status: str | None = None
+    status_name: str | None = None
+    response_frame: int | None = None
+    sealed: bool = False
+
+
+@dataclass
+class Connection:
+    stream: int
+    transport: str  # ncacn_np | ncacn_ip_tcp
+    client: str
+    server: str
+    identity_source: str = "none"
+    user: str | None = None
+    domain: str | None = None
+    auth_level: str = "none"
+    auth_type: str = "none"
+    smb_user: str | None = None
+    smb_domain: str | None = None
+    smb_session_frame: int | None = None
+    ntlm_version: str | None = None
+    identity_frame: int | None = None
+    pipes: list[str] = field(default_factory=list)
+    binds: list[BindInfo] = field(default_factory=list)
+    emsmdb: list[EmsmdbCall] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    partial: bool = False
+    first_frame: int = 0
+
+    @property
+    def acting(self) -> str:
+        """DOMAIN\\user the server acted on, as far as the capture shows."""
+        if self.user is None:
+            return "anonymous" if self.identity_source == "anonymous" else "an unknown user"
+        return f"{self.domain}\\{self.user}" if self.domain else self.user
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        # smb_user only when there is an SMB session, as DESIGN.md section 5 says.
+        if self.transport != "ncacn_np":
+            for k in ("smb_user", "smb_domain", "smb_session_frame"):
+                d.pop(k)
+        return d

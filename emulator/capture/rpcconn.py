@@ -1,0 +1,234 @@
+"""One RPC connection seen in a capture: binds, the security context, and EMSMDB calls.
+
+The identity rule is the one in DESIGN.md section 2 and MS-RPCE 3.3.3.4: an authenticated bind
+(or alter_context/auth3 leg) replaces the transport's identity; a bind without authentication
+keeps it. On a named pipe the transport identity is the SMB session's user; on TCP it is
+nobody.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ..directory import status_hex, status_name
+from ..sansio import ProtocolError
+from . import rpcwire as w
+from .authtokens import inspect_token
+from .model import (AUTH_LEVEL_NAMES, AUTH_TYPE_NAMES, EMSMDB_CALLS, EMSMDB_UUID,
+                    INTERFACE_NAMES, BindInfo, Connection, EmsmdbCall)
+
+# Keep at most this much of one call's stub while its fragments arrive; EcDoConnect stubs are
+# small, and nothing else is read.
+MAX_STUB = 64 * 1024
+
+
+@dataclass
+class SmbSessionInfo:
+    user: str | None
+    domain: str | None
+    frame: int | None
+    events: list[dict[str, Any]]
+
+
+def read_user_dn(stub: bytes, endian: str = "<") -> str | None:
+    """szUserDN of EcDoConnect/EcDoConnectEx (MS-OXCRPC 3.1.4.1/3.1.4.11): the first [in]
+    parameter, an NDR conformant varying string of 8-bit characters (C706 14.3.4.2)."""
+    for pos in (0, 4):  # tolerate a unique-pointer referent in front of the string
+        if len(stub) < pos + 12:
+            return None
+        max_count, offset, actual = struct.unpack(endian + "III", stub[pos:pos + 12])
+        if offset == 0 and 0 < actual <= max_count <= 4096 and pos + 12 + actual <= len(stub):
+            text = stub[pos + 12:pos + 12 + actual].rstrip(b"\x00")
+            if all(32 <= c < 127 for c in text):
+                return text.decode("ascii")
+    return None
+
+
+class RpcConnection:
+    def __init__(self, conn: Connection, smb: SmbSessionInfo | None = None) -> None:
+        self.conn = conn
+        self.smb = smb
+        self._buffers = {True: w.FrameBuffer(), False: w.FrameBuffer()}
+        self._contexts: dict[int, str] = {}
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._pending_binds: dict[int, list[BindInfo]] = {}
+        self.rpc_seen = False
+        self._identity_auth: tuple[str, str] | None = None  # (auth_type name, level name)
+        self._authenticated = False
+        if smb is not None:
+            conn.smb_user, conn.smb_domain, conn.smb_session_frame = smb.user, smb.domain, smb.frame
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def event(self, frame: int, kind: str, direction: str, **fields: Any) -> None:
+        self.conn.events.append({"frame": frame, "kind": kind, "dir": direction, **fields})
+
+    def feed(self, from_client: bool, data: bytes, frame: int) -> None:
+        try:
+            frags = self._buffers[from_client].feed(data)
+        except ProtocolError as exc:
+            if self.rpc_seen:
+                self.event(frame, "malformed", "c2s" if from_client else "s2c", layer="dcerpc",
+                           reason=exc.reason)
+            return
+        for raw in frags:
+            try:
+                self._pdu(w.decode(raw), frame)
+            except ProtocolError as exc:
+                self.event(frame, "malformed", "c2s" if from_client else "s2c", layer="dcerpc",
+                           reason=exc.reason)
+
+    def gap(self, from_client: bool) -> None:
+        self._buffers[from_client].reset()
+        self.conn.partial = True
+
+    # -- PDUs --------------------------------------------------------------------------------
+
+    def _pdu(self, f: w.Fragment, frame: int) -> None:
+        self.rpc_seen = True
+        if not self.conn.first_frame:
+            self.conn.first_frame = frame
+        if f.ptype in (w.BIND, w.ALTER_CONTEXT):
+            self._bind(f, frame)
+        elif f.ptype in (w.BIND_ACK, w.ALTER_CONTEXT_RESP, w.BIND_NAK):
+            self._bind_reply(f, frame)
+        elif f.ptype == w.AUTH3:
+            self._auth_token(f, frame, "auth3")
+        elif f.ptype == w.REQUEST:
+            self._request(f, frame)
+        elif f.ptype == w.RESPONSE:
+            self._response(f, frame)
+        elif f.ptype == w.FAULT:
+            status = w.fault_status(f)
+            self.event(frame, "rpc.fault", "s2c", call_id=f.call_id, status=f"0x{status:08x}")
+            self._calls.pop(f.call_id, None)
+
+    def _bind(self, f: w.Fragment, frame: int) -> None:
+        kind = "bind" if f.ptype == w.BIND else "alter_context"
+        auth_type = AUTH_TYPE_NAMES.get(f.auth.auth_type, str(f.auth.auth_type)) if f.auth else "none"
+        auth_level = AUTH_LEVEL_NAMES.get(f.auth.auth_level, str(f.auth.auth_level)) if f.auth else "none"
+        infos = []
+        for ctx_id, iface, version in w.bind_contexts(f):
+            self._contexts[ctx_id] = iface
+            info = BindInfo(frame, f.call_id, kind, iface, INTERFACE_NAMES.get(iface, iface),
+                            version, auth_type, auth_level)
+            infos.append(info)
+            self.conn.binds.append(info)
+            self.event(frame, f"rpc.{kind}", "c2s", call_id=f.call_id, interface=iface,
+                       interface_name=info.interface_name, version=version,
+                       auth_type=auth_type, auth_level=auth_level)
+        self._pending_binds[f.call_id] = infos
+        if f.auth is not None:
+            self._identity_auth = (auth_type, auth_level)
+            self._auth_token(f, frame, kind)
+        elif not self._authenticated and kind == "bind":
+            self._inherit(frame)
+
+    def _inherit(self, frame: int) -> None:
+        """A bind without an auth verifier keeps the transport's identity."""
+        c = self.conn
+        if c.transport == "ncacn_np":
+            c.identity_source = "smb_session"
+            c.user = self.smb.user if self.smb else None
+            c.domain = self.smb.domain if self.smb else None
+            self.event(frame, "rpc.identity", "c2s", source="smb_session", user=c.user,
+                       domain=c.domain, session_frame=self.smb.frame if self.smb else None)
+        else:
+            c.identity_source = "anonymous"
+            self.event(frame, "rpc.identity", "c2s", source="anonymous", user=None)
+        c.identity_frame = frame
+        c.auth_level, c.auth_type = "none", "none"
+
+    def _auth_token(self, f: w.Fragment, frame: int, leg: str) -> None:
+        assert f.auth is not None
+        c = self.conn
+        auth_type = AUTH_TYPE_NAMES.get(f.auth.auth_type, str(f.auth.auth_type))
+        level = AUTH_LEVEL_NAMES.get(f.auth.auth_level, str(f.auth.auth_level))
+        info = inspect_token(f.auth.token)
+        d = "c2s" if f.from_client else "s2c"
+        if auth_type == "kerberos" or info.mechanism == "kerberos":
+            if c.identity_source != "kerberos":
+                c.identity_source, c.user, c.domain = "kerberos", None, None
+                c.auth_level, c.auth_type, c.identity_frame = level, auth_type, frame
+                self._authenticated = True
+                self.event(frame, "rpc.identity", d, source="kerberos", user=None,
+                           auth_type=auth_type, auth_level=level)
+            return
+        if info.mechanism != "ntlm" or info.message is None:
+            return
+        self.event(frame, f"ntlm.{info.message}", d, leg=leg,
+                   **({"user": info.user, "domain": info.domain, "ntlm_version": info.ntlm_version}
+                      if info.message == "authenticate" else {}))
+        if info.message == "authenticate":
+            source = "rpc_spnego" if auth_type == "spnego" else "rpc_ntlm"
+            c.identity_source = "anonymous" if info.anonymous else source
+            c.user = None if info.anonymous else info.user
+            c.domain = None if info.anonymous else info.domain
+            c.auth_level, c.auth_type, c.ntlm_version = level, auth_type, info.ntlm_version
+            c.identity_frame = frame
+            self._authenticated = True
+            self.event(frame, "rpc.identity", d, source=c.identity_source, user=c.user,
+                       domain=c.domain, auth_type=auth_type, auth_level=level)
+
+    def _bind_reply(self, f: w.Fragment, frame: int) -> None:
+        infos = self._pending_binds.pop(f.call_id, [])
+        if f.ptype == w.BIND_NAK:
+            for info in infos:
+                info.result, info.result_frame = "nak", frame
+            reason = struct.unpack(f.endian + "H", f.body[:2])[0] if len(f.body) >= 2 else None
+            self.event(frame, "rpc.bind_nak", "s2c", call_id=f.call_id, reason=reason)
+            return
+        results = w.bind_ack_results(f)
+        for info, res in zip(infos, results):
+            info.result, info.result_frame = ("ok" if res == 0 else "rejected"), frame
+        kind = "rpc.bind_ack" if f.ptype == w.BIND_ACK else "rpc.alter_context_resp"
+        accepted = [i.interface_name for i, r in zip(infos, results) if r == 0]
+        self.event(frame, kind, "s2c", call_id=f.call_id, accepted=accepted)
+        if f.auth is not None:
+            self._auth_token(f, frame, kind.split(".")[1])
+
+    def _request(self, f: w.Fragment, frame: int) -> None:
+        ctx, opnum, stub = w.request_fields(f)
+        call = self._calls.get(f.call_id)
+        if f.flags & w.PFC_FIRST_FRAG or call is None:
+            iface = self._contexts.get(ctx)
+            call = {"opnum": opnum, "iface": iface, "stub": b"", "frame": frame,
+                    "sealed": bool(f.auth and f.auth.auth_level == 6)}
+            self._calls[f.call_id] = call
+        if call["iface"] == EMSMDB_UUID and opnum in (0, 10) and len(call["stub"]) < MAX_STUB:
+            call["stub"] += stub
+        if f.flags & w.PFC_LAST_FRAG and call["iface"] == EMSMDB_UUID and opnum in (0, 10):
+            user_dn = None if call["sealed"] else read_user_dn(call["stub"], f.endian)
+            ec = EmsmdbCall(EMSMDB_CALLS[opnum], frame, user_dn, sealed=call["sealed"])
+            call["ec"] = ec
+            call["stub"] = b""
+            self.conn.emsmdb.append(ec)
+            self.event(frame, "emsmdb.connect_request", "c2s", call=ec.call, call_id=f.call_id,
+                       user_dn=user_dn, sealed=ec.sealed)
+
+    def _response(self, f: w.Fragment, frame: int) -> None:
+        call = self._calls.get(f.call_id)
+        if call is None or "ec" not in call:
+            if f.flags & w.PFC_LAST_FRAG:
+                self._calls.pop(f.call_id, None)
+            return
+        stub = w.response_stub(f)
+        # Only the last 4 bytes matter (the MAPISTATUS return value), so keep a short tail.
+        call["tail"] = (call.get("tail", b"") + stub)[-4:]
+        if not f.flags & w.PFC_LAST_FRAG:
+            return
+        self._calls.pop(f.call_id, None)
+        ec: EmsmdbCall = call["ec"]
+        ec.response_frame = frame
+        sealed = bool(f.auth and f.auth.auth_level == 6)
+        if sealed or len(call["tail"]) < 4:
+            ec.sealed = ec.sealed or sealed
+        else:
+            code = struct.unpack(f.endian + "I", call["tail"])[0]
+            ec.status, ec.status_name = status_hex(code), status_name(code)
+        c = self.conn
+        self.event(frame, "emsmdb.connect", "s2c", call=ec.call, user_dn=ec.user_dn,
+                   acting_user=c.acting if c.user else None, identity_source=c.identity_source,
+                   status=ec.status, status_name=ec.status_name, sealed=ec.sealed)

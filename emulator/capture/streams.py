@@ -1,0 +1,216 @@
+"""Per TCP stream: decide what it carries (NetBIOS/SMB or raw DCE/RPC) and walk it.
+
+Captures may start in the middle of a conversation, so detection looks at the start of every
+delivered segment until one begins like a known message; after that, lengths frame the stream.
+When framing breaks (a lost segment, foreign bytes) the walker drops its buffer and looks for
+the next plausible message start again.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..sansio import ProtocolError
+from .model import Connection
+from .pcapread import CaptureError, ProgressFn, TcpStream, reassemble
+from .rpcconn import RpcConnection
+from .smbwalk import SmbWalker
+
+MAX_MESSAGE = 1 << 24  # NetBIOS/SMB2 direct TCP allows 24-bit lengths
+MAX_BUFFER = 1 << 20  # a message larger than this is skipped, not buffered
+DETECT_TRIES = 64
+
+
+def _looks_like_rpc(chunk: bytes) -> bool:
+    return (len(chunk) >= 16 and chunk[0] == 5 and chunk[1] in (0, 1) and chunk[2] <= 20
+            and chunk[4] & 0xEE == 0)
+
+
+def _looks_like_smb(chunk: bytes) -> bool:
+    return len(chunk) >= 8 and chunk[0] == 0 and chunk[4:8] in (b"\xffSMB", b"\xfeSMB", b"\xfdSMB")
+
+
+@dataclass
+class _Dir:
+    buf: bytearray = field(default_factory=bytearray)
+    skip: int = 0  # bytes of an oversized message still to discard
+    tries: int = 0
+
+
+class StreamWalker:
+    """The reassembler's sink for one TCP stream."""
+
+    def __init__(self, st: TcpStream, found: Callable[[RpcConnection], None]) -> None:
+        self.st = st
+        self._found = found
+        self.kind: str | None = None  # "smb" | "rpc" | "other"
+        self._dirs = {True: _Dir(), False: _Dir()}
+        self._rpc: RpcConnection | None = None
+        self._smb: SmbWalker | None = None
+        self._synced = {True: False, False: False}
+
+    def _endpoints(self) -> tuple[str, str]:
+        (ca, cp), (sa, sp) = self.st.client, self.st.server
+        return f"{ca}:{cp}", f"{sa}:{sp}"
+
+    # -- sink interface ----------------------------------------------------------------------
+
+    def data(self, from_a: bool, payload: bytes, frame: int) -> None:
+        if self.kind == "other":
+            return
+        d = self._dirs[from_a]
+        if not self._synced[from_a]:
+            if d.tries >= DETECT_TRIES:
+                return
+            d.tries += 1
+            if _looks_like_smb(payload) and self.kind in (None, "smb"):
+                self._start("smb")
+            elif _looks_like_rpc(payload) and self.kind in (None, "rpc"):
+                self._start("rpc")
+            elif payload[:1] in (b"\x81", b"\x82", b"\x85") and self.kind in (None, "smb"):
+                self._start("smb")  # NetBIOS session request/response/keep-alive on port 139
+            else:
+                if self.kind is None and d.tries >= DETECT_TRIES and self._dirs[not from_a].tries >= DETECT_TRIES:
+                    self.kind = "other"
+                return
+            self._synced[from_a] = True
+        if self.kind == "rpc":
+            assert self._rpc is not None
+            # Which side is the client is read from the PDU types, so a capture that missed
+            # the SYN still attributes requests correctly.
+            self._rpc_data(from_a, payload, frame)
+        else:
+            self._smb_data(from_a, payload, frame)
+
+    def gap(self, from_a: bool, frame: int) -> None:
+        self._dirs[from_a] = _Dir()
+        self._synced[from_a] = False
+        if self._rpc is not None:
+            self._rpc.gap(True)
+            self._rpc.gap(False)
+        if self._smb is not None:
+            self._smb.gap()
+
+    # -- DCE/RPC over TCP (ncacn_ip_tcp) -----------------------------------------------------
+
+    def _start(self, kind: str) -> None:
+        if self.kind == kind:
+            return
+        self.kind = kind
+        client, server = self._endpoints()
+        if kind == "rpc":
+            conn = Connection(self.st.number, "ncacn_ip_tcp", client, server, partial=self.st.partial)
+            self._rpc = RpcConnection(conn)
+            self._found(self._rpc)
+        else:
+            self._smb = SmbWalker(self.st.number, client, server, self._found)
+
+    def _rpc_data(self, from_a: bool, payload: bytes, frame: int) -> None:
+        rpc = self._rpc
+        assert rpc is not None
+        d = self._dirs[from_a]
+        d.buf += payload
+        # Use FrameBuffer semantics through the connection, but decide the direction from
+        # the first PDU type in this direction's data.
+        if not hasattr(self, "_a_is_client"):
+            if len(d.buf) >= 3:
+                self._a_is_client = (d.buf[2] in (0, 11, 14, 16, 18, 19)) == from_a
+            else:
+                return
+        from_client = from_a == self._a_is_client
+        data, d.buf = bytes(d.buf), bytearray()
+        before = len(rpc.conn.events)
+        rpc.feed(from_client, data, frame)
+        if any(e["kind"] == "malformed" for e in rpc.conn.events[before:]):
+            self._synced[from_a] = False
+
+    # -- NetBIOS session service (RFC 1002 4.3) and SMB --------------------------------------
+
+    def _smb_data(self, from_a: bool, payload: bytes, frame: int) -> None:
+        d = self._dirs[from_a]
+        if d.skip:
+            n = min(d.skip, len(payload))
+            d.skip -= n
+            payload = payload[n:]
+        d.buf += payload
+        while len(d.buf) >= 4:
+            mtype = d.buf[0]
+            length = struct.unpack(">I", b"\x00" + bytes(d.buf[1:4]))[0]
+            if mtype not in (0x00, 0x81, 0x82, 0x83, 0x84, 0x85):
+                self._desync(from_a)
+                return
+            if length > MAX_BUFFER:
+                d.skip = 4 + length - len(d.buf)
+                d.buf.clear()
+                if d.skip < 0:
+                    d.skip = 0
+                return
+            if len(d.buf) < 4 + length:
+                return
+            msg = bytes(d.buf[4:4 + length])
+            del d.buf[:4 + length]
+            if mtype != 0x00:
+                continue
+            try:
+                assert self._smb is not None
+                if msg[:4] == b"\xffSMB":
+                    self._smb.smb1(msg, frame)
+                elif msg[:4] == b"\xfeSMB":
+                    self._smb.smb2(msg, frame)
+                elif msg[:4] == b"\xfdSMB":
+                    self._smb.common_events.append(
+                        {"frame": frame, "kind": "smb.encrypted", "dir": "c2s" if from_a else "s2c"})
+                else:
+                    self._desync(from_a)
+                    return
+            except (ProtocolError, struct.error, IndexError, UnicodeDecodeError):
+                # One bad message does not end the stream: its length framed it, so carry on.
+                continue
+
+    def _desync(self, from_a: bool) -> None:
+        self._dirs[from_a] = _Dir()
+        self._synced[from_a] = False
+        if self._smb is not None:
+            self._smb.gap()
+
+
+@dataclass
+class Analysis:
+    path: str
+    connections: list[Connection]
+    streams: int
+    partial_streams: list[int]
+
+
+def analyse(path: str, progress: ProgressFn | None = None) -> Analysis:
+    """Read a capture and return every RPC connection in it, ordered by first frame."""
+    found: list[RpcConnection] = []
+    walkers: list[StreamWalker] = []
+
+    def sink(st: TcpStream) -> StreamWalker:
+        w = StreamWalker(st, found.append)
+        walkers.append(w)
+        return w
+
+    r = reassemble(path, sink, progress)
+    with_payload = [st for st in r.streams if st.dirs[0].bytes_seen or st.dirs[1].bytes_seen]
+    if with_payload and all(st.one_sided() for st in with_payload):
+        st = with_payload[0]
+        raise CaptureError(
+            f"{path}: only one direction of each TCP stream was captured (stream {st.number}, "
+            f"{st.a[0]}:{st.a[1]} <-> {st.b[0]}:{st.b[1]}); requests cannot be paired with "
+            f"responses. Capture on a host or port that sees both directions.")
+    conns = []
+    for rpc in found:
+        if not rpc.rpc_seen:
+            continue
+        c = rpc.conn
+        st = r.streams[c.stream]
+        c.partial = c.partial or st.partial or st.one_sided()
+        if c.identity_source == "none" and c.transport == "ncacn_np" and c.binds == []:
+            pass
+        conns.append(c)
+    conns.sort(key=lambda c: (c.first_frame, c.stream))
+    return Analysis(path, conns, len(r.streams), [st.number for st in r.streams if st.partial])
