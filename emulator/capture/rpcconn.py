@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..directory import status_hex, status_name
+from ..interfaces.emsmdb import EcDoConnect
 from ..sansio import ProtocolError
-from . import rpcwire as w
+from ..rpc import pdu as w
 from .authtokens import inspect_token
 from .model import (AUTH_LEVEL_NAMES, AUTH_TYPE_NAMES, EMSMDB_CALLS, EMSMDB_UUID,
                     INTERFACE_NAMES, BindInfo, Connection, EmsmdbCall)
@@ -34,7 +35,21 @@ class SmbSessionInfo:
 
 def read_user_dn(stub: bytes, endian: str = "<") -> str | None:
     """szUserDN of EcDoConnect/EcDoConnectEx (MS-OXCRPC 3.1.4.1/3.1.4.11): the first [in]
-    parameter, an NDR conformant varying string of 8-bit characters (C706 14.3.4.2)."""
+    parameter, an NDR conformant varying string of 8-bit characters (C706 14.3.4.2).
+
+    The interface's own request structure is tried first; clients of other eras append
+    different trailing parameters, so the string alone is read when the whole request does
+    not parse."""
+    if endian == "<":
+        try:
+            req = EcDoConnect(data=stub)
+            dn = req["szUserDN"]
+            dn = dn.decode("latin-1") if isinstance(dn, bytes) else str(dn)
+            dn = dn.rstrip("\x00")
+            if dn and dn.isprintable():
+                return dn
+        except Exception:  # impacket's NDR raises assorted errors on foreign stubs
+            pass
     for pos in (0, 4):  # tolerate a unique-pointer referent in front of the string
         if len(stub) < pos + 12:
             return None
@@ -69,6 +84,8 @@ class RpcConnection:
         try:
             frags = self._buffers[from_client].feed(data)
         except ProtocolError as exc:
+            # The codec keeps the bad bytes; start this direction afresh.
+            self._buffers[from_client] = w.FrameBuffer()
             if self.rpc_seen:
                 self.event(frame, "malformed", "c2s" if from_client else "s2c", layer="dcerpc",
                            reason=exc.reason)
@@ -81,36 +98,37 @@ class RpcConnection:
                            reason=exc.reason)
 
     def gap(self, from_client: bool) -> None:
-        self._buffers[from_client].reset()
+        self._buffers[from_client] = w.FrameBuffer()
         self.conn.partial = True
 
     # -- PDUs --------------------------------------------------------------------------------
 
-    def _pdu(self, f: w.Fragment, frame: int) -> None:
+    def _pdu(self, f: w.Pdu, frame: int) -> None:
         self.rpc_seen = True
         if not self.conn.first_frame:
             self.conn.first_frame = frame
-        if f.ptype in (w.BIND, w.ALTER_CONTEXT):
+        if isinstance(f, w.Bind):  # AlterContext is a Bind
             self._bind(f, frame)
-        elif f.ptype in (w.BIND_ACK, w.ALTER_CONTEXT_RESP, w.BIND_NAK):
+        elif isinstance(f, (w.BindAck, w.BindNak)):
             self._bind_reply(f, frame)
-        elif f.ptype == w.AUTH3:
+        elif isinstance(f, w.Auth3):
             self._auth_token(f, frame, "auth3")
-        elif f.ptype == w.REQUEST:
+        elif isinstance(f, w.Request):
             self._request(f, frame)
-        elif f.ptype == w.RESPONSE:
+        elif isinstance(f, w.Response):
             self._response(f, frame)
-        elif f.ptype == w.FAULT:
-            status = w.fault_status(f)
-            self.event(frame, "rpc.fault", "s2c", call_id=f.call_id, status=f"0x{status:08x}")
+        elif isinstance(f, w.Fault):
+            self.event(frame, "rpc.fault", "s2c", call_id=f.call_id, status=f"0x{f.status:08x}")
             self._calls.pop(f.call_id, None)
 
-    def _bind(self, f: w.Fragment, frame: int) -> None:
-        kind = "bind" if f.ptype == w.BIND else "alter_context"
+    def _bind(self, f: w.Bind, frame: int) -> None:
+        kind = "alter_context" if isinstance(f, w.AlterContext) else "bind"
         auth_type = AUTH_TYPE_NAMES.get(f.auth.auth_type, str(f.auth.auth_type)) if f.auth else "none"
         auth_level = AUTH_LEVEL_NAMES.get(f.auth.auth_level, str(f.auth.auth_level)) if f.auth else "none"
         infos = []
-        for ctx_id, iface, version in w.bind_contexts(f):
+        for ctx in f.contexts:
+            ctx_id, iface = ctx.context_id, ctx.abstract.uuid
+            version = "%d.%d" % ctx.abstract.version
             self._contexts[ctx_id] = iface
             info = BindInfo(frame, f.call_id, kind, iface, INTERFACE_NAMES.get(iface, iface),
                             version, auth_type, auth_level)
@@ -141,13 +159,13 @@ class RpcConnection:
         c.identity_frame = frame
         c.auth_level, c.auth_type = "none", "none"
 
-    def _auth_token(self, f: w.Fragment, frame: int, leg: str) -> None:
+    def _auth_token(self, f: w.Pdu, frame: int, leg: str) -> None:
         assert f.auth is not None
         c = self.conn
         auth_type = AUTH_TYPE_NAMES.get(f.auth.auth_type, str(f.auth.auth_type))
         level = AUTH_LEVEL_NAMES.get(f.auth.auth_level, str(f.auth.auth_level))
         info = inspect_token(f.auth.token)
-        d = "c2s" if f.from_client else "s2c"
+        d = "c2s" if isinstance(f, (w.Bind, w.Auth3)) else "s2c"
         if auth_type == "kerberos" or info.mechanism == "kerberos":
             if c.identity_source != "kerberos":
                 c.identity_source, c.user, c.domain = "kerberos", None, None
@@ -172,35 +190,35 @@ class RpcConnection:
             self.event(frame, "rpc.identity", d, source=c.identity_source, user=c.user,
                        domain=c.domain, auth_type=auth_type, auth_level=level)
 
-    def _bind_reply(self, f: w.Fragment, frame: int) -> None:
+    def _bind_reply(self, f: w.BindAck | w.BindNak, frame: int) -> None:
         infos = self._pending_binds.pop(f.call_id, [])
-        if f.ptype == w.BIND_NAK:
+        if isinstance(f, w.BindNak):
             for info in infos:
                 info.result, info.result_frame = "nak", frame
-            reason = struct.unpack(f.endian + "H", f.body[:2])[0] if len(f.body) >= 2 else None
-            self.event(frame, "rpc.bind_nak", "s2c", call_id=f.call_id, reason=reason)
+            self.event(frame, "rpc.bind_nak", "s2c", call_id=f.call_id, reason=f.reject_reason)
             return
-        results = w.bind_ack_results(f)
+        results = [r.result for r in f.results]
         for info, res in zip(infos, results):
             info.result, info.result_frame = ("ok" if res == 0 else "rejected"), frame
-        kind = "rpc.bind_ack" if f.ptype == w.BIND_ACK else "rpc.alter_context_resp"
+        kind = "rpc.alter_context_resp" if isinstance(f, w.AlterContextResp) else "rpc.bind_ack"
         accepted = [i.interface_name for i, r in zip(infos, results) if r == 0]
         self.event(frame, kind, "s2c", call_id=f.call_id, accepted=accepted)
         if f.auth is not None:
             self._auth_token(f, frame, kind.split(".")[1])
 
-    def _request(self, f: w.Fragment, frame: int) -> None:
-        ctx, opnum, stub = w.request_fields(f)
+    def _request(self, f: w.Request, frame: int) -> None:
+        ctx, opnum, stub, flags = f.context_id, f.opnum, f.stub, f.header.pfc_flags
+        endian = "<" if f.header.little_endian else ">"
         call = self._calls.get(f.call_id)
-        if f.flags & w.PFC_FIRST_FRAG or call is None:
+        if flags & w.PFC_FIRST_FRAG or call is None:
             iface = self._contexts.get(ctx)
             call = {"opnum": opnum, "iface": iface, "stub": b"", "frame": frame,
                     "sealed": bool(f.auth and f.auth.auth_level == 6)}
             self._calls[f.call_id] = call
         if call["iface"] == EMSMDB_UUID and opnum in (0, 10) and len(call["stub"]) < MAX_STUB:
             call["stub"] += stub
-        if f.flags & w.PFC_LAST_FRAG and call["iface"] == EMSMDB_UUID and opnum in (0, 10):
-            user_dn = None if call["sealed"] else read_user_dn(call["stub"], f.endian)
+        if flags & w.PFC_LAST_FRAG and call["iface"] == EMSMDB_UUID and opnum in (0, 10):
+            user_dn = None if call["sealed"] else read_user_dn(call["stub"], endian)
             ec = EmsmdbCall(EMSMDB_CALLS[opnum], frame, user_dn, sealed=call["sealed"])
             call["ec"] = ec
             call["stub"] = b""
@@ -208,16 +226,17 @@ class RpcConnection:
             self.event(frame, "emsmdb.connect_request", "c2s", call=ec.call, call_id=f.call_id,
                        user_dn=user_dn, sealed=ec.sealed)
 
-    def _response(self, f: w.Fragment, frame: int) -> None:
+    def _response(self, f: w.Response, frame: int) -> None:
+        flags = f.header.pfc_flags
         call = self._calls.get(f.call_id)
         if call is None or "ec" not in call:
-            if f.flags & w.PFC_LAST_FRAG:
+            if flags & w.PFC_LAST_FRAG:
                 self._calls.pop(f.call_id, None)
             return
-        stub = w.response_stub(f)
+        stub = f.stub
         # Only the last 4 bytes matter (the MAPISTATUS return value), so keep a short tail.
         call["tail"] = (call.get("tail", b"") + stub)[-4:]
-        if not f.flags & w.PFC_LAST_FRAG:
+        if not flags & w.PFC_LAST_FRAG:
             return
         self._calls.pop(f.call_id, None)
         ec: EmsmdbCall = call["ec"]
@@ -226,7 +245,7 @@ class RpcConnection:
         if sealed or len(call["tail"]) < 4:
             ec.sealed = ec.sealed or sealed
         else:
-            code = struct.unpack(f.endian + "I", call["tail"])[0]
+            code = struct.unpack("<I" if f.header.little_endian else ">I", call["tail"])[0]
             ec.status, ec.status_name = status_hex(code), status_name(code)
         c = self.conn
         self.event(frame, "emsmdb.connect", "s2c", call=ec.call, user_dn=ec.user_dn,
