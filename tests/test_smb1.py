@@ -1,0 +1,610 @@
+"""SMB1 (NT LM 0.12, extended security) engine: real peers over loopback, and hostile bytes.
+
+A small threaded TCP server in this file does the NetBIOS framing (4-byte header) and feeds
+each SMB1 message to `Smb1Engine.handle`, so impacket's SMB1 client and Samba's smbclient talk
+to the engine itself.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from impacket import nt_errors, smb
+from impacket.dcerpc.v5 import srvs, transport
+from impacket.smbconnection import SessionError, SMBConnection
+
+from emulator.config import default_config
+from emulator.directory import Directory
+from emulator.events import Event
+from emulator.ntlm import AuthFactory
+from emulator.sansio import Output
+from emulator.smb import smb1_wire as w
+from emulator.smb.pipe import PipeFactory
+from emulator.smb.smb1 import Smb1Engine
+
+CONFIG = default_config()
+ALICE_PW = CONFIG.user("alice").password
+
+
+# ---------------------------------------------------------------- pipe engines behind the SMB seam
+
+class EchoRpc:
+    """A stand-in RPC engine: answers every write with a fixed, recognisable reply."""
+
+    REPLY = b"REPLY:" + bytes(range(200))
+
+    def __init__(self, identity, info):
+        self.identity, self.info, self.writes = identity, info, []
+
+    def receive(self, data: bytes) -> Output:
+        self.writes.append(data)
+        return Output(self.REPLY, [Event("rpc", "rpc.test_write", {"size": len(data)})], False)
+
+    def close(self) -> list[Event]:
+        return []
+
+
+def _srvsvc_builder(config, auth):
+    """The real DCE/RPC connection engine serving SRVSVC, when both exist in this checkout."""
+    try:
+        from emulator.interfaces.srvsvc import SrvsvcInterface
+        from emulator.rpc.connection import RpcConnection
+    except ImportError:
+        return None
+
+    def build(identity, info):
+        return RpcConnection(transport="ncacn_np", transport_identity=identity, interfaces=[SrvsvcInterface(config)]
+                             if _takes_config(SrvsvcInterface) else [SrvsvcInterface()],
+                             auth=auth, policy=config.policy, info=info)
+    return build
+
+
+def _takes_config(cls) -> bool:
+    import inspect
+    try:
+        return len(inspect.signature(cls).parameters) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def make_engine(config=CONFIG, seed: int | None = None, echo_engines: list | None = None) -> Smb1Engine:
+    rng = random.Random(seed) if seed is not None else None
+    rb = (lambda n: bytes(rng.getrandbits(8) for _ in range(n))) if rng else None
+    kwargs = {"random_bytes": rb} if rb else {}
+    auth = AuthFactory(Directory(config), config.policy, config.server, **kwargs)
+    builders = {}
+
+    def echo(identity, info):
+        e = EchoRpc(identity, info)
+        if echo_engines is not None:
+            echo_engines.append(e)
+        return e
+    builders["echo"] = echo
+    srvsvc = _srvsvc_builder(config, auth)
+    if srvsvc is not None:
+        builders["srvsvc"] = srvsvc
+    return Smb1Engine(config=config, auth=auth, pipes=PipeFactory(builders), info={"transport": "ncacn_np"},
+                      **kwargs)
+
+
+# ---------------------------------------------------------------- a tiny NetBIOS-framing server
+
+class Smb1Server:
+    def __init__(self, config=CONFIG):
+        self.config = config
+        self.events: list[Event] = []
+        self.errors: list[BaseException] = []
+        self.echo_engines: list = []
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._stop = False
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, conn: socket.socket):
+        engine = make_engine(self.config, echo_engines=self.echo_engines)
+        conn.settimeout(10)
+        try:
+            while True:
+                head = _recv_exact(conn, 4)
+                if head is None:
+                    break
+                length = int.from_bytes(head[1:], "big")
+                body = _recv_exact(conn, length) if length else b""
+                if body is None:
+                    break
+                if head[0] == 0x85:
+                    continue
+                if head[0] == 0x81:
+                    conn.sendall(b"\x82\x00\x00\x00")
+                    continue
+                responses, events, close = engine.handle(body)
+                with self._lock:
+                    self.events.extend(events)
+                for r in responses:
+                    conn.sendall(b"\x00" + len(r).to_bytes(3, "big") + r)
+                if close:
+                    break
+        except (OSError, socket.timeout):
+            pass
+        except BaseException as e:  # an engine exception is a test failure, reported below
+            self.errors.append(e)
+        finally:
+            with self._lock:
+                self.events.extend(engine.close())
+            conn.close()
+
+    def kinds(self, kind: str) -> list[Event]:
+        with self._lock:
+            return [e for e in self.events if e.kind == kind]
+
+    def close(self):
+        self._stop = True
+        self._sock.close()
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+@pytest.fixture
+def server():
+    s = Smb1Server()
+    yield s
+    s.close()
+    assert not s.errors, s.errors
+
+
+def _login(port: int, user="alice", password=ALICE_PW, domain="CORP") -> SMBConnection:
+    conn = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=port, preferredDialect=smb.SMB_DIALECT, timeout=10)
+    conn.login(user, password, domain)
+    return conn
+
+
+# ---------------------------------------------------------------- impacket, the SMB1 client stack
+
+def test_impacket_login_tree_connect_and_pipe_io(server):
+    conn = _login(server.port)
+    assert conn.getDialect() == smb.SMB_DIALECT
+    tid = conn.connectTree("IPC$")
+    fid = conn.openFile(tid, "\\echo")
+    conn.writeFile(tid, fid, b"hello pipe")
+    assert conn.readFile(tid, fid) == EchoRpc.REPLY
+    # TransactNmPipe: one write and one read in a single SMB_COM_TRANSACTION.
+    assert conn.getSMBServer().TransactNamedPipe(tid, fid, b"transact me") == EchoRpc.REPLY
+    conn.closeFile(tid, fid)
+    conn.disconnectTree(tid)
+    conn.logoff()
+
+    [setup] = server.kinds("smb.session_setup")
+    assert (setup.get("user"), setup.get("domain"), setup.get("result"), setup.get("dialect")) == \
+        ("alice", "CORP", "ok", "NT LM 0.12")
+    assert setup.get("ntlm_version") == "NTLMv2"
+    [neg] = server.kinds("smb.negotiate")
+    assert neg.get("dialect") == "NT LM 0.12" and neg.get("signing_required") is False
+    [tree] = server.kinds("smb.tree_connect")
+    assert tree.get("share") == "IPC$" and tree.get("result") == "ok"
+    [opened] = server.kinds("smb.pipe_open")
+    assert opened.get("pipe") == "echo" and opened.get("user") == "alice"
+    assert opened.get("identity_source") == "smb_session"
+    # The pipe's RPC engine got exactly the bytes written, with the session identity.
+    [engine] = server.echo_engines
+    assert engine.writes == [b"hello pipe", b"transact me"]
+    assert engine.identity.user == "alice" and engine.identity.domain.upper() == "CORP"
+    assert len(server.kinds("rpc.test_write")) == 2
+    assert len(server.kinds("smb.logoff")) == 1
+
+
+def test_impacket_srvsvc_over_smb1_named_pipe(server):
+    if _srvsvc_builder(CONFIG, None) is None:
+        pytest.skip("the SRVSVC interface or the RPC connection engine is not in this checkout")
+    conn = _login(server.port)
+    conn.connectTree("IPC$")
+    rpc = transport.SMBTransport("127.0.0.1", server.port, r"\srvsvc", smb_connection=conn)
+    dce = rpc.get_dce_rpc()
+    dce.connect()
+    dce.bind(srvs.MSRPC_UUID_SRVS)
+    resp = srvs.hNetrServerGetInfo(dce, 101)
+    assert resp["InfoStruct"]["ServerInfo101"]["sv101_name"].rstrip("\x00").upper() == CONFIG.server.netbios_name.upper()
+    dce.disconnect()
+    [opened] = server.kinds("smb.pipe_open")
+    assert opened.get("pipe") == "srvsvc" and opened.get("user") == "alice"
+
+
+def test_wrong_password_is_logon_failure_and_grants_nothing(server):
+    with pytest.raises(SessionError) as err:
+        _login(server.port, password="not-the-password")
+    assert err.value.getErrorCode() == nt_errors.STATUS_LOGON_FAILURE
+    [setup] = server.kinds("smb.session_setup")
+    assert setup.get("result") == "wrong_password" and setup.get("user") == "alice"
+    assert not server.kinds("smb.tree_connect")
+
+
+def test_unknown_share_and_unknown_pipe(server):
+    conn = _login(server.port)
+    with pytest.raises(SessionError) as err:
+        conn.connectTree("C$")
+    assert err.value.getErrorCode() == nt_errors.STATUS_BAD_NETWORK_NAME
+    tid = conn.connectTree("IPC$")
+    with pytest.raises(SessionError) as err:
+        conn.openFile(tid, "\\nosuchpipe")
+    assert err.value.getErrorCode() == nt_errors.STATUS_OBJECT_NAME_NOT_FOUND
+    results = [e.get("result") for e in server.kinds("smb.tree_connect")]
+    assert results == ["bad_network_name", "ok"]
+
+
+def test_ids_from_another_connection_do_not_exist_here(server):
+    first = _login(server.port)
+    tid = first.connectTree("IPC$")
+    first.openFile(tid, "\\echo")
+    uid = first.getSMBServer()._uid
+    # A second raw connection that negotiates but never logs on replays the first one's ids.
+    with RawClient(server.port) as raw:
+        raw.negotiate()
+        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(),
+                         uid=uid)
+        assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
+    assert [e.get("result") for e in server.kinds("smb.tree_connect")] == ["ok"]
+
+
+def test_signing_required_by_policy_signs_and_verifies():
+    config = replace(CONFIG, policy=replace(CONFIG.policy, smb_signing_required=True))
+    srv = Smb1Server(config)
+    try:
+        conn = _login(srv.port)
+        assert conn.getSMBServer()._SignatureEnabled
+        tid = conn.connectTree("IPC$")
+        fid = conn.openFile(tid, "\\echo")
+        conn.writeFile(tid, fid, b"signed write")
+        assert conn.readFile(tid, fid) == EchoRpc.REPLY
+        [neg] = srv.kinds("smb.negotiate")
+        assert neg.get("signing_required") is True
+        assert srv.kinds("smb.session_setup")[0].get("signing") is True
+        # A request with a forged signature is refused and leaves no trace of a tree.
+        s = conn.getSMBServer()
+        s._SigningSessionKey = b"\x11" * 16
+        with pytest.raises(smb.SessionError) as err:
+            s.tree_connect_andx("\\\\127.0.0.1\\IPC$")
+        assert err.value.get_error_code() == nt_errors.STATUS_ACCESS_DENIED
+        assert [e.get("result") for e in srv.kinds("smb.signature")] == ["bad_signature"]
+    finally:
+        srv.close()
+    assert not srv.errors
+
+
+# ---------------------------------------------------------------- Samba's smbclient
+
+@pytest.mark.skipif(shutil.which("smbclient") is None, reason="smbclient not installed")
+@pytest.mark.parametrize("signing", ["off", "required"])
+def test_samba_smbclient_nt1_connects_ipc(server, signing):
+    cmd = ["smbclient", "-m", "NT1", "--option=client min protocol=NT1", "--option=client max protocol=NT1",
+           f"--option=client signing={signing}", "-p", str(server.port), "//127.0.0.1/IPC$",
+           "-U", f"CORP/alice%{ALICE_PW}", "-c", ""]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [setup] = server.kinds("smb.session_setup")
+    assert setup.get("result") == "ok" and setup.get("user") == "alice"
+    assert setup.get("signing") is (signing == "required")
+    assert [e.get("result") for e in server.kinds("smb.tree_connect")] == ["ok"]
+
+
+@pytest.mark.skipif(shutil.which("smbclient") is None, reason="smbclient not installed")
+def test_samba_smbclient_wrong_password_fails(server):
+    cmd = ["smbclient", "-m", "NT1", "--option=client min protocol=NT1", "-p", str(server.port),
+           "//127.0.0.1/IPC$", "-U", "CORP/alice%wrong", "-c", ""]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "NT_STATUS_LOGON_FAILURE" in proc.stdout + proc.stderr
+    assert not server.kinds("smb.tree_connect")
+
+
+# ---------------------------------------------------------------- raw packets over a plain socket
+
+class RawClient:
+    """Builds SMB1 requests with impacket's NewSMBPacket and sends them over a plain socket."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.mid = 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+    def send_raw(self, message: bytes) -> bytes | None:
+        self.sock.sendall(b"\x00" + len(message).to_bytes(3, "big") + message)
+        head = _recv_exact(self.sock, 4)
+        if head is None:
+            return None
+        return _recv_exact(self.sock, int.from_bytes(head[1:], "big"))
+
+    def packet(self, command: int, params: bytes, data: bytes, *, uid=0, tid=0, flags2=None):
+        pkt = smb.NewSMBPacket()
+        pkt["Flags1"] = smb.SMB.FLAGS1_PATHCASELESS
+        pkt["Flags2"] = (smb.SMB.FLAGS2_EXTENDED_SECURITY | smb.SMB.FLAGS2_NT_STATUS | smb.SMB.FLAGS2_LONG_NAMES
+                         if flags2 is None else flags2)
+        pkt["Uid"], pkt["Tid"], pkt["Mid"] = uid, tid, self.mid
+        self.mid += 1
+        cmd = smb.SMBCommand(command)
+        cmd["Parameters"] = params
+        cmd["Data"] = data
+        pkt.addCommand(cmd)
+        return pkt.getData()
+
+    def send(self, command: int, params: bytes, data: bytes, **kw) -> bytes | None:
+        return self.send_raw(self.packet(command, params, data, **kw))
+
+    def negotiate(self) -> bytes:
+        reply = self.send(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00")
+        assert _status(reply) == 0
+        return reply
+
+    def session_setup(self, blob: bytes, uid=0) -> bytes:
+        p = smb.SMBSessionSetupAndX_Extended_Parameters()
+        p["MaxBufferSize"], p["MaxMpxCount"], p["VcNumber"], p["SessionKey"] = 61440, 2, 1, 0
+        p["Capabilities"] = smb.SMB.CAP_EXTENDED_SECURITY | smb.SMB.CAP_USE_NT_ERRORS
+        p["SecurityBlobLength"] = len(blob)
+        d = smb.SMBSessionSetupAndX_Extended_Data()
+        d["SecurityBlob"], d["NativeOS"], d["NativeLanMan"] = blob, "Unix", "Samba"
+        return self.send(smb.SMB.SMB_COM_SESSION_SETUP_ANDX, p.getData(), d.getData(), uid=uid)
+
+
+def _status(reply: bytes | None) -> int | None:
+    if reply is None:
+        return None
+    return struct.unpack_from("<I", reply, 5)[0]
+
+
+def _uid(reply: bytes) -> int:
+    return struct.unpack_from("<H", reply, 28)[0]
+
+
+def _tree_connect_params() -> bytes:
+    p = smb.SMBTreeConnectAndX_Parameters()
+    p["PasswordLength"] = 1
+    return p.getData()
+
+
+def _tree_connect_data(path="\\\\127.0.0.1\\IPC$") -> bytes:
+    return b"\x00" + path.encode("ascii") + b"\x00" + b"?????\x00"
+
+
+def _spnego_negotiate() -> bytes:
+    from impacket import ntlm
+    from impacket.spnego import SPNEGO_NegTokenInit, TypesMech
+    blob = SPNEGO_NegTokenInit()
+    blob["MechTypes"] = [TypesMech["NTLMSSP - Microsoft NTLM Security Support Provider"]]
+    blob["MechToken"] = ntlm.getNTLMSSPType1("WS", "CORP").getData()
+    return blob.getData()
+
+
+def _spnego_authenticate(challenge_reply: bytes, password: str) -> bytes:
+    from impacket import ntlm
+    from impacket.spnego import SPNEGO_NegTokenResp
+    body = w.parse_block(challenge_reply, w.HEADER_SIZE, w.COM_SESSION_SETUP_ANDX)
+    blob_len = struct.unpack_from("<H", body.words, 6)[0]
+    resp = SPNEGO_NegTokenResp(body.data[:blob_len])
+    type1 = ntlm.getNTLMSSPType1("WS", "CORP")
+    type3, _ = ntlm.getNTLMSSPType3(type1, resp["ResponseToken"], "alice", password, "CORP")
+    token = SPNEGO_NegTokenResp()
+    token["ResponseToken"] = type3.getData()
+    return token.getData()
+
+
+def test_failed_session_setup_uid_is_dead_for_tree_connect(server):
+    with RawClient(server.port) as raw:
+        raw.negotiate()
+        challenge = raw.session_setup(_spnego_negotiate())
+        assert _status(challenge) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED
+        uid = _uid(challenge)
+        assert uid != 0
+        failed = raw.session_setup(_spnego_authenticate(challenge, "bad password"), uid=uid)
+        assert _status(failed) == nt_errors.STATUS_LOGON_FAILURE
+        # The Uid of the failed logon is gone: a tree connect on it is refused ...
+        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(), uid=uid)
+        assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
+        # ... and so is continuing its session setup.
+        again = raw.session_setup(_spnego_authenticate(challenge, ALICE_PW), uid=uid)
+        assert _status(again) == nt_errors.STATUS_USER_SESSION_DELETED
+        # A fresh logon on the same connection still works.
+        challenge = raw.session_setup(_spnego_negotiate())
+        ok = raw.session_setup(_spnego_authenticate(challenge, ALICE_PW), uid=_uid(challenge))
+        assert _status(ok) == 0
+        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(),
+                         uid=_uid(ok))
+        assert _status(reply) == 0
+    assert [e.get("result") for e in server.kinds("smb.tree_connect")] == ["ok"]
+
+
+def test_tree_connect_before_session_and_unknown_command(server):
+    with RawClient(server.port) as raw:
+        raw.negotiate()
+        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data())
+        assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
+        reply = raw.send(0x32, b"\x00" * 30, b"")   # TRANSACTION2: not served
+        assert _status(reply) == nt_errors.STATUS_NOT_SUPPORTED
+        reply = raw.send(smb.SMB.SMB_COM_ECHO, struct.pack("<H", 2), b"ping")
+        assert _status(reply) == 0 and reply.endswith(b"ping")
+        # the second echo reply is queued on the socket
+        second = _recv_exact(raw.sock, 4)
+        assert second is not None
+
+
+def test_non_extended_security_session_setup_is_refused(server):
+    with RawClient(server.port) as raw:
+        neg = raw.send(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00",
+                       flags2=smb.SMB.FLAGS2_NT_STATUS)
+        assert _status(neg) == 0
+        words = struct.unpack_from("<HBHHIIIIQhB", neg, 33)
+        assert words[0] == 0 and words[-1] == 8       # dialect 0, 8-byte challenge
+        params = struct.pack("<BBHHHHIHHII", 0xFF, 0, 0, 61440, 2, 1, 0, 24, 24, 0, 0x40)
+        reply = raw.send(smb.SMB.SMB_COM_SESSION_SETUP_ANDX, params, b"\x11" * 48 + b"alice\x00CORP\x00",
+                         flags2=smb.SMB.FLAGS2_NT_STATUS)
+        assert _status(reply) == nt_errors.STATUS_LOGON_FAILURE
+    [setup] = server.kinds("smb.session_setup")
+    assert setup.get("result") == "non_extended_security"
+
+
+def test_negotiate_without_nt_lm_012_gets_ffff(server):
+    with RawClient(server.port) as raw:
+        reply = raw.send(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02PC NETWORK PROGRAM 1.0\x00")
+        assert _status(reply) == 0
+        assert struct.unpack_from("<BH", reply, 32) == (1, 0xFFFF)
+
+
+def test_session_limit_gives_insufficient_resources():
+    policy = replace(CONFIG.policy, limits=replace(CONFIG.policy.limits, max_sessions_per_connection=1))
+    engine = make_engine(replace(CONFIG, policy=policy), seed=3)
+    raw = RawClient.__new__(RawClient)
+    raw.mid = 1
+    engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    p = smb.SMBSessionSetupAndX_Extended_Parameters()
+    p["MaxBufferSize"], p["MaxMpxCount"], p["VcNumber"], p["SessionKey"], p["Capabilities"] = 61440, 2, 1, 0, 0
+    blob = _spnego_negotiate()
+    p["SecurityBlobLength"] = len(blob)
+    d = smb.SMBSessionSetupAndX_Extended_Data()
+    d["SecurityBlob"], d["NativeOS"], d["NativeLanMan"] = blob, "", ""
+    req = raw.packet(smb.SMB.SMB_COM_SESSION_SETUP_ANDX, p.getData(), d.getData())
+    [first], _, _ = engine.handle(req)
+    assert _status(first) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED
+    [second], events, close = engine.handle(req)
+    assert _status(second) == nt_errors.STATUS_INSUFFICIENT_RESOURCES and not close
+    assert [e.get("limit") for e in events if e.kind == "limit"] == ["max_sessions_per_connection"]
+
+
+# ---------------------------------------------------------------- hostile bytes, no network
+
+def _negotiated_engine(seed=1) -> tuple[Smb1Engine, RawClient]:
+    engine = make_engine(seed=seed)
+    raw = RawClient.__new__(RawClient)
+    raw.mid = 1
+    [reply], _, _ = engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    assert _status(reply) == 0
+    return engine, raw
+
+
+@pytest.mark.parametrize("message", [
+    b"", b"\xffSMB", b"\xfeSMB" + b"\x00" * 60, b"\xffSMB" + b"\x00" * 20,
+    b"\xffSMB\x72\x00\x00\x00\x00\x80" + b"\x00" * 30,   # reply flag set in a request
+])
+def test_broken_header_closes_with_malformed_event(message):
+    engine = make_engine(seed=2)
+    responses, events, close = engine.handle(message)
+    assert close and responses == []
+    assert [e.kind for e in events] == ["malformed"]
+
+
+def test_lying_counts_and_offsets_get_invalid_smb_or_parameter():
+    engine, raw = _negotiated_engine()
+    good = raw.packet(smb.SMB.SMB_COM_ECHO, struct.pack("<H", 1), b"x")
+    # WordCount claims more words than the message holds.
+    lying_wc = good[:32] + b"\x40" + good[33:]
+    [reply], events, close = engine.handle(lying_wc)
+    assert _status(reply) == w.STATUS_INVALID_SMB and not close
+    assert events[0].kind == "malformed"
+    # ByteCount claims more bytes than the message holds.
+    lying_bc = good[:35] + struct.pack("<H", 5000) + good[37:]
+    [reply], events, _ = engine.handle(lying_bc)
+    assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "byte_count_exceeds_message"
+    # An AndX offset that points backwards (a loop) or past the end.
+    params = smb.SMBTreeConnectAndX_Parameters()
+    params["PasswordLength"] = 1
+    tc = bytearray(raw.packet(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, params.getData(), _tree_connect_data()))
+    for cmd, off in ((0x75, 10), (0x75, 32), (0xA2, 60000)):
+        struct.pack_into("<BBH", tc, 33, cmd, 0, off)
+        [reply], events, close = engine.handle(bytes(tc))
+        assert _status(reply) == w.STATUS_INVALID_SMB and not close
+        assert events[0].kind == "malformed"
+
+
+def test_transaction_offsets_out_of_range_are_invalid_parameter():
+    engine, raw = _negotiated_engine(seed=4)
+    words = struct.pack("<HHHHBBHIHHHHHBB2H", 0, 4, 0, 1024, 0, 0, 0, 0, 0, 0, 0, 4, 0xFFF0, 2, 0, 0x26, 1)
+    # Session checks come after the offset check, so no logon is needed to reach it.
+    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_TRANSACTION, words, b"\\PIPE\\\x00abcd"))
+    assert _status(reply) == w.STATUS_INVALID_PARAMETER and not close
+    assert events[0].get("reason") == "transaction_offset_out_of_range"
+
+
+def test_command_before_negotiate_and_second_negotiate_are_errors():
+    engine = make_engine(seed=5)
+    raw = RawClient.__new__(RawClient)
+    raw.mid = 1
+    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_TREE_DISCONNECT, b"", b""))
+    assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "command_before_negotiate"
+    engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "second_negotiate"
+
+
+def test_seeded_engine_is_deterministic():
+    def run():
+        engine, raw = _negotiated_engine(seed=9)
+        [reply], _, _ = engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+        return reply
+    assert run() == run()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=0, max_size=200), st.integers(min_value=0, max_value=0xFF))
+def test_fuzzed_messages_never_raise(tail, command):
+    engine, raw = _negotiated_engine(seed=6)
+    message = b"\xffSMB" + bytes([command]) + tail
+    responses, events, close = engine.handle(message)
+    assert close or responses or command == w.COM_NT_CANCEL
+    if close:
+        assert any(e.kind == "malformed" for e in events)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([0x73, 0x75, 0xA2, 0x2F, 0x2E, 0x25, 0x04, 0x71, 0x74, 0x2B]),
+       st.integers(min_value=0, max_value=40), st.binary(max_size=120), st.binary(max_size=160))
+def test_fuzzed_command_blocks_never_raise(command, wc, words, data):
+    engine, raw = _negotiated_engine(seed=7)
+    words = (words + b"\x00" * 80)[:2 * wc]
+    message = raw.packet(command, b"", b"")[:32] + bytes([wc]) + words + struct.pack("<H", len(data)) + data
+    responses, events, close = engine.handle(message)
+    assert responses and not close
+    assert all(r.startswith(b"\xffSMB") for r in responses)
+
+
+def test_server_still_serves_a_new_connection_after_garbage(server):
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(b"\x00\x00\x00\x10" + b"\xffSMB" + b"\x00" * 12)
+    assert s.recv(10) == b""     # closed after a broken header
+    s.close()
+    assert any(e.kind == "malformed" for e in server.events)
+    conn = _login(server.port)
+    assert conn.connectTree("IPC$")
