@@ -1,0 +1,676 @@
+"""Sans-IO SMB2 server engine for IPC$ named pipes (MS-SMB2 3.3), dialects 2.0.2 to 3.1.1.
+
+One `Smb2Engine` serves one TCP connection. It takes one SMB2 message (a compound chain, without
+the NetBIOS header) and gives back the response message, events, and whether to close. Session,
+tree and file ids live only in this object, so ids from another connection do not exist here.
+
+The security rules that matter for the product:
+- a failed SESSION_SETUP destroys the half-made session, so its SessionId grants nothing;
+- every signed request is verified, and unsigned requests are refused when signing is required;
+- the identity handed to a pipe (and so to RPC) is the one the session's SPNEGO exchange proved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..events import Event, event, limit, malformed
+from ..identity import ANONYMOUS, SMB_SESSION, Identity
+from ..sansio import ProtocolError
+from . import ntstatus as st
+from . import smb2_wire as w
+from .smb2_signing import Signer, session_key_16, signing_key
+
+LAYER = "smb"
+CREDIT_WINDOW = 512             # at most this many MessageIds granted and not yet used
+MAX_TREES_PER_SESSION = 32
+SMALL_IO = 65536                # one credit's worth (MS-SMB2 3.3.5.2.5)
+MAX_IO_LARGE = 8 * SMALL_IO     # offered with LARGE_MTU for 2.1 and later
+MAXIMAL_ACCESS_IPC = 0x001F01FF
+SHAREFLAG_NO_CACHING = 0x00000030
+FILETIME_EPOCH_OFFSET = 11644473600
+
+DIALECT_NAMES = {
+    w.DIALECT_202: "2.0.2", w.DIALECT_210: "2.1", w.DIALECT_300: "3.0",
+    w.DIALECT_302: "3.0.2", w.DIALECT_311: "3.1.1", w.DIALECT_WILDCARD: "2.???",
+}
+
+# Commands allowed without a valid session (MS-SMB2 3.3.5.2.9).
+SESSIONLESS = {w.NEGOTIATE, w.SESSION_SETUP, w.ECHO, w.CANCEL}
+# Commands that need a tree connect (MS-SMB2 3.3.5.2.11).
+TREE_COMMANDS = {w.TREE_DISCONNECT, w.CREATE, w.CLOSE, w.FLUSH, w.READ, w.WRITE, w.LOCK, w.IOCTL,
+                 w.QUERY_DIRECTORY, w.CHANGE_NOTIFY, w.QUERY_INFO, w.SET_INFO}
+
+
+def dialect_name(d: int) -> str:
+    return DIALECT_NAMES.get(d, f"0x{d:04x}")
+
+
+@dataclass
+class Open:
+    file_id: bytes
+    pipe: Any
+    session_id: int
+    tree_id: int
+
+
+@dataclass
+class Tree:
+    tree_id: int
+    share: str
+
+
+@dataclass
+class Session:
+    session_id: int
+    acceptor: Any = field(repr=False)
+    valid: bool = False
+    identity: Identity = ANONYMOUS
+    signer: Signer | None = field(default=None, repr=False)
+    signing_required: bool = False
+    preauth: bytes = field(default=b"", repr=False)
+    trees: dict[int, Tree] = field(default_factory=dict)
+    next_tree_id: int = 1
+    label: str = ""             # DOMAIN\user for events
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    session_id: int | None = None          # overrides the request's SessionId in the response
+    tree_id: int | None = None
+    signer: Signer | None = field(default=None, repr=False)
+    sign: bool = False
+    on_sent: Callable[[bytes], None] | None = None
+
+
+class _Close(Exception):
+    """Internal: the connection must be dropped (broken framing, credit abuse, bad negotiate)."""
+
+    def __init__(self, reason: str, **fields: Any) -> None:
+        super().__init__(reason)
+        self.reason, self.fields = reason, fields
+
+
+@dataclass
+class _Chain:
+    """What a related compound element inherits from the one before it (MS-SMB2 3.3.5.2.7.2)."""
+    session_id: int = 0
+    tree_id: int = 0
+    file_id: bytes | None = None
+    status: int = st.STATUS_SUCCESS
+
+
+class Smb2Engine:
+    def __init__(self, *, config: Any, auth: Any, pipes: Any, info: dict | None = None,
+                 random_bytes: Callable[[int], bytes], now: Callable[[], float]) -> None:
+        self._config = config
+        self._limits = config.policy.limits
+        self._auth = auth
+        self._pipes = pipes
+        self._info = dict(info or {})
+        self._random = random_bytes
+        self._now = now
+        self._server_guid = random_bytes(16)
+        self.dialect: int | None = None
+        self._client: w.NegotiateRequest | None = None
+        self._security_mode = w.NEGOTIATE_SIGNING_ENABLED | (
+            w.NEGOTIATE_SIGNING_REQUIRED if config.policy.smb_signing_required else 0)
+        self._capabilities = 0
+        self._max_io = SMALL_IO
+        self._signing_algorithm: int | None = None
+        self._preauth = b""
+        self._available: set[int] = {0}
+        self._next_grant = 1
+        self._sessions: dict[int, Session] = {}
+        self._opens: dict[bytes, Open] = {}
+        self.closed = False
+
+    # ------------------------------------------------------------------ entry points
+
+    def handle(self, message: bytes) -> tuple[list[bytes], list[Event], bool]:
+        if self.closed:
+            return [], [], True
+        events: list[Event] = []
+        try:
+            elements = w.split_compound(message)
+            replies: list[tuple[w.Header, Reply]] = []
+            chain = _Chain()
+            for i, element in enumerate(elements):
+                header = w.parse_header(element)
+                reply = self._element(i, element, header, chain, events)
+                if reply is not None:
+                    replies.append((header, reply))
+            return ([self._serialise(replies)] if replies else []), events, False
+        except ProtocolError as exc:
+            events.append(malformed(LAYER, exc.reason))
+        except _Close as exc:
+            events.append(malformed(LAYER, exc.reason, **exc.fields))
+        except Exception as exc:  # never let a bug in one connection take the server down
+            events.append(malformed(LAYER, "internal_error", error=type(exc).__name__))
+        events.extend(self.close())
+        return [], events, True
+
+    def negotiate_from_smb1(self, dialects: list[str]) -> tuple[list[bytes], list[Event], bool]:
+        """Answer an SMB1 NEGOTIATE that offers SMB2 (multi-protocol negotiate, MS-SMB2
+        3.3.5.3.1) with an SMB2 NEGOTIATE response. "SMB 2.???" leaves the dialect open (0x02FF)
+        and the client follows with a real SMB2 NEGOTIATE; "SMB 2.002" alone settles 2.0.2."""
+        wildcard = "SMB 2.???" in dialects
+        chosen = w.DIALECT_WILDCARD if wildcard else w.DIALECT_202
+        self._available.discard(0)
+        if chosen == w.DIALECT_202:
+            self.dialect = w.DIALECT_202
+            self._client = w.NegotiateRequest(0, 0, b"\x00" * 16, [w.DIALECT_202], [])
+        else:
+            self.dialect = w.DIALECT_WILDCARD
+        body = self._negotiate_body(chosen, [])
+        header = w.Header(command=w.NEGOTIATE, message_id=0, credits=1)
+        reply = Reply(st.STATUS_SUCCESS, body)
+        self._grant(header, 1)
+        data = self._serialise([(header, reply)], granted_already=True)
+        ev = event(LAYER, "smb.negotiate", dialect=dialect_name(chosen), via="smb1",
+                   signing_required=bool(self._security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
+                   client_dialects=list(dialects))
+        return [data], [ev], False
+
+    def close(self) -> list[Event]:
+        events: list[Event] = []
+        for op in list(self._opens.values()):
+            events.extend(self._close_open(op, reason="connection_closed"))
+        self._opens.clear()
+        self._sessions.clear()
+        self.closed = True
+        return events
+
+    # ------------------------------------------------------------------ per element
+
+    def _element(self, index: int, msg: bytes, h: w.Header, chain: _Chain,
+                 events: list[Event]) -> Reply | None:
+        if h.flags & w.FLAGS_SERVER_TO_REDIR:
+            raise _Close("response_sent_to_server")
+        if h.command != w.CANCEL:
+            self._consume_credits(h, len(msg))
+        if self.dialect is None or self.dialect == w.DIALECT_WILDCARD:
+            if h.command != w.NEGOTIATE:
+                raise _Close("request_before_negotiate", command=h.command)
+        elif h.command == w.NEGOTIATE:
+            raise _Close("second_negotiate")
+        if h.command == w.CANCEL:
+            return None             # nothing is ever pending here, and CANCEL has no response
+
+        related = bool(h.flags & w.FLAGS_RELATED_OPERATIONS)
+        if related:
+            if index == 0:
+                return Reply(st.STATUS_INVALID_PARAMETER, w.build_error_response())
+            if chain.status != st.STATUS_SUCCESS and chain.file_id is None:
+                return Reply(chain.status, w.build_error_response())
+            h.session_id, h.tree_id = chain.session_id, chain.tree_id
+
+        try:
+            reply = self._dispatch(msg, h, chain, related, events)
+        except ProtocolError as exc:
+            events.append(malformed(LAYER, exc.reason, command=w.COMMAND_NAMES.get(h.command, h.command)))
+            reply = Reply(st.STATUS_INVALID_PARAMETER, w.build_error_response())
+        chain.session_id = reply.session_id if reply.session_id is not None else h.session_id
+        chain.tree_id = reply.tree_id if reply.tree_id is not None else h.tree_id
+        chain.status = reply.status
+        return reply
+
+    def _consume_credits(self, h: w.Header, size: int) -> None:
+        """MS-SMB2 3.3.5.2.3 and 3.3.5.2.5: every MessageId must have been granted and is
+        usable once; a multi-credit request uses CreditCharge consecutive ids."""
+        charge = max(1, h.credit_charge) if self.dialect not in (None, w.DIALECT_202, w.DIALECT_WILDCARD) else 1
+        ids = range(h.message_id, h.message_id + charge)
+        if charge > CREDIT_WINDOW or any(i not in self._available for i in ids):
+            raise _Close("credit_abuse", message_id=h.message_id, credit_charge=h.credit_charge)
+        for i in ids:
+            self._available.discard(i)
+
+    def _grant(self, h: w.Header, requested: int) -> int:
+        room = CREDIT_WINDOW - len(self._available)
+        grant = max(0, min(max(requested, 1), room))
+        if not self._available and grant == 0:
+            grant = 1
+        for _ in range(grant):
+            self._available.add(self._next_grant)
+            self._next_grant += 1
+        return grant
+
+    def _serialise(self, replies: list[tuple[w.Header, Reply]], granted_already: bool = False) -> bytes:
+        """Build the (possibly compound) response: each element 8-byte aligned with NextCommand
+        set, then signed on its own (MS-SMB2 3.3.4.1.3)."""
+        out = []
+        for i, (req, reply) in enumerate(replies):
+            credits = req.credits if granted_already else self._grant(req, req.credits)
+            flags = w.FLAGS_SERVER_TO_REDIR | (req.flags & w.FLAGS_RELATED_OPERATIONS)
+            hdr = w.Header(command=req.command, message_id=req.message_id, status=reply.status,
+                           credit_charge=req.credit_charge, credits=credits, flags=flags,
+                           tree_id=reply.tree_id if reply.tree_id is not None else req.tree_id,
+                           session_id=reply.session_id if reply.session_id is not None else req.session_id)
+            body = reply.body
+            last = i + 1 == len(replies)
+            raw_len = w.HEADER_SIZE + len(body)
+            if not last:
+                body += b"\x00" * (-raw_len % 8)
+                hdr.next_command = w.HEADER_SIZE + len(body)
+            data = hdr.pack() + body
+            if reply.sign and reply.signer is not None:
+                data = reply.signer.sign(data)
+            if reply.on_sent is not None:
+                reply.on_sent(data)
+            out.append(data)
+        return b"".join(out)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, msg: bytes, h: w.Header, chain: _Chain, related: bool,
+                  events: list[Event]) -> Reply:
+        if h.command == w.NEGOTIATE:
+            return self._negotiate(msg, h, events)
+        if h.command == w.SESSION_SETUP:
+            return self._session_setup(msg, h, events)
+        if h.command == w.ECHO:
+            w.parse_simple(msg)
+            return self._signed_like_request(h, Reply(st.STATUS_SUCCESS, w.build_simple_response()))
+
+        session = self._sessions.get(h.session_id)
+        if session is None or not session.valid:
+            return Reply(st.STATUS_USER_SESSION_DELETED, w.build_error_response())
+        denied = self._check_signature(msg, h, session, events)
+        if denied is not None:
+            return denied
+
+        if h.command == w.LOGOFF:
+            return self._logoff(msg, h, session, events)
+        if h.command == w.TREE_CONNECT:
+            return self._finish(h, session, self._tree_connect(msg, session, events))
+        if h.command not in TREE_COMMANDS:
+            return self._finish(h, session, Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response()))
+        tree = session.trees.get(h.tree_id)
+        if tree is None:
+            return self._finish(h, session, Reply(st.STATUS_NETWORK_NAME_DELETED, w.build_error_response()))
+        handler = {
+            w.TREE_DISCONNECT: self._tree_disconnect, w.CREATE: self._create, w.CLOSE: self._close,
+            w.FLUSH: self._flush, w.READ: self._read, w.WRITE: self._write, w.IOCTL: self._ioctl,
+            w.QUERY_INFO: self._query_info,
+        }.get(h.command)
+        if handler is None:
+            reply = Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response())
+        else:
+            reply = handler(msg, h, session, tree, chain, related, events)
+        return self._finish(h, session, reply)
+
+    def _finish(self, h: w.Header, session: Session, reply: Reply) -> Reply:
+        """Responses are signed when the request was signed or the session requires signing
+        (MS-SMB2 3.3.4.1.1)."""
+        if session.signer is not None and (session.signing_required or h.flags & w.FLAGS_SIGNED):
+            reply.signer, reply.sign = session.signer, True
+        return reply
+
+    def _signed_like_request(self, h: w.Header, reply: Reply) -> Reply:
+        session = self._sessions.get(h.session_id)
+        if session is not None and session.valid:
+            return self._finish(h, session, reply)
+        return reply
+
+    def _check_signature(self, msg: bytes, h: w.Header, session: Session,
+                         events: list[Event]) -> Reply | None:
+        if session.signer is None:
+            return None             # anonymous and guest sessions have no key to sign with
+        command = w.COMMAND_NAMES.get(h.command, h.command)
+        if h.flags & w.FLAGS_SIGNED:
+            if session.signer.verify(msg):
+                return None
+            events.append(malformed(LAYER, "bad_signature", command=command, user=session.label))
+            return Reply(st.STATUS_ACCESS_DENIED, w.build_error_response())
+        if session.signing_required:
+            events.append(malformed(LAYER, "unsigned_request", command=command, user=session.label))
+            return Reply(st.STATUS_ACCESS_DENIED, w.build_error_response())
+        return None
+
+    # ------------------------------------------------------------------ NEGOTIATE
+
+    def _negotiate_body(self, dialect: int, contexts: list[bytes]) -> bytes:
+        system_time = int((self._now() + FILETIME_EPOCH_OFFSET) * 10_000_000)
+        return w.build_negotiate_response(
+            security_mode=self._security_mode, dialect=dialect, server_guid=self._server_guid,
+            capabilities=self._capabilities, max_size=self._max_io, system_time=system_time,
+            security_blob=self._auth.spnego_init_token(), contexts=contexts)
+
+    def _negotiate(self, msg: bytes, h: w.Header, events: list[Event]) -> Reply:
+        req = w.parse_negotiate(msg)
+        common = [d for d in w.SUPPORTED_DIALECTS if d in req.dialects]
+        client_names = [dialect_name(d) for d in req.dialects]
+        if not common:
+            events.append(event(LAYER, "smb.negotiate", dialect=None, result="no_common_dialect",
+                                client_dialects=client_names))
+            return Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response())
+        dialect = max(common)
+        contexts: list[bytes] = []
+        if dialect == w.DIALECT_311:
+            contexts = self._negotiate_contexts(req)
+        self.dialect = dialect
+        self._client = req
+        if dialect >= w.DIALECT_210 and self._limits.max_pdu_size >= MAX_IO_LARGE + 4096:
+            self._capabilities |= w.GLOBAL_CAP_LARGE_MTU
+            self._max_io = MAX_IO_LARGE
+        reply = Reply(st.STATUS_SUCCESS, self._negotiate_body(dialect, contexts))
+        if dialect == w.DIALECT_311:
+            # MS-SMB2 3.3.5.4: the connection's preauth hash covers this request and response.
+            self._preauth = hashlib.sha512(b"\x00" * 64 + msg).digest()
+
+            def after(data: bytes) -> None:
+                self._preauth = hashlib.sha512(self._preauth + data).digest()
+            reply.on_sent = after
+        events.append(event(
+            LAYER, "smb.negotiate", dialect=dialect_name(dialect), result="ok",
+            signing_required=bool(self._security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
+            client_signing_required=bool(req.security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
+            client_dialects=client_names))
+        return reply
+
+    def _negotiate_contexts(self, req: w.NegotiateRequest) -> list[bytes]:
+        by_type: dict[int, bytes] = {}
+        for c in req.contexts:
+            if c.type in by_type and c.type in (w.PREAUTH_INTEGRITY_CAPABILITIES,
+                                                w.ENCRYPTION_CAPABILITIES, w.SIGNING_CAPABILITIES):
+                raise ProtocolError(LAYER, "duplicate negotiate context")
+            by_type.setdefault(c.type, c.data)
+        if w.PREAUTH_INTEGRITY_CAPABILITIES not in by_type:
+            raise ProtocolError(LAYER, "3.1.1 negotiate without PREAUTH_INTEGRITY_CAPABILITIES")
+        if w.HASH_SHA512 not in w.parse_preauth_context(by_type[w.PREAUTH_INTEGRITY_CAPABILITIES]):
+            raise ProtocolError(LAYER, "3.1.1 negotiate without SHA-512")
+        salt = self._random(32)
+        out = [w.build_negotiate_context(w.PREAUTH_INTEGRITY_CAPABILITIES,
+                                         struct.pack("<HHH", 1, len(salt), w.HASH_SHA512) + salt)]
+        if w.ENCRYPTION_CAPABILITIES in by_type:
+            w.parse_id_list_context(by_type[w.ENCRYPTION_CAPABILITIES], "ENCRYPTION_CAPABILITIES")
+            # We do not encrypt: MS-SMB2 3.3.5.4 says answer one cipher, 0 (none in common).
+            out.append(w.build_negotiate_context(w.ENCRYPTION_CAPABILITIES, struct.pack("<HH", 1, 0)))
+        if w.SIGNING_CAPABILITIES in by_type:
+            offered = w.parse_id_list_context(by_type[w.SIGNING_CAPABILITIES], "SIGNING_CAPABILITIES")
+            chosen = next((a for a in (w.SIGNING_AES_CMAC, w.SIGNING_HMAC_SHA256) if a in offered), None)
+            if chosen is None:
+                raise ProtocolError(LAYER, "no supported signing algorithm")
+            self._signing_algorithm = chosen
+            out.append(w.build_negotiate_context(w.SIGNING_CAPABILITIES, struct.pack("<HH", 1, chosen)))
+        return out
+
+    # ------------------------------------------------------------------ SESSION_SETUP
+
+    def _session_setup(self, msg: bytes, h: w.Header, events: list[Event]) -> Reply:
+        req = w.parse_session_setup(msg)
+        if req.flags & w.SESSION_SETUP_FLAG_BINDING:
+            return Reply(st.STATUS_REQUEST_NOT_ACCEPTED, w.build_error_response())  # no multichannel
+        if h.session_id == 0:
+            if len(self._sessions) >= self._limits.max_sessions_per_connection:
+                events.append(limit(LAYER, "max_sessions_per_connection",
+                                    value=self._limits.max_sessions_per_connection))
+                return Reply(st.STATUS_REQUEST_NOT_ACCEPTED, w.build_error_response())
+            session = Session(self._new_session_id(), self._auth.spnego(), preauth=self._preauth)
+            self._sessions[session.session_id] = session
+        else:
+            session = self._sessions.get(h.session_id)
+            if session is None:
+                return Reply(st.STATUS_USER_SESSION_DELETED, w.build_error_response())
+            if session.valid:
+                # Re-authentication is not offered; the existing session is left as it is.
+                return self._finish(h, session, Reply(st.STATUS_REQUEST_NOT_ACCEPTED, w.build_error_response()))
+        if req.security_mode & w.NEGOTIATE_SIGNING_REQUIRED or self._config.policy.smb_signing_required:
+            session.signing_required = True
+        if self.dialect == w.DIALECT_311:
+            session.preauth = hashlib.sha512(session.preauth + msg).digest()
+
+        step = session.acceptor.step(req.token)
+        events.extend(step.events)
+        sid = session.session_id
+        if not step.complete:
+            reply = Reply(st.STATUS_MORE_PROCESSING_REQUIRED,
+                          w.build_session_setup_response(0, step.token), session_id=sid)
+            if self.dialect == w.DIALECT_311:
+                def after(data: bytes, s: Session = session) -> None:
+                    s.preauth = hashlib.sha512(s.preauth + data).digest()
+                reply.on_sent = after
+            return reply
+
+        result = session.acceptor.result
+        fields = dict(user=getattr(result, "user", None), domain=getattr(result, "domain", ""),
+                      ntlm_version=getattr(result, "ntlm_version", None),
+                      dialect=dialect_name(self.dialect or 0))
+        if not step.ok:
+            # A failed logon grants nothing: the half-made session is gone.
+            del self._sessions[sid]
+            reason = getattr(result, "reason", None) or "malformed"
+            events.append(event(LAYER, "smb.session_setup", result=reason, signing=False, **fields))
+            return Reply(st.STATUS_LOGON_FAILURE, w.build_error_response(), session_id=sid)
+
+        anonymous = result.user is None or result.ntlm_version == "anonymous"
+        guest = result.ntlm_version == "guest"
+        session.identity = ANONYMOUS if anonymous else session.acceptor.identity(SMB_SESSION)
+        session.label = session.identity.qualified
+        session.valid = True
+        flags = w.SESSION_FLAG_IS_NULL if anonymous else (w.SESSION_FLAG_IS_GUEST if guest else 0)
+        reply = Reply(st.STATUS_SUCCESS, w.build_session_setup_response(flags, step.token), session_id=sid)
+        if anonymous or guest:
+            session.signing_required = False
+        else:
+            key = session_key_16(session.acceptor.exported_session_key)
+            session.signer = Signer(self.dialect, signing_key(self.dialect, key, session.preauth),
+                                    self._signing_algorithm if self.dialect == w.DIALECT_311 else None)
+            # MS-SMB2 3.3.5.5.3: 3.x always signs the final response; 2.x when signing is required.
+            if self.dialect >= w.DIALECT_300 or session.signing_required:
+                reply.signer, reply.sign = session.signer, True
+        events.append(event(LAYER, "smb.session_setup", result="ok",
+                            signing=session.signing_required and session.signer is not None,
+                            session_flags=("anonymous" if anonymous else "guest" if guest else "user"),
+                            **fields))
+        return reply
+
+    def _new_session_id(self) -> int:
+        while True:
+            sid = int.from_bytes(self._random(8), "little")
+            if sid not in (0, 0xFFFFFFFFFFFFFFFF) and sid not in self._sessions:
+                return sid
+
+    def _logoff(self, msg: bytes, h: w.Header, session: Session, events: list[Event]) -> Reply:
+        w.parse_simple(msg)
+        reply = self._finish(h, session, Reply(st.STATUS_SUCCESS, w.build_simple_response()))
+        for op in [o for o in self._opens.values() if o.session_id == session.session_id]:
+            events.extend(self._close_open(op, reason="logoff"))
+        del self._sessions[session.session_id]
+        events.append(event(LAYER, "smb.logoff", user=session.identity.user,
+                            domain=session.identity.domain))
+        return reply
+
+    # ------------------------------------------------------------------ trees
+
+    def _tree_connect(self, msg: bytes, session: Session, events: list[Event]) -> Reply:
+        path = w.parse_tree_connect(msg).rstrip("\x00")
+        parts = path.split("\\")
+        # \\server\share: ['', '', server, share]
+        share = parts[3] if len(parts) == 4 and parts[0] == "" and parts[1] == "" and parts[2] else None
+        if share is None or share.upper() != "IPC$":
+            events.append(event(LAYER, "smb.tree_connect", share=share if share is not None else path,
+                                result="bad_network_name", user=session.identity.user))
+            return Reply(st.STATUS_BAD_NETWORK_NAME, w.build_error_response())
+        if len(session.trees) >= MAX_TREES_PER_SESSION:
+            events.append(limit(LAYER, "max_trees_per_session", value=MAX_TREES_PER_SESSION))
+            return Reply(st.STATUS_INSUFFICIENT_RESOURCES, w.build_error_response())
+        tid = session.next_tree_id
+        session.next_tree_id += 1
+        session.trees[tid] = Tree(tid, "IPC$")
+        events.append(event(LAYER, "smb.tree_connect", share="IPC$", result="ok",
+                            user=session.identity.user, domain=session.identity.domain))
+        return Reply(st.STATUS_SUCCESS, w.build_tree_connect_response(
+            w.SHARE_TYPE_PIPE, SHAREFLAG_NO_CACHING, 0, MAXIMAL_ACCESS_IPC), tree_id=tid)
+
+    def _tree_disconnect(self, msg, h, session, tree, chain, related, events) -> Reply:
+        w.parse_simple(msg)
+        for op in [o for o in self._opens.values()
+                   if o.session_id == session.session_id and o.tree_id == tree.tree_id]:
+            events.extend(self._close_open(op, reason="tree_disconnect"))
+        del session.trees[tree.tree_id]
+        return Reply(st.STATUS_SUCCESS, w.build_simple_response())
+
+    # ------------------------------------------------------------------ files (pipes)
+
+    def _lookup(self, file_id: bytes, session: Session, tree: Tree, chain: _Chain,
+                related: bool) -> Open | None:
+        if related and file_id == w.FILE_ID_ANY and chain.file_id is not None:
+            file_id = chain.file_id
+        op = self._opens.get(file_id)
+        if op is None or op.session_id != session.session_id or op.tree_id != tree.tree_id:
+            return None
+        chain.file_id = op.file_id
+        return op
+
+    def _create(self, msg, h, session, tree, chain, related, events) -> Reply:
+        req = w.parse_create(msg)
+        name = req.name.lstrip("\\")
+        if not name:
+            return Reply(st.STATUS_OBJECT_NAME_NOT_FOUND, w.build_error_response())
+        if len(self._opens) >= self._limits.max_pipes_per_connection:
+            events.append(limit(LAYER, "max_pipes_per_connection",
+                                value=self._limits.max_pipes_per_connection))
+            return Reply(st.STATUS_INSUFFICIENT_RESOURCES, w.build_error_response())
+        info = dict(self._info, smb_dialect=dialect_name(self.dialect or 0), smb_user=session.label)
+        pipe, pipe_events = self._pipes.open(name, session.identity, info)
+        for ev in pipe_events:
+            if ev.kind == "smb.pipe_open":
+                ev = Event(ev.layer, ev.kind, {**ev.fields, "smb_user": session.label})
+            events.append(ev)
+        if pipe is None:
+            events.append(event(LAYER, "smb.pipe_open", pipe=name, result="not_found",
+                                smb_user=session.label))
+            return Reply(st.STATUS_OBJECT_NAME_NOT_FOUND, w.build_error_response())
+        while True:
+            file_id = self._random(16)
+            if file_id != w.FILE_ID_ANY and file_id not in self._opens:
+                break
+        self._opens[file_id] = Open(file_id, pipe, session.session_id, tree.tree_id)
+        chain.file_id = file_id
+        return Reply(st.STATUS_SUCCESS, w.build_create_response(file_id, allocation=4096))
+
+    def _close_open(self, op: Open, reason: str) -> list[Event]:
+        self._opens.pop(op.file_id, None)
+        events = list(op.pipe.close())
+        events.append(event(LAYER, "smb.close", pipe=op.pipe.name, reason=reason))
+        return events
+
+    def _close(self, msg, h, session, tree, chain, related, events) -> Reply:
+        op = self._lookup(w.parse_close(msg), session, tree, chain, related)
+        if op is None:
+            return Reply(st.STATUS_FILE_CLOSED, w.build_error_response())
+        events.extend(self._close_open(op, reason="close"))
+        return Reply(st.STATUS_SUCCESS, w.build_close_response())
+
+    def _flush(self, msg, h, session, tree, chain, related, events) -> Reply:
+        b = w.Body(msg, 24, w.CLOSE_REQ)           # FLUSH has CLOSE's shape: 24 bytes, FileId last
+        if self._lookup(b.values[3], session, tree, chain, related) is None:
+            return Reply(st.STATUS_FILE_CLOSED, w.build_error_response())
+        return Reply(st.STATUS_SUCCESS, w.build_simple_response())
+
+    def _charge_ok(self, h: w.Header, size: int) -> bool:
+        """MS-SMB2 3.3.5.2.5: a payload above 64 KiB must be paid for with CreditCharge."""
+        if size > self._max_io:
+            return False
+        if self.dialect == w.DIALECT_202:
+            return True
+        return max(1, h.credit_charge) >= 1 + (max(size, 1) - 1) // SMALL_IO
+
+    def _read(self, msg, h, session, tree, chain, related, events) -> Reply:
+        req = w.parse_read(msg)
+        if not self._charge_ok(h, req.length):
+            return Reply(st.STATUS_INVALID_PARAMETER, w.build_error_response())
+        op = self._lookup(req.file_id, session, tree, chain, related)
+        if op is None:
+            return Reply(st.STATUS_FILE_CLOSED, w.build_error_response())
+        data, more = op.pipe.read(req.length)
+        if not data:
+            # Nothing is pending: the RPC engine answers synchronously, so there is nothing to
+            # wait for. A closed pipe says so; an open one is simply empty.
+            status = st.STATUS_PIPE_BROKEN if op.pipe.closed else st.STATUS_PIPE_EMPTY
+            return Reply(status, w.build_error_response())
+        return Reply(st.STATUS_BUFFER_OVERFLOW if more else st.STATUS_SUCCESS, w.build_read_response(data))
+
+    def _write(self, msg, h, session, tree, chain, related, events) -> Reply:
+        req = w.parse_write(msg)
+        if not self._charge_ok(h, len(req.data)):
+            return Reply(st.STATUS_INVALID_PARAMETER, w.build_error_response())
+        op = self._lookup(req.file_id, session, tree, chain, related)
+        if op is None:
+            return Reply(st.STATUS_FILE_CLOSED, w.build_error_response())
+        if op.pipe.closed:
+            return Reply(st.STATUS_PIPE_BROKEN, w.build_error_response())
+        events.extend(op.pipe.write(req.data))
+        return Reply(st.STATUS_SUCCESS, w.build_write_response(len(req.data)))
+
+    def _ioctl(self, msg, h, session, tree, chain, related, events) -> Reply:
+        req = w.parse_ioctl(msg)
+        if not req.flags & w.IOCTL_IS_FSCTL:
+            return Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response())
+        if req.ctl_code == w.FSCTL_VALIDATE_NEGOTIATE_INFO:
+            return self._validate_negotiate(req, session)
+        if req.ctl_code != w.FSCTL_PIPE_TRANSCEIVE:
+            return Reply(st.STATUS_INVALID_DEVICE_REQUEST, w.build_error_response())
+        if not self._charge_ok(h, max(len(req.input), min(req.max_output, self._max_io))):
+            return Reply(st.STATUS_INVALID_PARAMETER, w.build_error_response())
+        op = self._lookup(req.file_id, session, tree, chain, related)
+        if op is None:
+            return Reply(st.STATUS_FILE_CLOSED, w.build_error_response())
+        if op.pipe.closed:
+            return Reply(st.STATUS_PIPE_BROKEN, w.build_error_response())
+        data, more, pipe_events = op.pipe.transceive(req.input, min(req.max_output, self._max_io))
+        events.extend(pipe_events)
+        status = st.STATUS_BUFFER_OVERFLOW if more else st.STATUS_SUCCESS
+        return Reply(status, w.build_ioctl_response(req.ctl_code, op.file_id, data))
+
+    def _validate_negotiate(self, req: w.IoctlRequest, session: Session) -> Reply:
+        """MS-SMB2 3.3.5.15.12: the client repeats what it sent in NEGOTIATE inside a signed
+        request; any difference means someone tampered with the negotiate, so we hang up."""
+        if self.dialect == w.DIALECT_311:
+            raise _Close("validate_negotiate_on_311")
+        info = w.parse_validate_negotiate(req.input)
+        c = self._client
+        if (c is None or info.capabilities != c.capabilities or info.guid != c.client_guid
+                or info.security_mode != c.security_mode or info.dialects != c.dialects):
+            raise _Close("validate_negotiate_mismatch")
+        out = w.build_validate_negotiate_response(self._capabilities, self._server_guid,
+                                                  self._security_mode, self.dialect or 0)
+        reply = Reply(st.STATUS_SUCCESS, w.build_ioctl_response(req.ctl_code, req.file_id, out))
+        if session.signer is not None:
+            reply.signer, reply.sign = session.signer, True
+        return reply
+
+    def _query_info(self, msg, h, session, tree, chain, related, events) -> Reply:
+        req = w.parse_query_info(msg)
+        op = self._lookup(req.file_id, session, tree, chain, related)
+        if op is None:
+            return Reply(st.STATUS_FILE_CLOSED, w.build_error_response())
+        if req.info_type != 1:                  # SMB2_0_INFO_FILE only
+            return Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response())
+        data = _pipe_file_info(req.info_class, op.pipe)
+        if data is None:
+            return Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response())
+        if req.output_length < len(data):
+            return Reply(st.STATUS_INFO_LENGTH_MISMATCH, w.build_error_response())
+        return Reply(st.STATUS_SUCCESS, w.build_query_info_response(data))
+
+
+def _pipe_file_info(info_class: int, pipe: Any) -> bytes | None:
+    """The FILE_INFORMATION classes (MS-FSCC 2.4) clients ask of a named pipe."""
+    if info_class == 4:          # FileBasicInformation
+        return struct.pack("<QQQQII", 0, 0, 0, 0, w.FILE_ATTRIBUTE_NORMAL, 0)
+    if info_class == 5:          # FileStandardInformation: pipes report DeletePending like Windows
+        return struct.pack("<QQIBBH", 4096, 0, 1, 1, 0, 0)
+    if info_class == 14:         # FilePositionInformation
+        return struct.pack("<Q", 0)
+    if info_class == 23:         # FilePipeInformation: message read mode, queued completion
+        return struct.pack("<II", 1, 0)
+    if info_class == 24:         # FilePipeLocalInformation
+        return struct.pack("<IIIIIIIIII", 1, 2, 0xFFFFFFFF, 1, 4096, pipe.pending(), 4096, 4096, 3, 1)
+    return None

@@ -1,0 +1,640 @@
+"""The SMB2 engine and the SMB connection dispatcher, against real peers and crafted bytes.
+
+Real peers: impacket's SMBConnection (every dialect), Samba's smbclient, over loopback sockets
+served by a small threaded server that feeds `SmbConnection`. Crafted bytes (built with
+impacket's smb3structs) drive the dispatcher, compound handling and the malformed paths with no
+network at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from typing import Any
+
+import pytest
+from impacket import smb3structs as s3
+from impacket.smbconnection import SMBConnection, SessionError
+
+from emulator.config import default_config
+from emulator.directory import Directory
+from emulator.events import Event
+from emulator.identity import Identity
+from emulator.sansio import Output
+from emulator.smb import ntstatus as st
+from emulator.smb import smb2_wire as w
+from emulator.smb.connection import SmbConnection
+from emulator.smb.pipe import PipeFactory
+from emulator.smb.smb2_signing import Signer, kdf_counter_mode
+
+ntlm = pytest.importorskip("emulator.ntlm")
+
+CONFIG = default_config()
+ALICE_PW = CONFIG.user("alice").password
+REPLY = b"\x05\x00\x02\x03" + b"R" * 60          # what the test pipe engine answers to each write
+
+
+# ---------------------------------------------------------------- test pipe engine and server
+
+class FixedReplyEngine:
+    """Stands in for the RPC layer behind a pipe: answers each write with REPLY and remembers
+    the transport identity it was built with."""
+
+    built: list[tuple[Identity, dict]] = []
+
+    def __init__(self, identity: Identity, info: dict) -> None:
+        FixedReplyEngine.built.append((identity, info))
+        self.writes: list[bytes] = []
+
+    def receive(self, data: bytes) -> Output:
+        self.writes.append(data)
+        return Output(REPLY, [])
+
+    def close(self) -> list[Event]:
+        return []
+
+
+def make_pipes() -> PipeFactory:
+    return PipeFactory({"srvsvc": FixedReplyEngine, "emsmdb": FixedReplyEngine})
+
+
+def make_auth(config=CONFIG):
+    return ntlm.AuthFactory(Directory(config), config.policy, config.server)
+
+
+def make_conn(config=CONFIG, seed: int = 1) -> SmbConnection:
+    counter = [seed]
+
+    def det_random(n: int) -> bytes:
+        counter[0] += 1
+        return hashlib.sha256(counter[0].to_bytes(8, "little")).digest()[:n].ljust(n, b"\x01")
+
+    return SmbConnection(config=config, auth=make_auth(config), pipes=make_pipes(),
+                         info={"peer": "test"}, random_bytes=det_random, now=lambda: 1.7e9)
+
+
+class SmbServer:
+    """A tiny threaded TCP server on 127.0.0.1:0 that feeds SmbConnection."""
+
+    def __init__(self, config=CONFIG) -> None:
+        self.config = config
+        self.events: list[Event] = []
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        conn = SmbConnection(config=self.config, auth=make_auth(self.config), pipes=make_pipes(),
+                             info={"transport": "ncacn_np"})
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                out = conn.receive(data)
+                self._log(out.events)
+                if out.data:
+                    client.sendall(out.data)
+                if out.close:
+                    break
+        except OSError:
+            pass
+        finally:
+            self._log(conn.close())
+            client.close()
+
+    def _log(self, events: list[Event]) -> None:
+        with self.lock:
+            self.events.extend(events)
+
+    def kinds(self, kind: str) -> list[Event]:
+        with self.lock:
+            return [e for e in self.events if e.kind == kind]
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = SmbServer()
+    yield srv
+    srv.stop()
+
+
+# ---------------------------------------------------------------- raw helpers (no network)
+
+def nb(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(3, "big") + message
+
+
+def unframe(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        assert data[0] == 0
+        n = int.from_bytes(data[1:4], "big")
+        out.append(data[4:4 + n])
+        data = data[4 + n:]
+    return out
+
+
+def packet(command: int, body, *, mid: int, sid: int = 0, tid: int = 0, credits: int = 8,
+           flags: int = 0, charge: int = 1) -> bytes:
+    p = s3.SMB2Packet()
+    p["Command"] = command
+    p["MessageID"] = mid
+    p["SessionID"] = sid
+    p["TreeID"] = tid
+    p["CreditRequestResponse"] = credits
+    p["CreditCharge"] = charge
+    p["Flags"] = flags
+    p["Data"] = body
+    return p.getData()
+
+
+def negotiate_body(dialects=(0x0202, 0x0210, 0x0300, 0x0302)) -> Any:
+    n = s3.SMB2Negotiate()
+    n["SecurityMode"] = s3.SMB2_NEGOTIATE_SIGNING_ENABLED
+    n["Capabilities"] = 0
+    n["ClientGuid"] = b"G" * 16
+    n["Dialects"] = list(dialects)
+    n["DialectCount"] = len(dialects)
+    return n
+
+
+def responses(out: Output) -> list[s3.SMB2Packet]:
+    return [s3.SMB2Packet(m) for m in unframe(out.data)]
+
+
+def negotiated(dialects=(0x0202, 0x0210, 0x0300, 0x0302)) -> SmbConnection:
+    conn = make_conn()
+    out = conn.receive(nb(packet(s3.SMB2_NEGOTIATE, negotiate_body(dialects), mid=0)))
+    assert responses(out)[0]["Status"] == st.STATUS_SUCCESS
+    return conn
+
+
+def tree_connect_body(path: str) -> Any:
+    t = s3.SMB2TreeConnect()
+    t["Buffer"] = path.encode("utf-16-le")
+    t["PathLength"] = len(t["Buffer"])
+    return t
+
+
+def ntlm_login(conn: SmbConnection, user: str, password: str, domain: str = "CORP",
+               first_mid: int = 1) -> tuple[int, int, list[Event]]:
+    """A two-leg raw SESSION_SETUP with impacket's NTLM messages wrapped in SPNEGO.
+    Returns (status, session_id, events)."""
+    from impacket import ntlm as intlm
+    from impacket.spnego import SPNEGO_NegTokenInit, SPNEGO_NegTokenResp, TypesMech
+
+    events: list[Event] = []
+    t1 = intlm.getNTLMSSPType1("WS", domain, True)
+    init = SPNEGO_NegTokenInit()
+    init["MechTypes"] = [TypesMech["NTLMSSP - Microsoft NTLM Security Support Provider"]]
+    init["MechToken"] = t1.getData()
+    ss = s3.SMB2SessionSetup()
+    ss["SecurityMode"] = s3.SMB2_NEGOTIATE_SIGNING_ENABLED
+    ss["Buffer"] = init.getData()
+    ss["SecurityBufferLength"] = len(ss["Buffer"])
+    out = conn.receive(nb(packet(s3.SMB2_SESSION_SETUP, ss, mid=first_mid)))
+    events += out.events
+    r = responses(out)[0]
+    assert r["Status"] == st.STATUS_MORE_PROCESSING_REQUIRED
+    sid = r["SessionID"]
+    resp = SPNEGO_NegTokenResp(s3.SMB2SessionSetup_Response(r["Data"])["Buffer"])
+    t3, _key = intlm.getNTLMSSPType3(t1, resp["ResponseToken"], user, password, domain)
+    tr = SPNEGO_NegTokenResp()
+    tr["ResponseToken"] = t3.getData()
+    ss = s3.SMB2SessionSetup()
+    ss["SecurityMode"] = s3.SMB2_NEGOTIATE_SIGNING_ENABLED
+    ss["Buffer"] = tr.getData()
+    ss["SecurityBufferLength"] = len(ss["Buffer"])
+    out = conn.receive(nb(packet(s3.SMB2_SESSION_SETUP, ss, mid=first_mid + 1, sid=sid)))
+    events += out.events
+    return responses(out)[0]["Status"], sid, events
+
+
+# ================================================================ real peers: impacket
+
+DIALECTS = [s3.SMB2_DIALECT_002, s3.SMB2_DIALECT_21, s3.SMB2_DIALECT_30,
+            s3.SMB2_DIALECT_311]          # impacket cannot ask for 3.0.2 alone
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: hex(d))
+def test_impacket_login_tree_pipe_roundtrip(server, dialect):
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port, preferredDialect=dialect)
+    assert c.getDialect() == dialect
+    c.login("alice", ALICE_PW, "CORP")
+    tid = c.connectTree("IPC$")
+    fid = c.openFile(tid, "\\srvsvc", desiredAccess=0x12019F, creationOption=0x40,
+                     fileAttributes=0x80)
+    c.writeFile(tid, fid, b"\x05\x00\x0b\x03" + b"x" * 68)
+    assert c.readFile(tid, fid, 0, 4280) == REPLY
+    # TransactNamedPipe goes through IOCTL FSCTL_PIPE_TRANSCEIVE.
+    assert c._SMBConnection.TransactNamedPipe(tid, fid, b"ping") == REPLY
+    c.closeFile(tid, fid)
+    c.disconnectTree(tid)
+    c.logoff()
+    setups = [e for e in server.kinds("smb.session_setup") if e.get("result") == "ok"
+              and e.get("dialect") == {0x202: "2.0.2", 0x210: "2.1", 0x300: "3.0",
+                                        0x302: "3.0.2", 0x311: "3.1.1"}[dialect]]
+    assert setups and setups[-1].get("user") == "alice"
+    opened = [e for e in server.kinds("smb.pipe_open") if e.get("pipe") == "srvsvc"]
+    assert opened[-1].get("smb_user") == "CORP\\alice"
+
+
+def test_impacket_multi_protocol_negotiate(server):
+    # No preferred dialect: impacket starts with an SMB1 NEGOTIATE offering SMB 2.002 and 2.???.
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port)
+    assert c.getDialect() in (s3.SMB2_DIALECT_21, s3.SMB2_DIALECT_30, s3.SMB2_DIALECT_311,
+                              s3.SMB2_DIALECT_302)
+    c.login("alice", ALICE_PW, "CORP")
+    tid = c.connectTree("IPC$")
+    assert tid
+    c.close()
+    assert any(e.get("via") == "smb1" and e.get("dialect") == "2.???"
+               for e in server.kinds("smb.negotiate"))
+
+
+def test_impacket_signing_required_by_client(server):
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port,
+                      preferredDialect=s3.SMB2_DIALECT_21)
+    c._SMBConnection.RequireMessageSigning = True
+    c.login("alice", ALICE_PW, "CORP")
+    tid = c.connectTree("IPC$")
+    fid = c.openFile(tid, "\\srvsvc", desiredAccess=0x12019F, creationOption=0x40, fileAttributes=0x80)
+    assert c._SMBConnection.TransactNamedPipe(tid, fid, b"ping") == REPLY
+    c.close()
+
+
+@pytest.mark.parametrize("dialect", [s3.SMB2_DIALECT_21, s3.SMB2_DIALECT_311], ids=hex)
+def test_impacket_wrong_password_is_logon_failure(server, dialect):
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port, preferredDialect=dialect)
+    with pytest.raises(SessionError) as info:
+        c.login("alice", "not-the-password", "CORP")
+    assert info.value.getErrorCode() == st.STATUS_LOGON_FAILURE
+    assert any(e.get("result") == "wrong_password" for e in server.kinds("smb.session_setup"))
+    c.close()
+
+
+def test_impacket_unknown_pipe_and_share(server):
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port, preferredDialect=s3.SMB2_DIALECT_30)
+    c.login("alice", ALICE_PW, "CORP")
+    with pytest.raises(SessionError) as info:
+        c.connectTree("C$")
+    assert info.value.getErrorCode() == st.STATUS_BAD_NETWORK_NAME
+    tid = c.connectTree("ipc$")
+    with pytest.raises(SessionError) as info:
+        c.openFile(tid, "\\lsarpc", desiredAccess=0x12019F, creationOption=0x40, fileAttributes=0x80)
+    assert info.value.getErrorCode() == st.STATUS_OBJECT_NAME_NOT_FOUND
+    c.close()
+
+
+def test_impacket_disabled_user_is_refused(server):
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port, preferredDialect=s3.SMB2_DIALECT_30)
+    with pytest.raises(SessionError) as info:
+        c.login("mallory", CONFIG.user("mallory").password, "CORP")
+    assert info.value.getErrorCode() in (st.STATUS_LOGON_FAILURE, st.STATUS_ACCOUNT_DISABLED)
+    c.close()
+
+
+# ================================================================ real peers: Samba smbclient
+
+smbclient = shutil.which("smbclient")
+
+
+@pytest.mark.skipif(smbclient is None, reason="smbclient not installed")
+@pytest.mark.parametrize("proto", ["SMB2", "SMB3"])
+def test_smbclient_connects_and_wrong_password_fails(server, proto):
+    def run(password: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [smbclient, "//127.0.0.1/IPC$", "-p", str(server.port), "-U", f"CORP/alice%{password}",
+             "-m", proto, "-c", "ls"],
+            capture_output=True, text=True, timeout=30)
+
+    before = len(server.kinds("smb.tree_connect"))
+    good = run(ALICE_PW)
+    assert "NT_STATUS_LOGON_FAILURE" not in good.stdout + good.stderr
+    assert len([e for e in server.kinds("smb.tree_connect")[before:] if e.get("result") == "ok"]) >= 1
+    bad = run("wrong-password")
+    assert "NT_STATUS_LOGON_FAILURE" in bad.stdout + bad.stderr
+    assert bad.returncode != 0
+
+
+# ================================================================ session security, raw bytes
+
+def test_failed_session_grants_nothing():
+    conn = negotiated()
+    status, sid, events = ntlm_login(conn, "alice", "wrong")
+    assert status == st.STATUS_LOGON_FAILURE
+    assert any(e.kind == "smb.session_setup" and e.get("result") == "wrong_password" for e in events)
+    # Replay a TREE_CONNECT with the failed SessionId: the half-made session is gone.
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=3, sid=sid)))
+    assert responses(out)[0]["Status"] == st.STATUS_USER_SESSION_DELETED
+    assert not out.close
+
+
+def test_requests_without_session_and_foreign_ids():
+    conn = negotiated()
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=1, sid=0)))
+    assert responses(out)[0]["Status"] == st.STATUS_USER_SESSION_DELETED
+    status, sid, _ = ntlm_login(conn, "alice", ALICE_PW, first_mid=2)
+    assert status == st.STATUS_SUCCESS
+    # A tree id this session never got, and a file id this connection never handed out.
+    cr = s3.SMB2Create()
+    cr["Buffer"] = "srvsvc".encode("utf-16-le")
+    cr["NameLength"] = len(cr["Buffer"])
+    out = conn.receive(nb(packet(s3.SMB2_CREATE, cr, mid=4, sid=sid, tid=77)))
+    assert responses(out)[0]["Status"] == st.STATUS_NETWORK_NAME_DELETED
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=5, sid=sid)))
+    r = responses(out)[0]
+    assert r["Status"] == st.STATUS_SUCCESS
+    tid = r["TreeID"]
+    rd = s3.SMB2Read()
+    rd["FileID"] = b"\x42" * 16
+    rd["Length"] = 100
+    out = conn.receive(nb(packet(s3.SMB2_READ, rd, mid=6, sid=sid, tid=tid)))
+    assert responses(out)[0]["Status"] == st.STATUS_FILE_CLOSED
+    # Another session id that does not exist on this connection.
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=7, sid=sid ^ 1)))
+    assert responses(out)[0]["Status"] == st.STATUS_USER_SESSION_DELETED
+
+
+def test_logoff_ends_the_session():
+    conn = negotiated()
+    status, sid, _ = ntlm_login(conn, "alice", ALICE_PW)
+    assert status == st.STATUS_SUCCESS
+    lo = s3.SMB2Logoff()
+    out = conn.receive(nb(packet(s3.SMB2_LOGOFF, lo, mid=3, sid=sid)))
+    assert responses(out)[0]["Status"] == st.STATUS_SUCCESS
+    assert any(e.kind == "smb.logoff" and e.get("user") == "alice" for e in out.events)
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=4, sid=sid)))
+    assert responses(out)[0]["Status"] == st.STATUS_USER_SESSION_DELETED
+
+
+def test_signing_required_by_policy_rejects_unsigned_and_forged():
+    from dataclasses import replace
+    cfg = replace(CONFIG, policy=replace(CONFIG.policy, smb_signing_required=True))
+    conn = make_conn(cfg)
+    out = conn.receive(nb(packet(s3.SMB2_NEGOTIATE, negotiate_body((0x0210,)), mid=0)))
+    neg = s3.SMB2Negotiate_Response(responses(out)[0]["Data"])
+    assert neg["SecurityMode"] & s3.SMB2_NEGOTIATE_SIGNING_REQUIRED
+    status, sid, _ = ntlm_login(conn, "alice", ALICE_PW)
+    assert status == st.STATUS_SUCCESS
+    unsigned = packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=3, sid=sid)
+    out = conn.receive(nb(unsigned))
+    assert responses(out)[0]["Status"] == st.STATUS_ACCESS_DENIED
+    assert any(e.kind == "malformed" and e.get("reason") == "unsigned_request" for e in out.events)
+    forged = packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=4, sid=sid,
+                    flags=s3.SMB2_FLAGS_SIGNED)
+    forged = forged[:48] + b"\x13" * 16 + forged[64:]
+    out = conn.receive(nb(forged))
+    assert responses(out)[0]["Status"] == st.STATUS_ACCESS_DENIED
+    assert any(e.get("reason") == "bad_signature" for e in out.events)
+
+
+# ================================================================ dispatcher and framing
+
+def test_multi_protocol_negotiate_wildcard_then_smb2():
+    from impacket import smb as s1
+    conn = make_conn()
+    pkt = s1.NewSMBPacket()
+    neg = s1.SMBCommand(s1.SMB.SMB_COM_NEGOTIATE)
+    neg["Data"] = b"\x02NT LM 0.12\x00\x02SMB 2.002\x00\x02SMB 2.???\x00"
+    pkt.addCommand(neg)
+    out = conn.receive(nb(pkt.getData()))
+    r = responses(out)[0]
+    assert r["Command"] == s3.SMB2_NEGOTIATE and r["MessageID"] == 0
+    assert s3.SMB2Negotiate_Response(r["Data"])["DialectRevision"] == 0x02FF
+    assert conn.protocol == "smb2"
+    out = conn.receive(nb(packet(s3.SMB2_NEGOTIATE, negotiate_body(), mid=1)))
+    r = responses(out)[0]
+    assert s3.SMB2Negotiate_Response(r["Data"])["DialectRevision"] == 0x0302
+
+
+def test_multi_protocol_negotiate_2002_only_settles_the_dialect():
+    from impacket import smb as s1
+    conn = make_conn()
+    pkt = s1.NewSMBPacket()
+    neg = s1.SMBCommand(s1.SMB.SMB_COM_NEGOTIATE)
+    neg["Data"] = b"\x02NT LM 0.12\x00\x02SMB 2.002\x00"
+    pkt.addCommand(neg)
+    out = conn.receive(nb(pkt.getData()))
+    assert s3.SMB2Negotiate_Response(responses(out)[0]["Data"])["DialectRevision"] == 0x0202
+    status, _, _ = ntlm_login(conn, "alice", ALICE_PW)
+    assert status == st.STATUS_SUCCESS
+
+
+def test_smb1_only_negotiate_goes_to_smb1_or_closes():
+    from impacket import smb as s1
+    conn = make_conn()
+    pkt = s1.NewSMBPacket()
+    neg = s1.SMBCommand(s1.SMB.SMB_COM_NEGOTIATE)
+    neg["Data"] = b"\x02NT LM 0.12\x00"
+    pkt.addCommand(neg)
+    out = conn.receive(nb(pkt.getData()))
+    try:
+        import emulator.smb.smb1  # noqa: F401
+    except ImportError:
+        assert out.close and any(e.get("reason") == "smb1_not_available" for e in out.events)
+    else:
+        assert conn.protocol == "smb1" and out.data[4:8] == b"\xffSMB"
+
+
+def test_framing_any_split_keepalive_and_session_request():
+    whole = b"\x85\x00\x00\x00" + nb(packet(s3.SMB2_NEGOTIATE, negotiate_body(), mid=0))
+    conn = make_conn()
+    outs = [conn.receive(whole[i:i + 1]) for i in range(len(whole))]
+    data = b"".join(o.data for o in outs)
+    assert s3.SMB2Packet(unframe(data)[0])["Status"] == st.STATUS_SUCCESS
+    # Port 139 style: a NetBIOS session request gets a positive response.
+    conn = make_conn()
+    out = conn.receive(b"\x81\x00\x00\x44" + b"\x20" + b"A" * 32 + b"\x00" + b"\x20" + b"B" * 32 + b"\x00")
+    assert out.data == b"\x82\x00\x00\x00" and not out.close
+
+
+def test_huge_netbios_claim_closes_without_buffering():
+    conn = make_conn()
+    out = conn.receive(b"\x00\xff\xff\xff" + b"A" * 100)
+    assert out.close
+    assert any(e.kind == "limit" for e in out.events)
+    assert any(e.kind == "malformed" for e in out.events)
+    assert conn.receive(b"more").close
+
+
+@pytest.mark.parametrize("message, reason", [
+    (b"\xfeSMX" + b"\x00" * 60, "bad_protocol_id"),
+    (b"\xfeSMB" + b"\x10\x00" + b"\x00" * 58, "bad smb2 header StructureSize"),
+    (b"\xfeSMB", "smb2 message shorter than its header"),
+    (b"\xfdSMB" + b"\x00" * 60, "bad_protocol_id"),
+])
+def test_broken_headers_close_with_malformed(message, reason):
+    conn = make_conn()
+    out = conn.receive(nb(message))
+    assert out.close
+    assert any(e.kind == "malformed" and e.get("reason") == reason for e in out.events)
+
+
+def test_bad_structure_size_and_offsets_give_invalid_parameter():
+    conn = negotiated()
+    status, sid, _ = ntlm_login(conn, "alice", ALICE_PW)
+    good = packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=3, sid=sid)
+    bad_size = good[:64] + b"\x07\x00" + good[66:]
+    out = conn.receive(nb(bad_size))
+    assert responses(out)[0]["Status"] == st.STATUS_INVALID_PARAMETER
+    assert any(e.kind == "malformed" for e in out.events)
+    # PathOffset/PathLength beyond the message.
+    good = packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=4, sid=sid)
+    bad_off = good[:68] + struct.pack("<HH", 0x2000, 40) + good[72:]
+    out = conn.receive(nb(bad_off))
+    assert responses(out)[0]["Status"] == st.STATUS_INVALID_PARAMETER
+    assert not out.close
+
+
+def test_credit_abuse_closes():
+    conn = negotiated()
+    # Reusing MessageId 0 (already spent on NEGOTIATE).
+    out = conn.receive(nb(packet(s3.SMB2_ECHO, s3.SMB2Echo(), mid=0)))
+    assert out.close and any(e.get("reason") == "credit_abuse" for e in out.events)
+    # A MessageId far beyond what was granted.
+    conn = negotiated()
+    out = conn.receive(nb(packet(s3.SMB2_ECHO, s3.SMB2Echo(), mid=10_000)))
+    assert out.close and any(e.get("reason") == "credit_abuse" for e in out.events)
+
+
+def test_credits_granted_up_to_the_window():
+    conn = make_conn()
+    out = conn.receive(nb(packet(s3.SMB2_NEGOTIATE, negotiate_body(), mid=0, credits=10_000)))
+    granted = responses(out)[0]["CreditRequestResponse"]
+    assert 1 <= granted <= 512
+    # Every granted id is usable exactly once.
+    out = conn.receive(nb(packet(s3.SMB2_ECHO, s3.SMB2Echo(), mid=granted, credits=0)))
+    assert responses(out)[0]["Status"] == st.STATUS_SUCCESS
+
+
+def _compound(parts: list[bytes]) -> bytes:
+    out = b""
+    for i, p in enumerate(parts):
+        if i + 1 < len(parts):
+            p += b"\x00" * (-len(p) % 8)
+            p = p[:20] + struct.pack("<I", len(p)) + p[24:]
+        out += p
+    return out
+
+
+def test_compound_related_create_write_read_close():
+    conn = negotiated()
+    status, sid, _ = ntlm_login(conn, "alice", ALICE_PW)
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=3, sid=sid)))
+    tid = responses(out)[0]["TreeID"]
+    cr = s3.SMB2Create()
+    cr["Buffer"] = "srvsvc".encode("utf-16-le")
+    cr["NameLength"] = len(cr["Buffer"])
+    wr = s3.SMB2Write()
+    wr["FileID"] = b"\xff" * 16
+    wr["Buffer"] = b"hello"
+    wr["Length"] = 5
+    rd = s3.SMB2Read()
+    rd["FileID"] = b"\xff" * 16
+    rd["Length"] = 4096
+    cl = s3.SMB2Close()
+    cl["FileID"] = b"\xff" * 16
+    rel = s3.SMB2_FLAGS_RELATED_OPERATIONS
+    chain = _compound([
+        packet(s3.SMB2_CREATE, cr, mid=4, sid=sid, tid=tid),
+        packet(s3.SMB2_WRITE, wr, mid=5, sid=sid, tid=tid, flags=rel),
+        packet(s3.SMB2_READ, rd, mid=6, sid=sid, tid=tid, flags=rel),
+        packet(s3.SMB2_CLOSE, cl, mid=7, sid=sid, tid=tid, flags=rel),
+    ])
+    out = conn.receive(nb(chain))
+    msgs = unframe(out.data)
+    assert len(msgs) == 1                      # one compounded response
+    data, statuses, commands = msgs[0], [], []
+    pos = 0
+    while True:
+        h = w.parse_header(data[pos:])
+        statuses.append(h.status)
+        commands.append(h.command)
+        if h.command == s3.SMB2_READ:
+            rr = s3.SMB2Read_Response(data[pos + 64:])
+            assert data[pos + rr["DataOffset"]: pos + rr["DataOffset"] + rr["DataLength"]] == REPLY
+        if not h.next_command:
+            break
+        assert h.next_command % 8 == 0
+        pos += h.next_command
+    assert commands == [s3.SMB2_CREATE, s3.SMB2_WRITE, s3.SMB2_READ, s3.SMB2_CLOSE]
+    assert statuses == [0, 0, 0, 0]
+    assert any(e.kind == "smb.close" for e in out.events)
+
+
+def test_connection_close_closes_pipes():
+    conn = negotiated()
+    status, sid, _ = ntlm_login(conn, "alice", ALICE_PW)
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=3, sid=sid)))
+    tid = responses(out)[0]["TreeID"]
+    cr = s3.SMB2Create()
+    cr["Buffer"] = "emsmdb".encode("utf-16-le")
+    cr["NameLength"] = len(cr["Buffer"])
+    out = conn.receive(nb(packet(s3.SMB2_CREATE, cr, mid=4, sid=sid, tid=tid)))
+    assert responses(out)[0]["Status"] == st.STATUS_SUCCESS
+    ident, _info = FixedReplyEngine.built[-1]
+    assert (ident.user, ident.source) == ("alice", "smb_session")
+    events = conn.close()
+    assert any(e.kind == "smb.close" and e.get("pipe") == "emsmdb" for e in events)
+    assert conn.close() == []
+
+
+# ================================================================ crypto known answers
+
+def test_kdf_and_signers_match_independent_computation():
+    key = bytes(range(16))
+    # SP800-108 counter mode, computed independently.
+    expect = hmac.new(key, b"\x00\x00\x00\x01" + b"SMB2AESCMAC\x00" + b"\x00" + b"SmbSign\x00"
+                      + b"\x00\x00\x00\x80", hashlib.sha256).digest()[:16]
+    assert kdf_counter_mode(key, b"SMB2AESCMAC\x00", b"SmbSign\x00") == expect
+    from impacket import crypto
+    assert crypto.KDF_CounterMode(key, b"SMB2AESCMAC\x00", b"SmbSign\x00", 128) == expect
+    msg = packet(s3.SMB2_ECHO, s3.SMB2Echo(), mid=5)
+    signed = Signer(0x0300, expect).sign(msg)
+    assert Signer(0x0300, expect).verify(signed)
+    zeroed = signed[:48] + b"\x00" * 16 + signed[64:]
+    assert signed[48:64] == crypto.AES_CMAC(expect, zeroed, len(zeroed))
+    assert not Signer(0x0300, expect).verify(signed[:-1] + b"\x01")
+
+
+# ================================================================ server survives hostile input
+
+def test_server_survives_hostile_connections(server):
+    for payload in (b"\x00\xff\xff\xff", nb(b"\xfeSMB" + b"\x00" * 10), b"\x42" * 8,
+                    nb(packet(s3.SMB2_ECHO, s3.SMB2Echo(), mid=0))):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(payload)
+        s.settimeout(5)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        s.close()
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port, preferredDialect=s3.SMB2_DIALECT_30)
+    c.login("alice", ALICE_PW, "CORP")
+    assert c.connectTree("IPC$")
+    c.close()
