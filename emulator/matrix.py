@@ -131,10 +131,12 @@ def observe(report: ClientReport, records: list[dict[str, Any]], typed_user: str
         layer = "rpc_bind"
     elif any(r["kind"] == "smb.session_setup" for r in mine):
         layer = "smb_session_setup"
-    authenticates = [r for r in mine if r["kind"] == "ntlm.authenticate"]
-    typed_on_wire = bool(typed_user) and any((r.get("user") or "").lower() == typed_user.lower()
-                                             and r.get("layer") == "ntlm" and _in_rpc_bind(r, mine)
-                                             for r in authenticates)
+    # The typed credentials reached the wire only if an NTLM AUTHENTICATE for the typed user was
+    # carried by an authenticated RPC bind. An SMB session setup as that user (the `net use`
+    # workaround) is the workstation's own session, not the prompt's answer.
+    rpc_auth_binds = any(r["kind"] == "rpc.bind" and r.get("auth_type") not in (None, "none") for r in mine)
+    typed_on_wire = bool(typed_user) and rpc_auth_binds and any(
+        r["kind"] == "ntlm.authenticate" and (r.get("user") or "").lower() == typed_user.lower() for r in mine)
     return {
         "prompt_shown": report.prompt_shown,
         "acting_user": connects[-1].get("acting_user") if connects else None,
@@ -143,12 +145,6 @@ def observe(report: ClientReport, records: list[dict[str, Any]], typed_user: str
         "status_name": connects[-1].get("status_name") if connects else None,
         "typed_on_wire": typed_on_wire,
     }
-
-
-def _in_rpc_bind(auth_record: dict[str, Any], mine: list[dict[str, Any]]) -> bool:
-    """An AUTHENTICATE carrying the typed user counts only if it came in an RPC bind (the
-    prompt's answer), not in an SMB session setup the workstation made on its own (net use)."""
-    return auth_record.get("carrier", "rpc") == "rpc" or auth_record.get("transport") is not None
 
 
 def run_row(s: Scenario, base: LabConfig, *, capture_dir: str | None = None, seed: int | None = None) -> RowResult:
