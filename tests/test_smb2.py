@@ -274,15 +274,28 @@ def test_impacket_multi_protocol_negotiate(server):
                for e in server.kinds("smb.negotiate"))
 
 
-def test_impacket_signing_required_by_client(server):
-    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port,
-                      preferredDialect=s3.SMB2_DIALECT_21)
-    c._SMBConnection.RequireMessageSigning = True
+@pytest.fixture(scope="module")
+def signing_server():
+    from dataclasses import replace
+    srv = SmbServer(replace(CONFIG, policy=replace(CONFIG.policy, smb_signing_required=True)))
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("dialect", [s3.SMB2_DIALECT_002, s3.SMB2_DIALECT_21, s3.SMB2_DIALECT_30],
+                         ids=hex)
+def test_impacket_with_signing_required_by_policy(signing_server, dialect):
+    # The server's SIGNING_REQUIRED makes impacket sign every request; we verify each one and
+    # sign every response, which impacket checks in turn.
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=signing_server.port, preferredDialect=dialect)
     c.login("alice", ALICE_PW, "CORP")
     tid = c.connectTree("IPC$")
     fid = c.openFile(tid, "\\srvsvc", desiredAccess=0x12019F, creationOption=0x40, fileAttributes=0x80)
     assert c._SMBConnection.TransactNamedPipe(tid, fid, b"ping") == REPLY
     c.close()
+    ok = [e for e in signing_server.kinds("smb.session_setup") if e.get("result") == "ok"]
+    assert ok[-1].get("signing") is True
+    assert not signing_server.kinds("malformed")
 
 
 @pytest.mark.parametrize("dialect", [s3.SMB2_DIALECT_21, s3.SMB2_DIALECT_311], ids=hex)
@@ -322,18 +335,27 @@ smbclient = shutil.which("smbclient")
 
 
 @pytest.mark.skipif(smbclient is None, reason="smbclient not installed")
-@pytest.mark.parametrize("proto", ["SMB2", "SMB3"])
-def test_smbclient_connects_and_wrong_password_fails(server, proto):
+@pytest.mark.parametrize("proto", ["SMB2_02", "SMB2_10", "SMB3_00", "SMB3_02", "SMB3_11"])
+def test_smbclient_signed_session_and_wrong_password(server, proto):
+    # --client-protection=sign makes Samba require signing: it signs every request and rejects
+    # any response whose signature does not verify, so a working tree connect and a status for
+    # 'ls' (IPC$ has no directory to list) prove our keys and signatures for this dialect.
     def run(password: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [smbclient, "//127.0.0.1/IPC$", "-p", str(server.port), "-U", f"CORP/alice%{password}",
-             "-m", proto, "-c", "ls"],
+             "-m", proto, "--client-protection=sign", "-c", "ls"],
             capture_output=True, text=True, timeout=30)
 
-    before = len(server.kinds("smb.tree_connect"))
+    before_tc = len(server.kinds("smb.tree_connect"))
+    before_bad = len(server.kinds("malformed"))
     good = run(ALICE_PW)
-    assert "NT_STATUS_LOGON_FAILURE" not in good.stdout + good.stderr
-    assert len([e for e in server.kinds("smb.tree_connect")[before:] if e.get("result") == "ok"]) >= 1
+    text = good.stdout + good.stderr
+    assert "NT_STATUS_LOGON_FAILURE" not in text and "NT_STATUS_ACCESS_DENIED" not in text
+    assert "NT_STATUS_OBJECT_NAME_NOT_FOUND" in text          # the listing, after a signed connect
+    assert [e.get("result") for e in server.kinds("smb.tree_connect")[before_tc:]] == ["ok"]
+    assert len(server.kinds("malformed")) == before_bad
+    setup = [e for e in server.kinds("smb.session_setup") if e.get("result") == "ok"][-1]
+    assert setup.get("signing") is True
     bad = run("wrong-password")
     assert "NT_STATUS_LOGON_FAILURE" in bad.stdout + bad.stderr
     assert bad.returncode != 0
