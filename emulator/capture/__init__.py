@@ -3,26 +3,11 @@ the event vocabulary, explain it (text, JSON, Mermaid, HTML), compare two captur
 the teaching report of a matrix run."""
 
 from .pcapread import CaptureError
+from .recorder import CaptureWriter, StreamRecorder
+from .streams import Analysis, analyse
+from .explain import explain  # noqa: E402  (the function shadows the submodule on purpose)
+from .compare import CompareResult, compare
+from .report import write_report
 
-__all__ = ["CaptureError", "CaptureWriter", "StreamRecorder", "analyse", "explain", "compare",
-           "write_report"]
-
-
-def __getattr__(name: str):
-    # Lazy imports keep `import emulator.capture` light for the server, which only records.
-    if name in ("CaptureWriter", "StreamRecorder"):
-        from . import recorder
-        return getattr(recorder, name)
-    if name == "analyse":
-        from .streams import analyse
-        return analyse
-    if name == "explain":
-        from .explain import explain
-        return explain
-    if name == "compare":
-        from .compare import compare
-        return compare
-    if name == "write_report":
-        from .report import write_report
-        return write_report
-    raise AttributeError(name)
+__all__ = ["Analysis", "CaptureError", "CaptureWriter", "CompareResult", "StreamRecorder",
+           "analyse", "compare", "explain", "write_report"]

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from impacket import ntlm
+from impacket import ntlm, spnego
 
 NTLMSSP_SIGNATURE = b"NTLMSSP\x00"
-# DER encodings of the Kerberos mechanism OIDs (RFC 4121 1.2.840.113554.1.2.2 and the
-# Microsoft variant 1.2.840.48018.1.2.2) and of NTLMSSP (1.3.6.1.4.1.311.2.2.10).
-KRB5_OIDS = (bytes.fromhex("06092a864886f712010202"), bytes.fromhex("06092a864882f712010202"))
-NTLM_OID = bytes.fromhex("060a2b06010401823702020a")
+# DER content of the Kerberos mechanism OIDs (RFC 4121 1.2.840.113554.1.2.2, its user-to-user
+# arc .3, and the Microsoft variant 1.2.840.48018.1.2.2).
+KRB5_OID_VALUES = (bytes.fromhex("2a864886f712010202"), bytes.fromhex("2a864882f712010202"))
 NTLMSSP_NEGOTIATE_UNICODE = 0x00000001
 
 
@@ -31,10 +30,18 @@ def inspect_token(token: bytes) -> TokenInfo:
     pos = token.find(NTLMSSP_SIGNATURE)
     if pos >= 0:
         return _ntlm(token[pos:])
-    if any(oid in token for oid in KRB5_OIDS):
+    inner = _spnego_mech_token(token)
+    if inner is not None:
+        # RFC 4178 4.2: a NegTokenInit's mechTypes is only an offer; the optimistic mechToken
+        # (or a NegTokenResp's responseToken) is what was actually sent. Without one, the
+        # token says nothing about the mechanism yet.
+        token = inner
+    elif token[:1] in (b"\x60", b"\xa0", b"\xa1") and _is_spnego(token):
+        return TokenInfo("unknown")
+    if token[:1] == b"\x60" and any(oid in token[:24] for oid in KRB5_OID_VALUES):
+        return TokenInfo("kerberos")  # RFC 2743 3.1 framing around a Kerberos token
+    if token[:1] in (b"\x6e", b"\x6f"):  # bare AP-REQ / AP-REP (RFC 4120 5.5)
         return TokenInfo("kerberos")
-    # A SPNEGO NegTokenResp without a mechanism token (the final accept-completed) says
-    # nothing about the mechanism.
     return TokenInfo("unknown")
 
 
@@ -63,3 +70,23 @@ def _ntlm(msg: bytes) -> TokenInfo:
     version = "v2" if nt_len > 24 else ("v1" if nt_len == 24 else None)
     return TokenInfo("ntlm", "authenticate", user, domain, version,
                      anonymous=(user == "" and nt_len <= 1))
+
+
+def _is_spnego(token: bytes) -> bool:
+    return b"\x2b\x06\x01\x05\x05\x02" in token[:16] or token[:1] in (b"\xa0", b"\xa1")
+
+
+def _spnego_mech_token(token: bytes) -> bytes | None:
+    """The mechanism token inside a SPNEGO NegTokenInit or NegTokenResp, if any."""
+    try:
+        if token[:1] == b"\x60":
+            init = spnego.SPNEGO_NegTokenInit()
+            init.fromString(token)
+            return bytes(init["MechToken"]) if "MechToken" in init.fields else None
+        if token[:1] == b"\xa1":
+            resp = spnego.SPNEGO_NegTokenResp()
+            resp.fromString(token)
+            return bytes(resp["ResponseToken"]) if "ResponseToken" in resp.fields else None
+    except Exception:  # impacket's ASN.1 reader raises bare Exceptions on foreign tokens
+        return None
+    return None

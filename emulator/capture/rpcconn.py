@@ -72,6 +72,7 @@ class RpcConnection:
         self.rpc_seen = False
         self._identity_auth: tuple[str, str] | None = None  # (auth_type name, level name)
         self._authenticated = False
+        self._kerberos: tuple[int, str, str] | None = None
         if smb is not None:
             conn.smb_user, conn.smb_domain, conn.smb_session_frame = smb.user, smb.domain, smb.frame
 
@@ -134,9 +135,13 @@ class RpcConnection:
                             version, auth_type, auth_level)
             infos.append(info)
             self.conn.binds.append(info)
-            self.event(frame, f"rpc.{kind}", "c2s", call_id=f.call_id, interface=iface,
-                       interface_name=info.interface_name, version=version,
-                       auth_type=auth_type, auth_level=auth_level)
+        # One event per PDU: clients offer the same interface with several transfer syntaxes.
+        first = infos[0] if infos else None
+        self.event(frame, f"rpc.{kind}", "c2s", call_id=f.call_id,
+                   interface=first.interface if first else None,
+                   interface_name="+".join(dict.fromkeys(i.interface_name for i in infos)) or None,
+                   version=first.version if first else None,
+                   auth_type=auth_type, auth_level=auth_level)
         self._pending_binds[f.call_id] = infos
         if f.auth is not None:
             self._identity_auth = (auth_type, auth_level)
@@ -167,12 +172,11 @@ class RpcConnection:
         info = inspect_token(f.auth.token)
         d = "c2s" if isinstance(f, (w.Bind, w.Auth3)) else "s2c"
         if auth_type == "kerberos" or info.mechanism == "kerberos":
-            if c.identity_source != "kerberos":
-                c.identity_source, c.user, c.domain = "kerberos", None, None
-                c.auth_level, c.auth_type, c.identity_frame = level, auth_type, frame
-                self._authenticated = True
-                self.event(frame, "rpc.identity", d, source="kerberos", user=None,
-                           auth_type=auth_type, auth_level=level)
+            # Kerberos is named, not parsed. A client may try it and fall back to NTLM in the
+            # same SPNEGO exchange, so the identity is settled in finish().
+            self.event(frame, "kerberos.token", d, leg=leg)
+            if self._kerberos is None:
+                self._kerberos = (frame, auth_type, level)
             return
         if info.mechanism != "ntlm" or info.message is None:
             return
@@ -251,3 +255,19 @@ class RpcConnection:
         self.event(frame, "emsmdb.connect", "s2c", call=ec.call, user_dn=ec.user_dn,
                    acting_user=c.acting if c.user else None, identity_source=c.identity_source,
                    status=ec.status, status_name=ec.status_name, sealed=ec.sealed)
+
+    def finish(self) -> None:
+        """Settle what the whole capture says about this connection's identity."""
+        c = self.conn
+        if self._kerberos is not None and not self._authenticated:
+            frame, auth_type, level = self._kerberos
+            c.identity_source, c.user, c.domain = "kerberos", None, None
+            c.auth_type, c.auth_level, c.identity_frame = auth_type, level, frame
+            self.event(frame, "rpc.identity", "c2s", source="kerberos", user=None,
+                       auth_type=auth_type, auth_level=level)
+            c.events.sort(key=lambda e: e["frame"])
+        elif self._identity_auth is not None and not self._authenticated:
+            # An authenticated bind whose handshake the capture does not complete: the server
+            # never acted on anyone we can name.
+            c.identity_source = "none"
+            c.auth_type, c.auth_level = self._identity_auth

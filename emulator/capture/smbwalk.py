@@ -61,6 +61,7 @@ class SmbWalker:
         self.common_events: list[dict[str, Any]] = []
         self._sessions: dict[int, _Session] = {}
         self._trees: dict[int, tuple[str, bool]] = {}  # tid -> (path, is_ipc)
+        self._tree_events: dict[int, list[dict[str, Any]]] = {}
         self._files: dict[Any, RpcConnection] = {}
         self._pending: dict[Any, dict[str, Any]] = {}
         self.partial = False
@@ -75,14 +76,17 @@ class SmbWalker:
     def _session(self, key: int) -> _Session:
         return self._sessions.setdefault(key, _Session())
 
-    def _open_pipe(self, key: Any, name: str, session_key: int, frame: int, tree: str | None) -> None:
+    def _open_pipe(self, key: Any, name: str, session_key: int, frame: int, tree: str | None,
+                   tid: int | None = None) -> None:
         sess = self._sessions.get(session_key)
         pipe = name.replace("\\", "/").split("/")[-1] if name else name
         conn = Connection(self.stream, "ncacn_np", self.client, self.server, partial=self.partial)
         conn.pipes.append(pipe)
-        conn.events.extend(self.common_events)
+        history = list(self.common_events)
         if sess is not None:
-            conn.events.extend(sess.events)
+            history += sess.events
+        history += self._tree_events.get(tid, []) if tid is not None else []
+        conn.events.extend(sorted(history, key=lambda e: e["frame"]))
         info = SmbSessionInfo(sess.user if sess else None, sess.domain if sess else None,
                               sess.frame if sess else None, [])
         rpc = RpcConnection(conn, info)
@@ -96,6 +100,9 @@ class SmbWalker:
         info = inspect_token(blob)
         if is_request and info.message == "authenticate":
             self._pending.setdefault(mid, {})["auth"] = info
+            self._event(frame, "ntlm.authenticate", "c2s", self._session(session_key),
+                        leg="session_setup", user=info.user, domain=info.domain,
+                        ntlm_version=info.ntlm_version)
         elif is_request and info.mechanism == "kerberos":
             self._pending.setdefault(mid, {})["auth"] = info
 
@@ -200,8 +207,8 @@ class SmbWalker:
                 if path is not None:
                     if status == STATUS_SUCCESS:
                         self._trees[tid] = (path, path.upper().endswith("IPC$"))
-                    self._event(frame, "smb.tree_connect", d, self._sessions.get(uid), path=path,
-                                result="ok" if status == 0 else f"0x{status:08x}")
+                        self._tree_events[tid] = [{"frame": frame, "kind": "smb.tree_connect", "dir": d,
+                                                   "path": path, "result": "ok"}]
         elif cmd == 0xA2:
             if not reply:
                 if len(words) >= 48:
@@ -219,7 +226,7 @@ class SmbWalker:
                         (tree is None or tree[1]):
                     fid = struct.unpack("<H", words[5:7])[0]
                     self._open_pipe(("smb1", fid), req["create"], uid, frame,
-                                    tree[0] if tree else None)
+                                    tree[0] if tree else None, req.get("tid", tid))
         elif cmd == 0x2F and not reply:
             if len(words) >= 24:
                 fid, = struct.unpack("<H", words[4:6])
@@ -308,8 +315,8 @@ class SmbWalker:
                     is_pipe = len(body) >= 3 and body[2] == 0x02
                     if status == 0 and tid is not None:
                         self._trees[tid] = (req["tree"], is_pipe or req["tree"].upper().endswith("IPC$"))
-                    self._event(frame, "smb.tree_connect", d, self._sessions.get(sid), path=req["tree"],
-                                result="ok" if status == 0 else f"0x{status:08x}")
+                        self._tree_events[tid] = [{"frame": frame, "kind": "smb.tree_connect", "dir": d,
+                                                   "path": req["tree"], "result": "ok"}]
             elif cmd == 5:
                 if not reply and len(body) >= 48:
                     off, ln = struct.unpack("<HH", body[44:48])
@@ -319,7 +326,7 @@ class SmbWalker:
                     tree = self._trees.get(req.get("tid"))
                     if tree is None or tree[1]:
                         self._open_pipe(("smb2", body[64:80]), req["create"], sid, frame,
-                                        tree[0] if tree else None)
+                                        tree[0] if tree else None, req.get("tid"))
                     return body[64:80]
             elif cmd == 9 and not reply and len(body) >= 32:
                 off, ln = struct.unpack("<HI", body[2:8])

@@ -50,9 +50,13 @@ class StreamWalker:
         self._rpc: RpcConnection | None = None
         self._smb: SmbWalker | None = None
         self._synced = {True: False, False: False}
+        self._oriented = False
 
     def _endpoints(self) -> tuple[str, str]:
         (ca, cp), (sa, sp) = self.st.client, self.st.server
+        if not self.st.saw_syn and (cp in (445, 139, 135) or (cp < 1024 <= sp)):
+            # No handshake seen and side A is on a service port: A is the server.
+            (ca, cp), (sa, sp) = (sa, sp), (ca, cp)
         return f"{ca}:{cp}", f"{sa}:{sp}"
 
     # -- sink interface ----------------------------------------------------------------------
@@ -120,6 +124,11 @@ class StreamWalker:
             else:
                 return
         from_client = from_a == self._a_is_client
+        if not self._oriented:
+            self._oriented = True
+            a, b = self.st.a, self.st.b
+            client, server = (a, b) if self._a_is_client else (b, a)
+            rpc.conn.client, rpc.conn.server = f"{client[0]}:{client[1]}", f"{server[0]}:{server[1]}"
         data, d.buf = bytes(d.buf), bytearray()
         before = len(rpc.conn.events)
         rpc.feed(from_client, data, frame)
@@ -206,11 +215,10 @@ def analyse(path: str, progress: ProgressFn | None = None) -> Analysis:
     for rpc in found:
         if not rpc.rpc_seen:
             continue
+        rpc.finish()
         c = rpc.conn
         st = r.streams[c.stream]
         c.partial = c.partial or st.partial or st.one_sided()
-        if c.identity_source == "none" and c.transport == "ncacn_np" and c.binds == []:
-            pass
         conns.append(c)
     conns.sort(key=lambda c: (c.first_frame, c.stream))
     return Analysis(path, conns, len(r.streams), [st.number for st in r.streams if st.partial])

@@ -1,0 +1,2 @@
+def compare(a,b): pass
+class CompareResult: pass

@@ -1,0 +1,103 @@
+"""`rpcauth explain CAPTURE`: what happened, at which layer, as whom, in four formats."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterable
+
+from .ladder import steps, verdicts
+from .model import Connection
+from .pcapread import ProgressFn, terminal_progress
+from .streams import Analysis, analyse
+
+FORMATS = ("text", "json", "mermaid", "html")
+
+
+def _progress(progress: ProgressFn | bool | None) -> ProgressFn | None:
+    if progress is None or progress is True:
+        return terminal_progress()
+    return progress or None
+
+
+def explain(path: str, fmt: str = "text", *, passwords: Iterable[str] | None = None,
+            lab: Any = None, progress: ProgressFn | bool | None = None) -> str:
+    """Explain a pcap/pcapng. `progress`: None shows a bar when stderr is a terminal, False is
+    silent, a callable receives (bytes read, file size). Raises CaptureError for unreadable
+    captures. `passwords` ("user:password") and `lab` are accepted for unsealing PKT_PRIVACY
+    stubs; sealed stubs are reported as sealed."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    analysis = analyse(path, _progress(progress))
+    return render(analysis, fmt)
+
+
+def render(analysis: Analysis, fmt: str) -> str:
+    if fmt == "json":
+        return to_json(analysis)
+    if fmt == "mermaid":
+        return to_mermaid(analysis.connections)
+    if fmt == "html":
+        from .html import to_html
+        return to_html(analysis)
+    return to_text(analysis)
+
+
+def to_json(analysis: Analysis) -> str:
+    doc = {"capture": analysis.path,
+           "connections": [dict(c.to_json(), verdict=verdicts(c)) for c in analysis.connections]}
+    return json.dumps(doc, indent=2)
+
+
+def _title(i: int, c: Connection) -> str:
+    pipe = f" pipe \\{c.pipes[0]}" if c.pipes else ""
+    return f"Connection {i}: tcp.stream {c.stream}, {c.transport}{pipe}, {c.client} -> {c.server}"
+
+
+def text_ladder(c: Connection, width: int = 46) -> list[str]:
+    lines = [f"  {'frame':>6}  {'client':<{width}}  server"]
+    for s in steps(c):
+        if s.note:
+            lines.append(f"  {s.frame:>6}  {'':<{width // 2 - 4}}[{s.label}]")
+        elif s.to_server:
+            lines.append(f"  {s.frame:>6}  {s.label + ' ':-<{width}}> |")
+        else:
+            lines.append(f"  {s.frame:>6}  {'<':-<{max(2, width - len(s.label) - 1)}} {s.label}")
+    return lines
+
+
+def to_text(analysis: Analysis) -> str:
+    out = [f"Capture {analysis.path}: {len(analysis.connections)} RPC connection(s) in "
+           f"{analysis.streams} TCP stream(s)"]
+    if not analysis.connections:
+        out.append("No SMB named-pipe or DCE/RPC conversation was found.")
+    for i, c in enumerate(analysis.connections, 1):
+        out.append("")
+        out.append(_title(i, c))
+        out.extend(text_ladder(c))
+        for v in verdicts(c):
+            out.append(f"  Verdict: {v}")
+    return "\n".join(out) + "\n"
+
+
+def _mermaid_text(s: str) -> str:
+    # ';' ends a statement and '#' starts an entity code in Mermaid; keep labels literal.
+    return s.replace(";", ",").replace("#", "no.").replace("\n", " ")
+
+
+def to_mermaid(conns: list[Connection]) -> str:
+    out = ["sequenceDiagram"]
+    for i, c in enumerate(conns, 1):
+        cl, sv = f"C{i}", f"S{i}"
+        out.append(f"  participant {cl} as client {c.client} (stream {c.stream})")
+        out.append(f"  participant {sv} as server {c.server} {c.transport}")
+        for s in steps(c):
+            text = _mermaid_text(f"[{s.frame}] {s.label}")
+            if s.note:
+                out.append(f"  Note over {cl},{sv}: {text}")
+            elif s.to_server:
+                out.append(f"  {cl}->>{sv}: {text}")
+            else:
+                out.append(f"  {sv}-->>{cl}: {text}")
+        for v in verdicts(c):
+            out.append(f"  Note over {cl},{sv}: {_mermaid_text(v)}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,81 @@
+"""Self-contained HTML with an SVG ladder per connection: no scripts, fonts or links to fetch."""
+
+from __future__ import annotations
+
+from html import escape
+
+from .ladder import steps, verdicts
+from .model import Connection
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#1b1f24;background:#fff}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:2em}
+.verdict{background:#f3f7ff;border-left:4px solid #3465a4;padding:.5em 1em;margin:.5em 0}
+.partial{color:#a40000}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+.ok{background:#e6f4e6}.bad{background:#fbe3e3}
+svg text{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+"""
+
+ROW = 26
+WIDTH = 760
+LEFT, RIGHT = 160, 640
+
+
+def ladder_svg(conn: Connection) -> str:
+    st = steps(conn)
+    height = 60 + ROW * max(1, len(st))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+             f'viewBox="0 0 {WIDTH} {height}" role="img" aria-label="ladder of stream {conn.stream}">',
+             '<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="7" refY="4" '
+             'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#333"/></marker></defs>',
+             f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#ffffff"/>',
+             f'<text x="{LEFT}" y="18" text-anchor="middle" font-weight="bold">client {escape(conn.client)}</text>',
+             f'<text x="{RIGHT}" y="18" text-anchor="middle" font-weight="bold">server {escape(conn.server)}</text>',
+             f'<text x="10" y="18" fill="#666">frame</text>',
+             f'<line x1="{LEFT}" y1="26" x2="{LEFT}" y2="{height - 6}" stroke="#555" stroke-width="2"/>',
+             f'<line x1="{RIGHT}" y1="26" x2="{RIGHT}" y2="{height - 6}" stroke="#555" stroke-width="2"/>']
+    for i, s in enumerate(st):
+        y = 48 + i * ROW
+        parts.append(f'<text x="10" y="{y + 4}" fill="#666">{s.frame}</text>')
+        mid = (LEFT + RIGHT) // 2
+        if s.note:
+            parts.append(f'<rect x="{LEFT + 10}" y="{y - 11}" width="{RIGHT - LEFT - 20}" height="18" '
+                         f'fill="#fff6d5" stroke="#c4a000"/>')
+            parts.append(f'<text x="{mid}" y="{y + 2}" text-anchor="middle">{escape(s.label)}</text>')
+            continue
+        x1, x2 = (LEFT, RIGHT) if s.to_server else (RIGHT, LEFT)
+        colour = "#3465a4" if s.to_server else "#4e9a06"
+        parts.append(f'<line x1="{x1}" y1="{y + 6}" x2="{x2}" y2="{y + 6}" stroke="{colour}" '
+                     f'stroke-width="1.5" marker-end="url(#arrow)"/>')
+        parts.append(f'<text x="{mid}" y="{y + 1}" text-anchor="middle">{escape(s.label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def connection_section(i: int, c: Connection) -> str:
+    pipe = f", pipe \\{escape(c.pipes[0])}" if c.pipes else ""
+    out = [f'<section id="conn{i}"><h2>Connection {i}: tcp.stream {c.stream}, {escape(c.transport)}{pipe}</h2>',
+           f"<p>identity source <b>{escape(c.identity_source)}</b>, acting as <b>{escape(c.acting)}</b>, "
+           f"auth level <b>{escape(c.auth_level)}</b></p>",
+           ladder_svg(c)]
+    for v in verdicts(c):
+        cls = "verdict partial" if v.startswith("(") else "verdict"
+        out.append(f'<p class="{cls}">{escape(v)}</p>')
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def to_html(analysis) -> str:
+    head = [f"<h1>{escape(analysis.path)}</h1>",
+            f"<p>{len(analysis.connections)} RPC connection(s) in {analysis.streams} TCP stream(s). "
+            f"Frame numbers are Wireshark's.</p>"]
+    if not analysis.connections:
+        head.append("<p>No SMB named-pipe or DCE/RPC conversation was found.</p>")
+    sections = [connection_section(i, c) for i, c in enumerate(analysis.connections, 1)]
+    return page(f"explain {analysis.path}", "\n".join(head + sections))

@@ -1,0 +1,137 @@
+"""The auth-relevant steps of a connection, as (frame, direction, label) lines, and the verdict
+sentence. Text, Mermaid, HTML and the report all draw from here, so they always agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .model import Connection
+
+LADDER_KINDS = (
+    "smb.negotiate", "smb.session_setup", "smb.tree_connect", "smb.pipe_open", "smb.encrypted",
+    "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
+    "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "rpc.identity",
+    "kerberos.token", "emsmdb.connect_request", "emsmdb.connect", "rpc.fault", "malformed",
+)
+
+
+@dataclass
+class Step:
+    frame: int
+    to_server: bool
+    label: str
+    note: bool = False  # a statement about state rather than a message on the wire
+
+
+def _who(user: Any, domain: Any) -> str:
+    if not user:
+        return "anonymous" if user == "" else "?"
+    return f"{domain}\\{user}" if domain else str(user)
+
+
+def label(ev: dict[str, Any]) -> str:
+    k = ev["kind"]
+    if k == "smb.negotiate":
+        return f"SMB negotiate: dialect {ev.get('dialect')}"
+    if k == "smb.session_setup":
+        mech = ev.get("mechanism") or "?"
+        ver = f" NTLM{ev['ntlm_version']}" if ev.get("ntlm_version") else ""
+        who = _who(ev.get("user"), ev.get("domain")) if mech != "kerberos" else "(Kerberos ticket)"
+        return f"SMB session setup{ver} as {who}: {ev.get('result')}"
+    if k == "smb.tree_connect":
+        return f"SMB tree connect {ev.get('path')}: {ev.get('result')}"
+    if k == "smb.pipe_open":
+        return f"open pipe \\{ev.get('pipe')}"
+    if k == "smb.encrypted":
+        return "SMB3 encrypted message (not readable)"
+    if k in ("rpc.bind", "rpc.alter_context"):
+        verb = "bind" if k == "rpc.bind" else "alter_context"
+        auth = "no auth" if ev.get("auth_type") == "none" else f"{ev.get('auth_type')}, {ev.get('auth_level')}"
+        return f"{verb} {ev.get('interface_name')} v{ev.get('version')} ({auth})"
+    if k in ("rpc.bind_ack", "rpc.alter_context_resp"):
+        acc = ", ".join(ev.get("accepted") or []) or "nothing"
+        verb = "bind_ack" if k == "rpc.bind_ack" else "alter_context_resp"
+        return f"{verb}: accepted {acc}"
+    if k == "rpc.bind_nak":
+        return f"bind_nak (reason {ev.get('reason')})"
+    if k == "ntlm.negotiate":
+        return f"NTLM NEGOTIATE (in {ev.get('leg')})"
+    if k == "ntlm.challenge":
+        return f"NTLM CHALLENGE (in {ev.get('leg')})"
+    if k == "ntlm.authenticate":
+        ver = f"NTLM{ev['ntlm_version']} " if ev.get("ntlm_version") else "NTLM "
+        return f"{ver}AUTHENTICATE as {_who(ev.get('user'), ev.get('domain'))} (in {ev.get('leg')})"
+    if k == "rpc.identity":
+        src = ev.get("source")
+        if src == "smb_session":
+            return f"identity: {_who(ev.get('user'), ev.get('domain'))} from the SMB session"
+        if src == "anonymous":
+            return "identity: anonymous (no RPC authentication)"
+        if src == "kerberos":
+            return f"identity: Kerberos ({ev.get('auth_level')}), not parsed"
+        return f"identity: {_who(ev.get('user'), ev.get('domain'))} via {src} ({ev.get('auth_level')})"
+    if k == "emsmdb.connect_request":
+        dn = ev.get("user_dn") or ("(sealed)" if ev.get("sealed") else "?")
+        return f"{ev.get('call')}({dn})"
+    if k == "emsmdb.connect":
+        st = f"{ev.get('status_name')} ({ev.get('status')})" if ev.get("status") else (
+            "(sealed)" if ev.get("sealed") else "?")
+        return f"{ev.get('call')} -> {st}"
+    if k == "kerberos.token":
+        return f"Kerberos token (in {ev.get('leg')}, not parsed)"
+    if k == "rpc.fault":
+        return f"fault {ev.get('status')}"
+    if k == "malformed":
+        return f"malformed {ev.get('layer')}: {ev.get('reason')}"
+    return k
+
+
+def steps(conn: Connection) -> list[Step]:
+    out = []
+    for ev in conn.events:
+        if ev["kind"] not in LADDER_KINDS:
+            continue
+        note = ev["kind"] == "rpc.identity"
+        out.append(Step(ev["frame"], ev.get("dir") == "c2s", label(ev), note))
+    return out
+
+
+def how(conn: Connection) -> str:
+    src = conn.identity_source
+    if src == "smb_session":
+        if conn.smb_session_frame:
+            return f"inherited from the SMB session set up in frame {conn.smb_session_frame}"
+        return "inherited from an SMB session set up before the capture started"
+    if src in ("rpc_ntlm", "rpc_spnego"):
+        ntlm = f"NTLM{conn.ntlm_version}" if conn.ntlm_version else "NTLM"
+        mech = ntlm if src == "rpc_ntlm" else f"SPNEGO ({ntlm})"
+        return (f"authenticated in the RPC bind with {mech} at level {conn.auth_level}"
+                f" in frame {conn.identity_frame}")
+    if src == "kerberos":
+        return f"authenticated in the RPC bind with Kerberos at level {conn.auth_level} (ticket not parsed)"
+    if src == "anonymous":
+        return "with no authentication at any layer"
+    return "with an identity the capture does not show (the connection started before the capture)"
+
+
+def verdicts(conn: Connection) -> list[str]:
+    out = []
+    for call in conn.emsmdb:
+        dn = call.user_dn or ("a sealed DN" if call.sealed else "an unread DN")
+        if call.status:
+            result = f"{call.status_name} ({call.status})"
+        elif call.sealed:
+            result = "a sealed status (needs the user's key to read)"
+        else:
+            result = "no response in the capture"
+        out.append(f"{call.call} for {dn} ran as {conn.acting}, {how(conn)} -> {result}")
+    if not out:
+        names = sorted({b.interface_name for b in conn.binds})
+        if names:
+            out.append(f"Calls on {', '.join(names)} ran as {conn.acting}, {how(conn)}")
+        else:
+            out.append(f"No bind in the capture; the connection ran as {conn.acting}, {how(conn)}")
+    if conn.partial:
+        out.append("(part of this connection is missing from the capture)")
+    return out
