@@ -21,11 +21,14 @@ from hypothesis import strategies as st
 from impacket import nt_errors, smb
 from impacket.dcerpc.v5 import srvs, transport
 from impacket.smbconnection import SessionError, SMBConnection
+from impacket.uuid import bin_to_string
 
 from emulator.config import default_config
 from emulator.directory import Directory
 from emulator.events import Event
 from emulator.ntlm import AuthFactory
+from emulator.rpc.connection import RpcConnection
+from emulator.rpc.interface import NCA_S_OP_RNG_ERROR, CallContext, RpcFault, RpcInterface
 from emulator.sansio import Output
 from emulator.smb import smb1_wire as w
 from emulator.smb.pipe import PipeFactory
@@ -53,33 +56,53 @@ class EchoRpc:
         return []
 
 
-def _srvsvc_builder(config, auth):
-    """The real DCE/RPC connection engine serving SRVSVC, when both exist in this checkout."""
+class ServerInfoInterface(RpcInterface):
+    """SRVSVC NetrServerGetInfo level 101 only, for checkouts without the product's SRVSVC
+    interface; sv101_comment reports the identity the RPC core says is calling."""
+
+    uuid = bin_to_string(srvs.MSRPC_UUID_SRVS[:16])
+    version = (3, 0)
+    name = "srvsvc"
+
+    def call(self, opnum: int, stub: bytes, ctx: CallContext) -> bytes:
+        if opnum != 21:
+            raise RpcFault(NCA_S_OP_RNG_ERROR, f"opnum {opnum}")
+        resp = srvs.NetrServerGetInfoResponse()
+        resp["InfoStruct"]["tag"] = 101
+        info = resp["InfoStruct"]["ServerInfo101"]
+        info["sv101_platform_id"], info["sv101_version_major"], info["sv101_version_minor"] = 500, 5, 2
+        info["sv101_type"] = 0x9003
+        info["sv101_name"] = CONFIG.server.netbios_name + "\x00"
+        info["sv101_comment"] = ctx.identity.qualified + "\x00"
+        resp["ErrorCode"] = 0
+        return resp.getData()
+
+
+def _srvsvc_interface(config):
     try:
         from emulator.interfaces.srvsvc import SrvsvcInterface
-        from emulator.rpc.connection import RpcConnection
     except ImportError:
-        return None
+        return ServerInfoInterface()
+    import inspect
+    return SrvsvcInterface(config) if inspect.signature(SrvsvcInterface).parameters else SrvsvcInterface()
+
+
+def _srvsvc_builder(config, auth):
+    """The real DCE/RPC connection engine behind \\srvsvc, with the session identity."""
 
     def build(identity, info):
-        return RpcConnection(transport="ncacn_np", transport_identity=identity, interfaces=[SrvsvcInterface(config)]
-                             if _takes_config(SrvsvcInterface) else [SrvsvcInterface()],
-                             auth=auth, policy=config.policy, info=info)
+        return RpcConnection(transport="ncacn_np", transport_identity=identity,
+                             interfaces=[_srvsvc_interface(config)], auth=auth, policy=config.policy, info=info)
     return build
 
 
-def _takes_config(cls) -> bool:
-    import inspect
-    try:
-        return len(inspect.signature(cls).parameters) > 0
-    except (TypeError, ValueError):
-        return False
-
-
-def make_engine(config=CONFIG, seed: int | None = None, echo_engines: list | None = None) -> Smb1Engine:
+def make_engine(config=CONFIG, seed: int | None = None, echo_engines: list | None = None,
+                now=None) -> Smb1Engine:
     rng = random.Random(seed) if seed is not None else None
     rb = (lambda n: bytes(rng.getrandbits(8) for _ in range(n))) if rng else None
     kwargs = {"random_bytes": rb} if rb else {}
+    if now is not None:
+        kwargs["now"] = now
     auth = AuthFactory(Directory(config), config.policy, config.server, **kwargs)
     builders = {}
 
@@ -89,9 +112,7 @@ def make_engine(config=CONFIG, seed: int | None = None, echo_engines: list | Non
             echo_engines.append(e)
         return e
     builders["echo"] = echo
-    srvsvc = _srvsvc_builder(config, auth)
-    if srvsvc is not None:
-        builders["srvsvc"] = srvsvc
+    builders["srvsvc"] = _srvsvc_builder(config, auth)
     return Smb1Engine(config=config, auth=auth, pipes=PipeFactory(builders), info={"transport": "ncacn_np"},
                       **kwargs)
 
@@ -226,8 +247,6 @@ def test_impacket_login_tree_connect_and_pipe_io(server):
 
 
 def test_impacket_srvsvc_over_smb1_named_pipe(server):
-    if _srvsvc_builder(CONFIG, None) is None:
-        pytest.skip("the SRVSVC interface or the RPC connection engine is not in this checkout")
     conn = _login(server.port)
     conn.connectTree("IPC$")
     rpc = transport.SMBTransport("127.0.0.1", server.port, r"\srvsvc", smb_connection=conn)
@@ -239,6 +258,12 @@ def test_impacket_srvsvc_over_smb1_named_pipe(server):
     dce.disconnect()
     [opened] = server.kinds("smb.pipe_open")
     assert opened.get("pipe") == "srvsvc" and opened.get("user") == "alice"
+    # KB Q146188: an unauthenticated bind on a named pipe keeps the SMB session's identity.
+    identities = server.kinds("rpc.identity")
+    assert identities and identities[-1].get("source") == "smb_session"
+    assert identities[-1].get("user") == "alice"
+    if isinstance(_srvsvc_interface(CONFIG), ServerInfoInterface):
+        assert resp["InfoStruct"]["ServerInfo101"]["sv101_comment"].rstrip("\x00").lower() == "corp\\alice"
 
 
 def test_wrong_password_is_logon_failure_and_grants_nothing(server):
@@ -423,6 +448,41 @@ def _spnego_authenticate(challenge_reply: bytes, password: str) -> bytes:
     return token.getData()
 
 
+class EngineClient(RawClient):
+    """The same requests, handed to an engine directly (no socket)."""
+
+    def __init__(self, engine: Smb1Engine):
+        self.engine, self.mid, self.events, self.extra = engine, 1, [], []
+
+    def send_raw(self, message: bytes) -> bytes | None:
+        responses, events, close = self.engine.handle(message)
+        self.events.extend(events)
+        self.extra = responses[1:]
+        return responses[0] if responses else None
+
+    def login(self, password=ALICE_PW) -> int:
+        self.negotiate()
+        challenge = self.session_setup(_spnego_negotiate())
+        ok = self.session_setup(_spnego_authenticate(challenge, password), uid=_uid(challenge))
+        assert _status(ok) == 0
+        return _uid(ok)
+
+    def tree_connect(self, uid: int) -> int:
+        reply = self.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(), uid=uid)
+        assert _status(reply) == 0
+        return struct.unpack_from("<H", reply, 24)[0]
+
+    def open_pipe(self, uid: int, tid: int, name="\\echo") -> int:
+        p = smb.SMBNtCreateAndX_Parameters()
+        p["FileNameLength"], p["AccessMask"], p["ShareAccess"], p["Disposition"] = len(name), 0x2019F, 3, 1
+        p["CreateFlags"], p["CreateOptions"], p["Impersonation"], p["SecurityFlags"] = 0, 0, 2, 0
+        d = smb.SMBNtCreateAndX_Data(flags=0)
+        d["FileName"] = name
+        reply = self.send(smb.SMB.SMB_COM_NT_CREATE_ANDX, p.getData(), d.getData(), uid=uid, tid=tid)
+        assert _status(reply) == 0, hex(_status(reply))
+        return struct.unpack_from("<H", reply, 32 + 1 + 5)[0]
+
+
 def test_failed_session_setup_uid_is_dead_for_tree_connect(server):
     with RawClient(server.port) as raw:
         raw.negotiate()
@@ -457,9 +517,10 @@ def test_tree_connect_before_session_and_unknown_command(server):
         assert _status(reply) == nt_errors.STATUS_NOT_SUPPORTED
         reply = raw.send(smb.SMB.SMB_COM_ECHO, struct.pack("<H", 2), b"ping")
         assert _status(reply) == 0 and reply.endswith(b"ping")
-        # the second echo reply is queued on the socket
-        second = _recv_exact(raw.sock, 4)
-        assert second is not None
+        # the second echo reply (SequenceNumber 2) is queued on the socket
+        head = _recv_exact(raw.sock, 4)
+        second = _recv_exact(raw.sock, int.from_bytes(head[1:], "big"))
+        assert struct.unpack_from("<BH", second, 32) == (1, 2) and second.endswith(b"ping")
 
 
 def test_non_extended_security_session_setup_is_refused(server):
@@ -571,10 +632,14 @@ def test_command_before_negotiate_and_second_negotiate_are_errors():
 
 def test_seeded_engine_is_deterministic():
     def run():
-        engine, raw = _negotiated_engine(seed=9)
-        [reply], _, _ = engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
-        return reply
-    assert run() == run()
+        engine = make_engine(seed=9, now=lambda: 1_800_000_000.0)
+        raw = EngineClient(engine)
+        return raw.negotiate(), raw.session_setup(_spnego_negotiate())
+    first, second = run(), run()
+    assert first == second
+    # The negotiate response carries the clock as a FILETIME (MS-CIFS 2.2.4.52.2 SystemTime).
+    words = struct.unpack_from("<HBHHIIIIQhB", first[0], 33)
+    assert words[8] == (1_800_000_000 + 11644473600) * 10_000_000
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -608,3 +673,123 @@ def test_server_still_serves_a_new_connection_after_garbage(server):
     assert any(e.kind == "malformed" for e in server.events)
     conn = _login(server.port)
     assert conn.connectTree("IPC$")
+
+
+def _chain(raw: RawClient, first: tuple[int, bytes, bytes], second: tuple[int, bytes, bytes], uid: int) -> bytes:
+    """Two commands in one message, linked with impacket's AndX chaining."""
+    pkt = smb.NewSMBPacket()
+    pkt["Flags2"] = smb.SMB.FLAGS2_EXTENDED_SECURITY | smb.SMB.FLAGS2_NT_STATUS | smb.SMB.FLAGS2_LONG_NAMES
+    pkt["Uid"], pkt["Mid"] = uid, 7
+    for command, params, data in (first, second):
+        cmd = smb.SMBCommand(command)
+        cmd["Parameters"] = smb.SMBAndXCommand_Parameters(params)
+        cmd["Parameters"]["AndXCommand"] = 0xFF
+        cmd["Data"] = data
+        pkt.addCommand(cmd)
+    return raw.send_raw(pkt.getData())
+
+
+def _setup_parts(blob: bytes) -> tuple[int, bytes, bytes]:
+    p = smb.SMBSessionSetupAndX_Extended_Parameters()
+    p["MaxBufferSize"], p["MaxMpxCount"], p["VcNumber"], p["SessionKey"] = 61440, 2, 1, 0
+    p["Capabilities"], p["SecurityBlobLength"] = smb.SMB.CAP_EXTENDED_SECURITY, len(blob)
+    d = smb.SMBSessionSetupAndX_Extended_Data()
+    d["SecurityBlob"], d["NativeOS"], d["NativeLanMan"] = blob, "", ""
+    return smb.SMB.SMB_COM_SESSION_SETUP_ANDX, p.getData(), d.getData()
+
+
+@pytest.mark.parametrize("password", [ALICE_PW, "wrong"])
+def test_session_setup_chained_with_tree_connect(password):
+    raw = EngineClient(make_engine(seed=11))
+    raw.negotiate()
+    challenge = raw.session_setup(_spnego_negotiate())
+    uid = _uid(challenge)
+    reply = _chain(raw, _setup_parts(_spnego_authenticate(challenge, password)),
+                   (smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data()), uid)
+    parsed = smb.NewSMBPacket(data=reply)
+    trees = [e for e in raw.events if e.kind == "smb.tree_connect"]
+    if password == ALICE_PW:
+        assert _status(reply) == 0
+        blocks = w.parse_chain(reply, w.COM_SESSION_SETUP_ANDX)
+        assert [b.command for b in blocks] == [w.COM_SESSION_SETUP_ANDX, w.COM_TREE_CONNECT_ANDX]
+        assert blocks[1].data.startswith(b"IPC\x00")
+        assert parsed["Tid"] not in (0, 0xFFFF) and [t.get("result") for t in trees] == ["ok"]
+    else:
+        # The chained tree connect never runs on a failed logon.
+        assert _status(reply) == nt_errors.STATUS_LOGON_FAILURE
+        assert trees == [] and parsed["Tid"] == 0xFFFF     # the request's Tid, echoed: no tree
+
+
+def test_anonymous_needs_policy():
+    from impacket import ntlm
+    from impacket.spnego import SPNEGO_NegTokenResp
+    for allowed in (False, True):
+        config = replace(CONFIG, policy=replace(CONFIG.policy, anonymous_allowed=allowed))
+        engines: list = []
+        raw = EngineClient(make_engine(config, seed=12, echo_engines=engines))
+        raw.negotiate()
+        challenge = raw.session_setup(_spnego_negotiate())
+        type1 = ntlm.getNTLMSSPType1("WS", "")
+        body = w.parse_block(challenge, w.HEADER_SIZE, w.COM_SESSION_SETUP_ANDX)
+        blob = SPNEGO_NegTokenResp(body.data[:struct.unpack_from("<H", body.words, 6)[0]])
+        type3, _ = ntlm.getNTLMSSPType3(type1, blob["ResponseToken"], "", "", "")
+        token = SPNEGO_NegTokenResp()
+        token["ResponseToken"] = type3.getData()
+        reply = raw.session_setup(token.getData(), uid=_uid(challenge))
+        if not allowed:
+            assert _status(reply) == nt_errors.STATUS_LOGON_FAILURE
+            continue
+        assert _status(reply) == 0
+        uid = _uid(reply)
+        tid = raw.tree_connect(uid)
+        raw.open_pipe(uid, tid)
+        assert engines[0].identity.user is None     # the pipe runs as nobody
+
+
+def test_read_andx_overflow_and_logoff_closes_pipes():
+    closed: list = []
+
+    class Closing(EchoRpc):
+        def close(self):
+            closed.append(self)
+            return [Event("rpc", "rpc.test_closed", {})]
+
+    engine = make_engine(seed=13)
+    engine._pipes = PipeFactory({"echo": Closing})
+    raw = EngineClient(engine)
+    uid = raw.login()
+    tid = raw.tree_connect(uid)
+    fid = raw.open_pipe(uid, tid)
+    wp = smb.SMBWriteAndX_Parameters()
+    wp["Fid"], wp["Offset"], wp["WriteMode"], wp["Remaining"], wp["DataLength"] = fid, 0, 8, 3, 3
+    wp["DataOffset"] = 32 + 1 + 28 + 2 + 1
+    reply = raw.send(smb.SMB.SMB_COM_WRITE_ANDX, wp.getData(), b"\x00abc", uid=uid, tid=tid)
+    assert _status(reply) == 0
+
+    def read(max_count: int) -> tuple[int, bytes]:
+        rp = smb.SMBReadAndX_Parameters()
+        rp["Fid"], rp["Offset"], rp["MaxCount"], rp["MinCount"] = fid, 0, max_count, max_count
+        r = raw.send(smb.SMB.SMB_COM_READ_ANDX, rp.getData(), b"", uid=uid, tid=tid)
+        cmd = smb.SMBCommand(smb.NewSMBPacket(data=r)["Data"][0])
+        params = smb.SMBReadAndXResponse_Parameters(cmd["Parameters"])
+        return _status(r), r[params["DataOffset"]:params["DataOffset"] + params["DataCount"]]
+
+    status, part = read(50)
+    assert status == nt_errors.STATUS_BUFFER_OVERFLOW and part == EchoRpc.REPLY[:50]
+    status, rest = read(4096)
+    assert status == 0 and part + rest == EchoRpc.REPLY
+    reply = raw.send(smb.SMB.SMB_COM_LOGOFF_ANDX, smb.SMBLogOffAndX().getData(), b"", uid=uid)
+    assert _status(reply) == 0
+    assert len(closed) == 1 and any(e.kind == "rpc.test_closed" for e in raw.events)
+    # After logoff, the Uid, its tree and its Fid are gone.
+    status, _ = (_status(raw.send(smb.SMB.SMB_COM_CLOSE, struct.pack("<HI", fid, 0), b"", uid=uid, tid=tid)), None)
+    assert status == nt_errors.STATUS_USER_SESSION_DELETED
+
+
+def test_client_without_nt_status_gets_dos_errors():
+    raw = EngineClient(make_engine(seed=14))
+    raw.negotiate()
+    reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(),
+                     flags2=smb.SMB.FLAGS2_EXTENDED_SECURITY)
+    # ERRSRV (2) / ERRbaduid (91): class in the first byte, code in the last two (MS-CIFS 2.2.3.1).
+    assert reply[5] == 0x02 and struct.unpack_from("<H", reply, 7)[0] == 91
