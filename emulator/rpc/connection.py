@@ -103,12 +103,15 @@ class RpcConnection:
         if self._closed:
             return Output(close=True)
         out = Output()
-        try:
-            fragments = self._frames.feed(data)
-        except ProtocolError as exc:
-            out.events.append(self._malformed(exc.reason))
-            return self._close(out)
-        for frag in fragments:
+        self._frames.append(data)
+        while True:
+            try:
+                frag = self._frames.pop()
+            except ProtocolError as exc:
+                out.events.append(self._malformed(exc.reason))
+                return self._close(out)
+            if frag is None:
+                return out
             try:
                 out.extend(self._on_fragment(frag))
             except Exception as exc:  # last line of defence: a bug must not kill the server
@@ -116,7 +119,6 @@ class RpcConnection:
                 out.close = True
             if out.close:
                 return self._close(out)
-        return out
 
     def close(self) -> list[Event]:
         """Release interface state once (context handles); returns the interfaces' events."""

@@ -235,23 +235,32 @@ class FrameBuffer:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
+        self.append(data)
         out: list[bytes] = []
-        while True:
-            if len(self._buf) >= 2:
-                self._check_version(self._buf)
-            if len(self._buf) < 10:
-                break
-            frag_length = self._frag_length(self._buf)
-            if frag_length < HEADER_SIZE:
-                raise _fail(f"frag_length {frag_length} is smaller than the header")
-            if frag_length > self.max_fragment_size:
-                raise _fail(f"frag_length {frag_length} exceeds {self.max_fragment_size}")
-            if len(self._buf) < frag_length:
-                break
-            out.append(bytes(self._buf[:frag_length]))
-            del self._buf[:frag_length]
+        while (frag := self.pop()) is not None:
+            out.append(frag)
         return out
+
+    def append(self, data: bytes) -> None:
+        self._buf += data
+
+    def pop(self) -> bytes | None:
+        """The next complete fragment, or None. Checked against the limit in force now, so
+        an engine that lowers it after a bind applies it to the very next fragment."""
+        if len(self._buf) >= 2:
+            self._check_version(self._buf)
+        if len(self._buf) < 10:
+            return None
+        frag_length = self._frag_length(self._buf)
+        if frag_length < HEADER_SIZE:
+            raise _fail(f"frag_length {frag_length} is smaller than the header")
+        if frag_length > self.max_fragment_size:
+            raise _fail(f"frag_length {frag_length} exceeds {self.max_fragment_size}")
+        if len(self._buf) < frag_length:
+            return None
+        frag = bytes(self._buf[:frag_length])
+        del self._buf[:frag_length]
+        return frag
 
     @staticmethod
     def _check_version(buf: bytearray) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from . import pdu as P
 
 NTLM_SIGNATURE_SIZE = 16
+NTLMSSP_NEGOTIATE_EXTENDED_SESSIONSECURITY = 0x00080000
 LEVEL_CONNECT, LEVEL_CALL, LEVEL_PACKET, LEVEL_INTEGRITY, LEVEL_PRIVACY = 2, 3, 4, 5, 6
 # Stub padding so the trailer lands where Windows puts it: the body a multiple of 16 bytes.
 _STUB_ALIGN = 16
@@ -40,7 +41,14 @@ class SecurityContext:
 
     @property
     def whole_pdu(self) -> bool:
-        return bool(getattr(self.acceptor, "signs_whole_pdu", True))
+        # MS-NLMP 3.4.4: with extended session security the MAC is an HMAC over whatever we
+        # pass, and Windows passes the whole PDU; without it only the stub is covered. An
+        # acceptor that cannot tell us (SPNEGO wrappers) is assumed to use ESS, which is all a
+        # policy without NTLMv1 can negotiate.
+        flags = getattr(self.acceptor, "negotiated_flags", None)
+        if isinstance(flags, int) and flags:
+            return bool(flags & NTLMSSP_NEGOTIATE_EXTENDED_SESSIONSECURITY)
+        return True
 
 
 def effective_level(level: int) -> int:
