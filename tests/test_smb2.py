@@ -81,8 +81,9 @@ def make_conn(config=CONFIG, seed: int = 1) -> SmbConnection:
 class SmbServer:
     """A tiny threaded TCP server on 127.0.0.1:0 that feeds SmbConnection."""
 
-    def __init__(self, config=CONFIG) -> None:
+    def __init__(self, config=CONFIG, pipes=make_pipes) -> None:
         self.config = config
+        self.make_pipes = pipes
         self.events: list[Event] = []
         self.lock = threading.Lock()
         self.sock = socket.socket()
@@ -101,7 +102,7 @@ class SmbServer:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        conn = SmbConnection(config=self.config, auth=make_auth(self.config), pipes=make_pipes(),
+        conn = SmbConnection(config=self.config, auth=make_auth(self.config), pipes=self.make_pipes(),
                              info={"transport": "ncacn_np"})
         try:
             while True:
@@ -660,3 +661,53 @@ def test_server_survives_hostile_connections(server):
     c.login("alice", ALICE_PW, "CORP")
     assert c.connectTree("IPC$")
     c.close()
+
+
+# ================================================================ the real RPC core behind the pipe
+
+class WhoAmI:
+    """A one-call interface: answers with the qualified name of whoever the RPC core says is
+    calling, padded to a multiple of 4 bytes."""
+
+    uuid = "6b5d4d31-93a5-4c7e-9f7a-2f0d1c9a7e11"
+    version = (1, 0)
+    name = "whoami"
+    policy_exempt = False
+
+    def call(self, opnum: int, stub: bytes, ctx) -> bytes:
+        who = ctx.identity.qualified.encode()
+        return who + b"\x00" * (-len(who) % 4)
+
+    def connection_closed(self, state) -> list[Event]:
+        return []
+
+
+def test_rpc_over_the_pipe_acts_as_the_smb_session_user():
+    rpc_connection = pytest.importorskip("emulator.rpc.connection")
+    from impacket.dcerpc.v5 import transport
+    from impacket.dcerpc.v5.rpcrt import DCERPCException
+    from impacket.uuid import uuidtup_to_bin
+
+    def build(identity, info):
+        return rpc_connection.RpcConnection(transport="ncacn_np", transport_identity=identity,
+                                            interfaces=[WhoAmI()], auth=make_auth(), policy=CONFIG.policy,
+                                            info=info)
+
+    srv = SmbServer(pipes=lambda: PipeFactory({"whoami": build}))
+    try:
+        smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=srv.port,
+                            preferredDialect=s3.SMB2_DIALECT_311)
+        smb.login("alice", ALICE_PW, "CORP")
+        t = transport.SMBTransport("127.0.0.1", srv.port, r"\whoami", smb_connection=smb)
+        dce = t.get_dce_rpc()
+        dce.connect()
+        dce.bind(uuidtup_to_bin((WhoAmI.uuid, "1.0")))
+        dce.call(0, b"")
+        answer = dce.recv()
+        assert answer.rstrip(b"\x00") == b"CORP\\alice"
+        dce.disconnect()
+    except DCERPCException as exc:  # pragma: no cover - shows the RPC side's complaint
+        pytest.fail(f"rpc over smb failed: {exc}")
+    finally:
+        srv.stop()
+    assert any(e.kind == "smb.pipe_open" and e.get("smb_user") == "CORP\\alice" for e in srv.events)
