@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import binascii
 import itertools
 import struct
 from dataclasses import replace

@@ -13,7 +13,6 @@ import hmac
 import os
 import struct
 import time
-from dataclasses import replace
 from typing import Callable
 
 from Cryptodome.Cipher import ARC4
@@ -316,7 +315,3 @@ class NtlmAcceptor:
                     ours.decode("utf-16-le", "replace").upper():
                 return False
         return True
-
-
-def with_mech(result: AuthResult, mech: str) -> AuthResult:
-    return replace(result, mech=mech)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Union
+from typing import Callable, Protocol
 
 from ..config import Policy, ServerConfig
 from ..directory import Directory
+from ..identity import Identity
 from .acceptor import NtlmAcceptor
+from .results import AuthResult, StepResult
 from .spnego import SpnegoAcceptor, neg_token_init2
 
 # MS-RPCE 2.2.1.1.7 security provider identifiers.
@@ -16,7 +18,22 @@ RPC_C_AUTHN_GSS_NEGOTIATE = 9
 RPC_C_AUTHN_WINNT = 10
 RPC_C_AUTHN_GSS_KERBEROS = 16
 
-SecurityAcceptor = Union[NtlmAcceptor, SpnegoAcceptor]
+
+
+class SecurityAcceptor(Protocol):
+    """What the SMB and DCE/RPC engines may rely on; NtlmAcceptor and SpnegoAcceptor both
+    provide it. sign/seal/unseal raise KeyUnavailable unless the context authenticated a user."""
+
+    @property
+    def result(self) -> AuthResult | None: ...
+    @property
+    def exported_session_key(self) -> bytes: ...
+    def step(self, token: bytes) -> StepResult: ...
+    def identity(self, source: str, auth_layer: str | None = None) -> Identity: ...
+    def sign(self, message: bytes) -> bytes: ...
+    def verify(self, message: bytes, signature: bytes) -> bool: ...
+    def seal(self, plaintext: bytes) -> bytes: ...
+    def unseal(self, ciphertext: bytes) -> bytes: ...
 
 
 class AuthFactory:

@@ -15,6 +15,7 @@ AUTHENTICATE carried a MIC (the client then supports, and Windows expects, the e
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 from ..events import Event, event, malformed
 from ..identity import Identity
@@ -23,7 +24,6 @@ from . import der
 from .acceptor import LAYER, NtlmAcceptor
 from .messages import SIGNATURE
 from .results import AuthResult, StepResult, failure
-from dataclasses import replace
 
 SPNEGO_OID = bytes.fromhex("2b0601050502")            # 1.3.6.1.5.5.2
 NTLMSSP_OID = bytes.fromhex("2b06010401823702020a")   # 1.3.6.1.4.1.311.2.2.10
