@@ -711,3 +711,87 @@ def test_rpc_over_the_pipe_acts_as_the_smb_session_user():
     finally:
         srv.stop()
     assert any(e.kind == "smb.pipe_open" and e.get("smb_user") == "CORP\\alice" for e in srv.events)
+
+
+# ================================================================ limits, anonymous, fuzz
+
+def _open_pipe(conn, sid, tid, mid, name="srvsvc"):
+    cr = s3.SMB2Create()
+    cr["Buffer"] = name.encode("utf-16-le")
+    cr["NameLength"] = len(cr["Buffer"])
+    return conn.receive(nb(packet(s3.SMB2_CREATE, cr, mid=mid, sid=sid, tid=tid)))
+
+
+def test_pipe_and_session_limits():
+    from dataclasses import replace
+    limits = replace(CONFIG.policy.limits, max_pipes_per_connection=2, max_sessions_per_connection=1)
+    cfg = replace(CONFIG, policy=replace(CONFIG.policy, limits=limits))
+    conn = make_conn(cfg)
+    conn.receive(nb(packet(s3.SMB2_NEGOTIATE, negotiate_body(), mid=0)))
+    status, sid, _ = ntlm_login(conn, "alice", ALICE_PW)
+    assert status == st.STATUS_SUCCESS
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=3, sid=sid)))
+    tid = responses(out)[0]["TreeID"]
+    assert responses(_open_pipe(conn, sid, tid, 4))[0]["Status"] == st.STATUS_SUCCESS
+    assert responses(_open_pipe(conn, sid, tid, 5))[0]["Status"] == st.STATUS_SUCCESS
+    out = _open_pipe(conn, sid, tid, 6)
+    assert responses(out)[0]["Status"] == st.STATUS_INSUFFICIENT_RESOURCES
+    assert any(e.kind == "limit" and e.get("limit") == "max_pipes_per_connection" for e in out.events)
+    ss = s3.SMB2SessionSetup()
+    ss["Buffer"] = b"\x60\x00"
+    ss["SecurityBufferLength"] = 2
+    out = conn.receive(nb(packet(s3.SMB2_SESSION_SETUP, ss, mid=7)))
+    assert responses(out)[0]["Status"] == st.STATUS_REQUEST_NOT_ACCEPTED
+    assert any(e.kind == "limit" and e.get("limit") == "max_sessions_per_connection" for e in out.events)
+
+
+def test_anonymous_session_only_when_policy_allows():
+    from dataclasses import replace
+    open_cfg = replace(CONFIG, policy=replace(CONFIG.policy, anonymous_allowed=True))
+    for cfg, allowed in ((CONFIG, False), (open_cfg, True)):
+        srv = SmbServer(cfg)
+        try:
+            c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=srv.port,
+                              preferredDialect=s3.SMB2_DIALECT_30)
+            if allowed:
+                c.login("", "")
+                tid = c.connectTree("IPC$")
+                c.openFile(tid, "\\srvsvc", desiredAccess=0x12019F, creationOption=0x40,
+                           fileAttributes=0x80)
+                opened = [e for e in srv.events if e.kind == "smb.pipe_open"]
+                assert opened and opened[-1].get("user") is None
+                assert opened[-1].get("identity_source") == "anonymous"
+            else:
+                with pytest.raises(SessionError) as info:
+                    c.login("", "")
+                assert info.value.getErrorCode() in (st.STATUS_LOGON_FAILURE, st.STATUS_ACCESS_DENIED)
+            c.close()
+        finally:
+            srv.stop()
+
+
+def test_fuzzed_requests_never_escape():
+    from hypothesis import HealthCheck, given, settings, strategies as hs
+
+    base = [
+        packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=3),
+        packet(s3.SMB2_READ, s3.SMB2Read(), mid=3),
+        packet(s3.SMB2_IOCTL, s3.SMB2Ioctl(), mid=3),
+        packet(s3.SMB2_SESSION_SETUP, s3.SMB2SessionSetup(), mid=3),
+    ]
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(hs.sampled_from(base), hs.lists(hs.tuples(hs.integers(0, 200), hs.integers(0, 255)),
+                                            max_size=8), hs.binary(max_size=32))
+    def check(msg, flips, tail):
+        conn = negotiated()
+        b = bytearray(msg)
+        for pos, val in flips:
+            if pos < len(b):
+                b[pos] = val
+        out = conn.receive(nb(bytes(b) + tail))
+        assert not any(e.get("reason") == "internal_error" for e in out.events), out.events
+        # Every request is answered or the connection closes; only CANCEL goes unanswered.
+        assert out.close or out.data or b[12] == s3.SMB2_CANCEL
+
+    check()
