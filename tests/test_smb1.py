@@ -661,7 +661,8 @@ def test_fuzzed_command_blocks_never_raise(command, wc, words, data):
     words = (words + b"\x00" * 80)[:2 * wc]
     message = raw.packet(command, b"", b"")[:32] + bytes([wc]) + words + struct.pack("<H", len(data)) + data
     responses, events, close = engine.handle(message)
-    assert responses and not close
+    assert not close
+    assert responses or (command == w.COM_ECHO and words[:2] == b"\x00\x00")   # ECHO with EchoCount 0
     assert all(r.startswith(b"\xffSMB") for r in responses)
 
 
@@ -793,3 +794,36 @@ def test_client_without_nt_status_gets_dos_errors():
                      flags2=smb.SMB.FLAGS2_EXTENDED_SECURITY)
     # ERRSRV (2) / ERRbaduid (91): class in the first byte, code in the last two (MS-CIFS 2.2.3.1).
     assert reply[5] == 0x02 and struct.unpack_from("<H", reply, 7)[0] == 91
+
+
+def test_pipe_limit_gives_insufficient_resources():
+    policy = replace(CONFIG.policy, limits=replace(CONFIG.policy.limits, max_pipes_per_connection=1))
+    raw = EngineClient(make_engine(replace(CONFIG, policy=policy), seed=15))
+    uid = raw.login()
+    tid = raw.tree_connect(uid)
+    raw.open_pipe(uid, tid)
+    name = "\\echo"
+    p = smb.SMBNtCreateAndX_Parameters()
+    p["FileNameLength"], p["AccessMask"], p["CreateFlags"], p["CreateOptions"] = len(name), 0x2019F, 0, 0
+    d = smb.SMBNtCreateAndX_Data(flags=0)
+    d["FileName"] = name
+    reply = raw.send(smb.SMB.SMB_COM_NT_CREATE_ANDX, p.getData(), d.getData(), uid=uid, tid=tid)
+    assert _status(reply) == nt_errors.STATUS_INSUFFICIENT_RESOURCES
+    assert [e.get("limit") for e in raw.events if e.kind == "limit"] == ["max_pipes_per_connection"]
+
+
+def test_failed_reauthentication_destroys_the_session_and_its_pipes():
+    engines: list = []
+    raw = EngineClient(make_engine(seed=16, echo_engines=engines))
+    uid = raw.login()
+    tid = raw.tree_connect(uid)
+    fid = raw.open_pipe(uid, tid)
+    challenge = raw.session_setup(_spnego_negotiate(), uid=uid)
+    assert _status(challenge) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED and _uid(challenge) == uid
+    failed = raw.session_setup(_spnego_authenticate(challenge, "wrong"), uid=uid)
+    assert _status(failed) == nt_errors.STATUS_LOGON_FAILURE
+    wp = smb.SMBWriteAndX_Parameters()
+    wp["Fid"], wp["DataLength"], wp["DataOffset"] = fid, 1, 64
+    reply = raw.send(smb.SMB.SMB_COM_WRITE_ANDX, wp.getData(), b"\x00x", uid=uid, tid=tid)
+    assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
+    assert engines[0].writes == []

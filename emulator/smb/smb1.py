@@ -217,7 +217,9 @@ class Smb1Engine:
     def _reply_header(self, request: Header, status: int, uid: int, tid: int) -> Header:
         keep = (w.FLAGS2_UNICODE | w.FLAGS2_NT_STATUS | w.FLAGS2_LONG_NAMES | w.FLAGS2_EAS
                 | w.FLAGS2_IS_LONG_NAME)
-        flags2 = (request.flags2 & keep) | w.FLAGS2_EXTENDED_SECURITY
+        flags2 = request.flags2 & keep
+        if self._extended_security:
+            flags2 |= w.FLAGS2_EXTENDED_SECURITY
         if self._signing_key is not None:
             flags2 |= w.FLAGS2_SMB_SECURITY_SIGNATURE
         flags = w.FLAGS_REPLY | (request.flags & (w.FLAGS_CASE_INSENSITIVE | w.FLAGS_CANONICALIZED_PATHS))

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from ..sansio import ProtocolError
 
@@ -290,11 +291,11 @@ class Reply:
     command: int
     words: bytes = b""
     data: bytes = b""
-    render: object = None  # Callable[[int], tuple[bytes, bytes]] | None
+    render: Optional[Callable[[int], tuple[bytes, bytes]]] = None
 
     def layout(self, offset: int) -> tuple[bytes, bytes]:
         if self.render is not None:
-            return self.render(offset)  # type: ignore[operator]
+            return self.render(offset)
         return self.words, self.data
 
 
