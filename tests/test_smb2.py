@@ -795,3 +795,31 @@ def test_fuzzed_requests_never_escape():
         assert out.close or out.data or b[12] == s3.SMB2_CANCEL
 
     check()
+
+
+def test_validate_negotiate_info():
+    dialects = (0x0202, 0x0210, 0x0300, 0x0302)
+
+    def ioctl(conn, sid, tid, mid, security_mode):
+        io = s3.SMB2Ioctl()
+        io["CtlCode"] = w.FSCTL_VALIDATE_NEGOTIATE_INFO
+        io["FileID"] = b"\xff" * 16
+        io["Flags"] = s3.SMB2_0_IOCTL_IS_FSCTL
+        io["MaxOutputResponse"] = 1024
+        io["Buffer"] = struct.pack("<I16sHH", 0, b"G" * 16, security_mode, len(dialects)) + \
+            struct.pack(f"<{len(dialects)}H", *dialects)
+        io["InputCount"] = len(io["Buffer"])
+        return conn.receive(nb(packet(s3.SMB2_IOCTL, io, mid=mid, sid=sid, tid=tid)))
+
+    conn = negotiated(dialects)
+    status, sid, _ = ntlm_login(conn, "alice", ALICE_PW)
+    out = conn.receive(nb(packet(s3.SMB2_TREE_CONNECT, tree_connect_body("\\\\x\\IPC$"), mid=3, sid=sid)))
+    tid = responses(out)[0]["TreeID"]
+    r = responses(ioctl(conn, sid, tid, 4, s3.SMB2_NEGOTIATE_SIGNING_ENABLED))[0]
+    assert r["Status"] == st.STATUS_SUCCESS and r["Flags"] & s3.SMB2_FLAGS_SIGNED
+    body = s3.SMB2Ioctl_Response(r["Data"])
+    caps, guid, mode, dialect = struct.unpack("<I16sHH", body["Buffer"][:24])
+    assert dialect == 0x0302 and mode & s3.SMB2_NEGOTIATE_SIGNING_ENABLED
+    # What the client says it sent differs from the NEGOTIATE we received: hang up.
+    out = ioctl(conn, sid, tid, 5, 0)
+    assert out.close and any(e.get("reason") == "validate_negotiate_mismatch" for e in out.events)

@@ -155,7 +155,7 @@ class Body:
         _need(size == structure_size, f"bad StructureSize {size} (want {structure_size})")
         self.values = fixed.unpack_from(msg, HEADER_SIZE)
 
-    def buffer(self, offset: int, length: int, what: str, allow_empty_offset: bool = True) -> bytes:
+    def buffer(self, offset: int, length: int, what: str) -> bytes:
         if length == 0:
             return b""
         _need(offset >= HEADER_SIZE, f"{what} offset points into the header")
