@@ -823,3 +823,17 @@ def test_validate_negotiate_info():
     # What the client says it sent differs from the NEGOTIATE we received: hang up.
     out = ioctl(conn, sid, tid, 5, 0)
     assert out.close and any(e.get("reason") == "validate_negotiate_mismatch" for e in out.events)
+
+
+def test_smb1_client_is_dispatched_to_the_smb1_engine(server):
+    pytest.importorskip("emulator.smb.smb1")
+    from impacket import smb as s1
+    c = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=server.port, preferredDialect=s1.SMB_DIALECT)
+    c.login("alice", ALICE_PW, "CORP")
+    tid = c.connectTree("IPC$")
+    fid = c.openFile(tid, "\\srvsvc", desiredAccess=0x12019F, creationOption=0x40, fileAttributes=0x80)
+    c.writeFile(tid, fid, b"ping")
+    assert c.readFile(tid, fid, 0, 4280) == REPLY
+    c.close()
+    assert any(e.get("dialect") == "NT LM 0.12" and e.get("result") == "ok"
+               for e in server.kinds("smb.session_setup"))
