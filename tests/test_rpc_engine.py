@@ -485,3 +485,52 @@ def test_engine_never_raises_on_random_streams():
             if out.close:
                 assert conn.receive(b"more").close
                 break
+
+
+# ----------------------------------------------------------------------------- scapy's client
+
+def _scapy_echo():
+    import uuid
+
+    from scapy.layers.dcerpc import (DceRpcOp, NDRIntField, NDRPacket, find_dcerpc_interface,
+                                     register_dcerpc_interface)
+
+    class RpcauthEcho_Request(NDRPacket):
+        fields_desc = [NDRIntField("value", 0), NDRIntField("other", 0)]
+
+    class RpcauthEcho_Response(NDRPacket):
+        fields_desc = [NDRIntField("value", 0), NDRIntField("status", 0)]
+
+    try:
+        return find_dcerpc_interface("rpcauthecho"), RpcauthEcho_Request
+    except AttributeError:
+        register_dcerpc_interface(name="rpcauthecho", uuid=uuid.UUID(ECHO_UUID), version="1.0",
+                                  opnums={0: DceRpcOp(RpcauthEcho_Request, RpcauthEcho_Response)})
+        return find_dcerpc_interface("rpcauthecho"), RpcauthEcho_Request
+
+
+@pytest.mark.parametrize("mech,level", [
+    ("ntlm", 2), ("ntlm", 5), ("ntlm", 6), ("spnego", 5), ("spnego", 6),
+    pytest.param("spnego", 2, marks=pytest.mark.xfail(
+        reason="scapy's SPNEGO at connect level: the acceptor rejects its mechListMIC", strict=False)),
+])
+def test_scapy_client(server, mech, level):
+    """A second, independent client stack; it also checks our signatures and seals."""
+    from scapy.layers.msrpce.rpcclient import DCERPC_Client, DCERPC_Transport
+    from scapy.layers.ntlm import NTLMSSP
+    from scapy.layers.spnego import SPNEGOSSP
+
+    iface, request = _scapy_echo()
+    ntlm = NTLMSSP(UPN="bob@CORP", PASSWORD=BOB_PW)
+    ssp = SPNEGOSSP([ntlm]) if mech == "spnego" else ntlm
+    client = DCERPC_Client(DCERPC_Transport.NCACN_IP_TCP, ssp=ssp, auth_level=level, verb=False)
+    client.connect("127.0.0.1", port=server.port)
+    try:
+        assert client.bind(iface)
+        for value in (1234, 0x7FFF0001):
+            resp = client.sr1_req(request(value=value, other=0))
+            assert resp is not None and resp.value == value
+    finally:
+        client.close()
+    assert [(e.get("auth_type"), e.get("result")) for e in server.kinds("rpc.bind")] == [(mech, "ok")]
+    assert [(e.get("source"), e.get("user")) for e in server.kinds("rpc.identity")] == [("rpc_auth", "bob")]
