@@ -534,3 +534,56 @@ def test_scapy_client(server, mech, level):
         client.close()
     assert [(e.get("auth_type"), e.get("result")) for e in server.kinds("rpc.bind")] == [(mech, "ok")]
     assert [(e.get("source"), e.get("user")) for e in server.kinds("rpc.identity")] == [("rpc_auth", "bob")]
+
+
+# ----------------------------------------------------------------------------- alter_context
+
+def ntlm_session(conn, level, user="bob", password=BOB_PW):
+    """Run bind + auth3 against the engine with impacket's NTLM message builders."""
+    from impacket import ntlm
+
+    neg = ntlm.getNTLMSSPType1("", "", signingRequired=True, use_ntlmv2=True)
+    out = conn.receive(bind_bytes([(0, (ECHO_UUID, "1.0"), [NDR])], auth=(10, level, neg.getData())))
+    ack = P.decode(out.data)
+    assert isinstance(ack, P.BindAck)
+    auth, _key = ntlm.getNTLMSSPType3(neg, ack.auth.token, user, password, "CORP", "", "", use_ntlmv2=True)
+    h = rpcrt.MSRPCHeader()
+    h["type"] = rpcrt.MSRPC_AUTH3
+    h["call_id"] = 1
+    h["pduData"] = b"    "
+    tr = rpcrt.SEC_TRAILER()
+    tr["auth_type"], tr["auth_level"], tr["auth_ctx_id"] = 10, level, 1
+    h["sec_trailer"] = tr
+    h["auth_data"] = auth.getData()
+    return conn.receive(h.get_packet())
+
+
+def test_alter_context_cannot_downgrade_the_security_context():
+    conn = make_conn()
+    out = ntlm_session(conn, 5)
+    assert [e.get("result") for e in out.events if e.kind == "rpc.bind"] == ["ok"]
+    out = conn.receive(bind_bytes([(1, (ECHO_UUID, "1.0"), [NDR])], auth=(10, 2, b"\0" * 16), call_id=2,
+                                  ptype=P.ALTER_CONTEXT))
+    fault = P.decode(out.data)
+    assert isinstance(fault, P.Fault) and fault.status == 5
+    assert [e.get("result") for e in out.events if e.kind == "rpc.bind"] == ["downgrade"]
+
+
+def test_alter_context_without_auth_adds_a_context_under_the_same_security():
+    conn = make_conn()
+    ntlm_session(conn, 2)
+    out = conn.receive(bind_bytes([(1, (ExemptInterface.uuid, "3.0"), [NDR])], call_id=2, ptype=P.ALTER_CONTEXT))
+    resp = P.decode(out.data)
+    assert isinstance(resp, P.AlterContextResp) and resp.results[0].result == 0
+    out = conn.receive(impacket_request(b"", opnum=1, ctx=1, call_id=3))
+    assert P.decode(out.data).stub == b"CORP\\bob|rpc_auth|2"
+
+
+def test_auth3_failure_is_reported_with_the_reason_and_nothing_runs():
+    conn = make_conn()
+    out = ntlm_session(conn, 6, password="wrong")
+    assert [e.get("result") for e in out.events if e.kind == "rpc.bind"] == ["wrong_password"]
+    assert not [e for e in out.events if e.kind == "rpc.identity"]
+    out = conn.receive(impacket_request(b"", opnum=1, ctx=0, call_id=2))
+    assert P.decode(out.data).status == 5 and out.close
+    assert conn.identity is None
