@@ -1,1 +1,9 @@
-"""Sans-IO connection-oriented DCE/RPC (MS-RPCE, C706 chapter 12)."""
+"""Sans-IO connection-oriented DCE/RPC (MS-RPCE, C706 chapter 12).
+
+- pdu.py: framing (`FrameBuffer`) and typed, bounds-checked PDU decoding (`decode`), shared
+  with the capture reader; encoders for the PDUs a server sends.
+- verifier.py: the auth verifier of requests and responses (sign, seal, verify, unseal).
+- identity_rule.py: `acting_identity`, the one rule of KB Q146188.
+- connection.py: `RpcConnection`, binds, alter_context, auth3, reassembly, dispatch, faults.
+- interface.py: the contract between the core and the interfaces it serves.
+"""
