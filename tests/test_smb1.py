@@ -244,6 +244,8 @@ def test_impacket_login_tree_connect_and_pipe_io(server):
     assert engine.identity.user == "alice" and engine.identity.domain.upper() == "CORP"
     assert len(server.kinds("rpc.test_write")) == 2
     assert len(server.kinds("smb.logoff")) == 1
+    assert [(e.get("pipe"), e.get("reason")) for e in server.kinds("smb.close")] == [("echo", "close")]
+    assert opened.get("smb_user").upper() == "CORP\\ALICE"
 
 
 def test_impacket_srvsvc_over_smb1_named_pipe(server):
@@ -741,6 +743,8 @@ def test_anonymous_needs_policy():
             assert _status(reply) == nt_errors.STATUS_LOGON_FAILURE
             continue
         assert _status(reply) == 0
+        [setup] = [e for e in raw.events if e.kind == "smb.session_setup"]
+        assert setup.get("session_flags") == "anonymous" and setup.get("signing") is False
         uid = _uid(reply)
         tid = raw.tree_connect(uid)
         raw.open_pipe(uid, tid)

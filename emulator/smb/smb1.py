@@ -207,7 +207,7 @@ class Smb1Engine:
     def close(self) -> list[Event]:
         events: list[Event] = []
         for fid in list(self._opens):
-            events.extend(self._close_open(fid))
+            events.extend(self._close_open(fid, "connection_closed"))
         self._trees.clear()
         self._sessions.clear()
         return events
@@ -265,12 +265,12 @@ class Smb1Engine:
             # MS-CIFS 3.3.5.2: a second NEGOTIATE on a connection is an error.
             raise _Failure(w.STATUS_INVALID_SMB, malformed(w.LAYER, "second_negotiate"))
         w.require_words(block, 0)
-        dialects = _parse_dialects(block.data)
+        dialects = w.parse_dialects(block.data)
         self._negotiated = True
         try:
             index = dialects.index(w.DIALECT)
         except ValueError:
-            ctx.events.append(event(w.LAYER, "smb.negotiate", dialect=None, offered=dialects[:16],
+            ctx.events.append(event(w.LAYER, "smb.negotiate", dialect=None, client_dialects=dialects[:16],
                                     result="no_common_dialect"))
             return Reply(w.COM_NEGOTIATE, struct.pack("<H", 0xFFFF)), w.STATUS_SUCCESS
 
@@ -289,8 +289,9 @@ class Smb1Engine:
             tail = challenge + w.encode_string(self._config.server.domain, ctx.header.unicode, 0)
         words = struct.pack("<HBHHIIIIQhB", index, mode, MAX_MPX_COUNT, 1, MAX_BUFFER_SIZE, MAX_RAW_SIZE, 0,
                             caps, w.filetime(self._now()), 0, len(challenge))
-        ctx.events.append(event(w.LAYER, "smb.negotiate", dialect=w.DIALECT, signing_required=self._signing_required,
-                                extended_security=self._extended_security))
+        ctx.events.append(event(w.LAYER, "smb.negotiate", dialect=w.DIALECT, result="ok",
+                                signing_required=self._signing_required,
+                                extended_security=self._extended_security, client_dialects=dialects[:16]))
         return Reply(w.COM_NEGOTIATE, words, tail), w.STATUS_SUCCESS
 
     # ------------------------------------------------------------------ SESSION_SETUP_ANDX
@@ -335,12 +336,13 @@ class Smb1Engine:
         if not step.ok:
             self._sessions.pop(uid, None)
             ctx.uid = uid   # the failure response names the Uid that no longer exists
-            raise _Failure(w.STATUS_LOGON_FAILURE, self._setup_event(result, "failed", uid))
+            raise _Failure(w.STATUS_LOGON_FAILURE, self._setup_event(result, "failed", uid, signing=False))
 
-        identity = session.acceptor.identity(SMB_SESSION)
-        session.identity = identity
-        guest = result is not None and result.ntlm_version in ("anonymous", "guest")
-        key = b"" if guest else bytes(getattr(session.acceptor, "exported_session_key", b"") or b"")
+        anonymous = result is None or result.user is None or result.ntlm_version == "anonymous"
+        guest = not anonymous and result.ntlm_version == "guest"
+        session.identity = ANONYMOUS if anonymous else session.acceptor.identity(SMB_SESSION)
+        # Anonymous and guest logons have no session key to sign with (MS-SMB 3.3.5.3).
+        key = b"" if anonymous or guest else bytes(getattr(session.acceptor, "exported_session_key", b"") or b"")
         wants_signing = self._signing_required or bool(ctx.header.flags2 & w.FLAGS2_SMB_SECURITY_SIGNATURE)
         if self._signing_key is None and wants_signing and key:
             self._signing_key = key
@@ -348,8 +350,11 @@ class Smb1Engine:
         elif self._signing_required and self._signing_key is None:
             # Policy requires signing but this logon has no key (anonymous or guest): refuse.
             self._sessions.pop(uid, None)
-            raise _Failure(w.STATUS_ACCESS_DENIED, self._setup_event(result, "signing_required", uid))
-        ctx.events.append(self._setup_event(result, "ok", uid, signing=self._signing_key is not None))
+            raise _Failure(w.STATUS_ACCESS_DENIED, self._setup_event(result, "signing_required", uid, signing=False))
+        ctx.events.append(self._setup_event(
+            result, "ok", uid, signing=self._signing_key is not None,
+            session_flags="anonymous" if anonymous else "guest" if guest else "user"))
+        # Action bit 0 is SMB_SETUP_GUEST (MS-CIFS 2.2.4.53.2).
         return self._session_reply(step.token, 0x0001 if guest else 0, ctx.header.unicode), w.STATUS_SUCCESS
 
     def _session_reply(self, token: bytes, action: int, unicode: bool) -> Reply:
@@ -434,7 +439,7 @@ class Smb1Engine:
         w.require_words(block, 0)
         tree = self._tree(ctx)
         for fid in [f for f, o in self._opens.items() if o.tid == tree.tid]:
-            ctx.events.extend(self._close_open(fid))
+            ctx.events.extend(self._close_open(fid, "tree_disconnect"))
         del self._trees[tree.tid]
         ctx.events.append(event(w.LAYER, "smb.tree_disconnect", tid=tree.tid, uid=tree.uid))
         return Reply(w.COM_TREE_DISCONNECT), w.STATUS_SUCCESS
@@ -453,14 +458,18 @@ class Smb1Engine:
         if len(self._opens) >= self._limits.max_pipes_per_connection:
             raise _Failure(w.STATUS_INSUFFICIENT_RESOURCES, limit(
                 w.LAYER, "max_pipes_per_connection", value=self._limits.max_pipes_per_connection))
-        pipe, events = self._pipes.open(name, session.identity or ANONYMOUS,
-                                         dict(self._info, smb_dialect=w.DIALECT))
-        ctx.events.extend(events)
+        identity = session.identity or ANONYMOUS
+        fid = self._fids.take(self._opens)
+        pipe, events = self._pipes.open(name, identity, dict(self._info, smb_dialect=w.DIALECT,
+                                                             smb_user=identity.qualified))
+        for ev in events:
+            if ev.kind == "smb.pipe_open":
+                ev = Event(ev.layer, ev.kind, {**ev.fields, "smb_user": identity.qualified, "fid": fid})
+            ctx.events.append(ev)
         if pipe is None:
             raise _Failure(w.STATUS_OBJECT_NAME_NOT_FOUND, event(
                 w.LAYER, "smb.pipe_open", pipe=PipeFactory.normalise(name), result="not_found",
-                user=session.identity.user if session.identity else None))
-        fid = self._fids.take(self._opens)
+                smb_user=identity.qualified))
         self._opens[fid] = _Open(fid, tree.tid, tree.uid, pipe)
         words = struct.pack("<BHIQQQQIQQHHB", 0, fid, FILE_OPENED, 0, 0, 0, 0, FILE_ATTRIBUTE_NORMAL, 4096, 0,
                             FILE_TYPE_MESSAGE_MODE_PIPE, NMPIPE_STATUS, 0)
@@ -477,18 +486,20 @@ class Smb1Engine:
         w.require_words(block, 3)
         (fid, _mtime) = w.unpack_words("<HI", block)
         handle = self._open(ctx, fid)
-        ctx.events.extend(self._close_open(handle.fid))
+        ctx.events.extend(self._close_open(handle.fid, "close"))
         return Reply(w.COM_CLOSE), w.STATUS_SUCCESS
 
-    def _close_open(self, fid: int) -> list[Event]:
+    def _close_open(self, fid: int, reason: str) -> list[Event]:
         handle = self._opens.pop(fid, None)
         if handle is None:
             return []
-        return list(handle.pipe.close())
+        events = list(handle.pipe.close())
+        events.append(event(w.LAYER, "smb.close", pipe=handle.pipe.name, fid=fid, reason=reason))
+        return events
 
     def _drop_session_state(self, uid: int, events: list[Event]) -> None:
         for fid in [f for f, o in self._opens.items() if o.uid == uid]:
-            events.extend(self._close_open(fid))
+            events.extend(self._close_open(fid, "session_ended"))
         for tid in [t for t, tree in self._trees.items() if tree.uid == uid]:
             del self._trees[tid]
 
@@ -579,7 +590,7 @@ class Smb1Engine:
             out_params = struct.pack("<HHH", pending, pending, 3)   # 3: connected
         else:
             raise _Failure(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command=f"transaction_0x{function:04x}"))
-        return Reply(w.COM_TRANSACTION, render=_transaction_layout(out_params, out_data)), status
+        return Reply(w.COM_TRANSACTION, render=w.transaction_layout(out_params, out_data)), status
 
     # ------------------------------------------------------------------ ECHO
 
@@ -597,36 +608,3 @@ class Smb1Engine:
                                    [Reply(w.COM_ECHO, struct.pack("<H", n), block.data)])
             replies.append(self._finish(body, request_seq))
         return replies
-
-
-def _parse_dialects(data: bytes) -> list[str]:
-    """Dialect strings: each is 0x02 (BufferFormat) + OEM NUL-terminated text (MS-CIFS 2.2.4.52.1)."""
-    dialects, pos = [], 0
-    while pos < len(data):
-        if data[pos] != 0x02:
-            raise ProtocolError(w.LAYER, "bad_dialect_buffer_format")
-        end = data.find(b"\0", pos + 1)
-        if end < 0:
-            raise ProtocolError(w.LAYER, "unterminated_dialect")
-        dialects.append(data[pos + 1:end].decode("latin-1"))
-        pos = end + 1
-    if not dialects:
-        raise ProtocolError(w.LAYER, "no_dialects")
-    return dialects
-
-
-def _transaction_layout(params: bytes, data: bytes) -> Callable[[int], tuple[bytes, bytes]]:
-    """TRANSACTION response words and bytes (MS-CIFS 2.2.4.33.2): parameters and data each
-    start 4-byte aligned from the header, and their offsets are absolute."""
-
-    def render(offset: int) -> tuple[bytes, bytes]:
-        bytes_at = offset + 1 + 20 + 2
-        pad1 = (-bytes_at) % 4
-        param_at = bytes_at + pad1
-        pad2 = (-(param_at + len(params))) % 4
-        data_at = param_at + len(params) + pad2
-        words = struct.pack("<HHHHHHHHHBB", len(params), len(data), 0, len(params), param_at, 0,
-                            len(data), data_at, 0, 0, 0)
-        return words, b"\0" * pad1 + params + b"\0" * pad2 + data
-
-    return render

@@ -324,6 +324,41 @@ def error_message(header: Header) -> bytes:
     return header.pack() + b"\x00\x00\x00"
 
 
+# ---------------------------------------------------------------- NEGOTIATE and TRANSACTION bodies
+
+def parse_dialects(data: bytes) -> list[str]:
+    """Dialect strings: each is 0x02 (BufferFormat) + OEM NUL-terminated text (MS-CIFS 2.2.4.52.1)."""
+    dialects, pos = [], 0
+    while pos < len(data):
+        if data[pos] != 0x02:
+            raise ProtocolError(LAYER, "bad_dialect_buffer_format")
+        end = data.find(b"\0", pos + 1)
+        if end < 0:
+            raise ProtocolError(LAYER, "unterminated_dialect")
+        dialects.append(data[pos + 1:end].decode("latin-1"))
+        pos = end + 1
+    if not dialects:
+        raise ProtocolError(LAYER, "no_dialects")
+    return dialects
+
+
+def transaction_layout(params: bytes, data: bytes) -> Callable[[int], tuple[bytes, bytes]]:
+    """TRANSACTION response words and bytes (MS-CIFS 2.2.4.33.2): parameters and data each
+    start 4-byte aligned from the header, and their offsets are absolute."""
+
+    def render(offset: int) -> tuple[bytes, bytes]:
+        bytes_at = offset + 1 + 20 + 2
+        pad1 = (-bytes_at) % 4
+        param_at = bytes_at + pad1
+        pad2 = (-(param_at + len(params))) % 4
+        data_at = param_at + len(params) + pad2
+        words = struct.pack("<HHHHHHHHHBB", len(params), len(data), 0, len(params), param_at, 0,
+                            len(data), data_at, 0, 0, 0)
+        return words, b"\0" * pad1 + params + b"\0" * pad2 + data
+
+    return render
+
+
 # ---------------------------------------------------------------- signing (MS-CIFS 3.1.4.1)
 
 def compute_signature(key: bytes, message: bytes, sequence: int) -> bytes:
