@@ -1,0 +1,307 @@
+"""The streaming reader against the three real reference captures (cross-checked with tshark at
+run time), and against broken, one-sided, reordered and duplicated input."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.utils import PcapNgWriter, wrpcap
+
+from emulator.capture import CaptureError, analyse
+from emulator.capture.pcapread import parse_tcp, read_packets
+
+REF = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "captures", "reference"))
+if not os.path.isdir(REF):
+    REF = "/work/shared/captures/reference"
+TSHARK = shutil.which("tshark")
+
+needs_ref = pytest.mark.skipif(not os.path.isdir(REF),
+                               reason=f"reference captures not found at {REF} (../shared is absent)")
+needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")
+
+
+def ref(name: str) -> str:
+    return os.path.join(REF, name)
+
+
+def tshark_fields(path: str, display_filter: str, *fields: str) -> list[list[str]]:
+    cmd = [TSHARK, "-r", path, "-Y", display_filter, "-T", "fields"]
+    cmd += [x for f in fields for x in ("-e", f)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [line.split("\t") for line in out.stdout.splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------- reference captures
+
+
+@needs_ref
+def test_mapi_pcap_is_the_explicit_credentials_path():
+    conns = analyse(ref("mapi.pcap")).connections
+    [c] = [c for c in conns if c.emsmdb]
+    assert (c.transport, c.identity_source, c.auth_level) == ("ncacn_ip_tcp", "rpc_ntlm", "connect")
+    assert (c.user, c.domain) == ("ALeonard", "CNAMIS")
+    [call] = c.emsmdb
+    assert call.call == "EcDoConnect"
+    assert call.user_dn == "/o=SolutionsIQ/ou=CNAMIS/cn=Recipients/cn=ALEONARD"
+    assert (call.status, call.status_name) == ("0x00000000", "ecSuccess")
+
+
+@needs_ref
+@needs_tshark
+def test_mapi_pcap_agrees_with_tshark():
+    path = ref("mapi.pcap")
+    conns = analyse(path).connections
+    auths = tshark_fields(path, "ntlmssp.messagetype == 3", "frame.number", "tcp.stream",
+                          "ntlmssp.auth.username", "ntlmssp.auth.domain", "dcerpc.auth_level")
+    ours = {(e["frame"], c.stream, e["user"], e["domain"]) for c in conns for e in c.events
+            if e["kind"] == "ntlm.authenticate"}
+    assert ours == {(int(f), int(s), u, d) for f, s, u, d, _ in auths}
+    levels = {int(lv) for *_, lv in auths}
+    assert {c.auth_level for c in conns if c.identity_source == "rpc_ntlm"} == \
+        {["none", "none", "connect", "call", "packet", "integrity", "privacy"][lv] for lv in levels}
+    names = tshark_fields(path, "mapi.EcDoConnect.name", "frame.number", "mapi.EcDoConnect.name")
+    calls = [e for c in conns for e in c.emsmdb]
+    assert [(e.frame, e.user_dn) for e in calls] == [(int(f), n) for f, n in names]
+    statuses = tshark_fields(path, "mapi && dcerpc.opnum == 0 && dcerpc.pkt_type == 2", "frame.number",
+                             "mapi.MAPISTATUS_status")
+    assert [(e.response_frame, e.status) for e in calls] == [(int(f), s) for f, s in statuses]
+    # Every SMB file tshark names in the \lsarpc stream is a pipe we followed.
+    files = {row[0].lstrip("\\") for row in tshark_fields(path, "smb.cmd == 0xa2", "smb.file")}
+    assert {p for c in conns for p in c.pipes} <= files
+
+
+@needs_ref
+def test_raw_ntlm_in_smb_is_the_inherited_identity_path():
+    conns = analyse(ref("raw_ntlm_in_smb.pcap")).connections
+    assert {c.pipes[0] for c in conns} == {"srvsvc", "lsarpc"}
+    for c in conns:
+        assert (c.transport, c.identity_source) == ("ncacn_np", "smb_session")
+        assert c.user == c.smb_user == "test"
+        assert c.binds and all(b.auth_type == "none" and b.auth_level == "none" for b in c.binds)
+        assert c.smb_session_frame is not None
+
+
+@needs_ref
+@needs_tshark
+def test_raw_ntlm_in_smb_agrees_with_tshark():
+    path = ref("raw_ntlm_in_smb.pcap")
+    conns = analyse(path).connections
+    [[frame, user]] = tshark_fields(path, "ntlmssp.messagetype == 3", "frame.number", "ntlmssp.auth.username")
+    for c in conns:
+        [auth] = [e for e in c.events if e["kind"] == "ntlm.authenticate"]
+        assert (auth["frame"], auth["user"]) == (int(frame), user)
+    binds = tshark_fields(path, "dcerpc.pkt_type == 11", "frame.number", "smb.file", "dcerpc.auth_type")
+    assert {(int(f), fname.split(",")[0].lstrip("\\")) for f, fname, *_ in binds} == \
+        {(b.frame, c.pipes[0]) for c in conns for b in c.binds}
+    assert all(len(row) < 3 or row[2] == "" for row in binds)  # no auth verifier on any bind
+
+
+@needs_ref
+def test_dce_rpc_ntlm_is_spnego_at_integrity():
+    [c] = analyse(ref("dce_rpc_ntlm.pcapng")).connections
+    assert (c.identity_source, c.auth_level) == ("rpc_spnego", "integrity")
+    assert (c.user, c.domain) == ("Administrator", "BLACKCLOVER")
+    assert any(e["kind"] == "kerberos.token" for e in c.events)  # tried first, then NTLM
+
+
+@needs_ref
+@needs_tshark
+def test_dce_rpc_ntlm_agrees_with_tshark():
+    path = ref("dce_rpc_ntlm.pcapng")
+    [c] = analyse(path).connections
+    [[frame, user, level]] = tshark_fields(path, "ntlmssp.messagetype == 3", "frame.number",
+                                           "ntlmssp.auth.username", "dcerpc.auth_level")
+    assert (c.identity_frame, c.user, c.auth_level) == (int(frame), user, "integrity")
+    assert level == "5"
+
+
+@needs_ref
+@needs_tshark
+def test_stream_and_frame_numbers_are_wiresharks():
+    path = ref("mapi.pcap")
+    frames = sum(1 for _ in read_packets(path))
+    assert str(frames) == subprocess.run([TSHARK, "-r", path, "-T", "fields", "-e", "frame.number"],
+                                         capture_output=True, text=True).stdout.split()[-1]
+    binds = tshark_fields(path, "dcerpc.pkt_type == 11", "frame.number", "tcp.stream")
+    ours = {(b.frame, c.stream) for c in analyse(path).connections for b in c.binds}
+    assert ours == {(int(f), int(s)) for f, s in binds}
+
+
+# ------------------------------------------------------------------------- built captures
+
+
+def _segments(path: str):
+    return [parse_tcp(p) for p in read_packets(path)]
+
+
+def _rebuild(segs, out: str) -> None:
+    frames = []
+    for s in segs:
+        frames.append(Ether() / IP(src=s.src[0], dst=s.dst[0]) /
+                      TCP(sport=s.src[1], dport=s.dst[1], seq=s.seq, ack=s.ack, flags=s.flags) / s.payload)
+    wrpcap(out, frames)
+
+
+def _skeleton(path: str):
+    return [(c.identity_source, c.user, c.auth_level, [(e.user_dn, e.status_name) for e in c.emsmdb])
+            for c in analyse(path).connections]
+
+
+@pytest.fixture(scope="module")
+def tcp_capture(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cap") / "tcp.pcap")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_capture_recorder import record_tcp_path  # noqa: E402
+    assert record_tcp_path(path) == 0
+    return path
+
+
+def test_reordered_and_duplicated_segments_give_the_same_events(tcp_capture, tmp_path):
+    want = _skeleton(tcp_capture)
+    assert want[0][0] == "rpc_ntlm"
+    segs = _segments(tcp_capture)
+    # Split every data segment in three, then shuffle neighbours and retransmit some pieces.
+    pieces = []
+    for s in segs:
+        if len(s.payload) > 6:
+            n = len(s.payload) // 3
+            for lo, hi in ((0, n), (n, 2 * n), (2 * n, len(s.payload))):
+                pieces.append(type(s)(s.frame, s.time, s.src, s.dst, s.seq + lo, s.ack, s.flags,
+                                      s.payload[lo:hi]))
+        else:
+            pieces.append(s)
+    rng = random.Random(7)
+    messy = []
+    i = 0
+    while i < len(pieces):
+        chunk = pieces[i:i + 3]
+        if all(c.payload for c in chunk):
+            rng.shuffle(chunk)
+        messy.extend(chunk)
+        if chunk[0].payload and rng.random() < 0.5:
+            messy.append(chunk[0])  # a retransmission
+        i += 3
+    out = str(tmp_path / "messy.pcap")
+    _rebuild(messy, out)
+    assert _skeleton(out) == want
+
+
+def test_capture_starting_mid_stream_is_partial_but_readable(tcp_capture, tmp_path):
+    segs = _segments(tcp_capture)
+    out = str(tmp_path / "late.pcap")
+    _rebuild(segs[3:], out)  # no SYN, no SYN-ACK
+    [c] = analyse(out).connections
+    assert c.partial and c.identity_source == "rpc_ntlm"
+
+
+def test_pcapng_and_other_link_types_read_the_same(tcp_capture, tmp_path):
+    from scapy.layers.l2 import CookedLinux
+    want = _skeleton(tcp_capture)
+    segs = _segments(tcp_capture)
+    ng = str(tmp_path / "x.pcapng")
+    with PcapNgWriter(ng) as w:
+        for s in segs:
+            w.write(Ether() / IP(src=s.src[0], dst=s.dst[0]) /
+                    TCP(sport=s.src[1], dport=s.dst[1], seq=s.seq, ack=s.ack, flags=s.flags) / s.payload)
+    assert _skeleton(ng) == want
+    sll = str(tmp_path / "sll.pcap")
+    wrpcap(sll, [CookedLinux(proto=0x0800) / IP(src=s.src[0], dst=s.dst[0]) /
+                 TCP(sport=s.src[1], dport=s.dst[1], seq=s.seq, ack=s.ack, flags=s.flags) / s.payload
+                 for s in segs])
+    assert _skeleton(sll) == want
+    raw = str(tmp_path / "raw.pcap")
+    wrpcap(raw, [IP(src=s.src[0], dst=s.dst[0]) /
+                 TCP(sport=s.src[1], dport=s.dst[1], seq=s.seq, ack=s.ack, flags=s.flags) / s.payload
+                 for s in segs], linktype=101)
+    assert _skeleton(raw) == want
+
+
+def _expect_capture_error(path: str, words: str) -> str:
+    with pytest.raises(CaptureError) as info:
+        analyse(path)
+    assert words in str(info.value)
+    return str(info.value)
+
+
+def test_truncated_file(tcp_capture, tmp_path):
+    data = open(tcp_capture, "rb").read()
+    cut = str(tmp_path / "cut.pcap")
+    open(cut, "wb").write(data[: len(data) - 7])
+    _expect_capture_error(cut, "truncated")
+    header_only = str(tmp_path / "h.pcap")
+    open(header_only, "wb").write(data[:10])
+    _expect_capture_error(header_only, "truncated")
+
+
+def test_corrupted_record_length(tcp_capture, tmp_path):
+    data = bytearray(open(tcp_capture, "rb").read())
+    data[24 + 8:24 + 12] = (0x7FFFFFF0).to_bytes(4, "little")  # first record's caplen
+    bad = str(tmp_path / "bad.pcap")
+    open(bad, "wb").write(bytes(data))
+    _expect_capture_error(bad, "corrupt")
+
+
+def test_random_corruption_never_raises_anything_else(tcp_capture, tmp_path):
+    data = open(tcp_capture, "rb").read()
+    rng = random.Random(3)
+    for n in range(40):
+        mutated = bytearray(data)
+        for _ in range(20):
+            mutated[rng.randrange(24, len(mutated))] = rng.randrange(256)
+        p = str(tmp_path / f"m{n}.pcap")
+        open(p, "wb").write(bytes(mutated))
+        try:
+            analyse(p)
+        except CaptureError:
+            pass
+
+
+def test_not_a_capture(tmp_path):
+    p = str(tmp_path / "notes.txt")
+    open(p, "w").write("hello, this is not a pcap file at all\n")
+    _expect_capture_error(p, "not a pcap or pcapng")
+    empty = str(tmp_path / "empty.pcap")
+    open(empty, "wb").close()
+    _expect_capture_error(empty, "not a capture")
+    _expect_capture_error(str(tmp_path / "missing.pcap"), "cannot open")
+
+
+def test_capture_without_tcp(tmp_path):
+    p = str(tmp_path / "udp.pcap")
+    wrpcap(p, [Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=137, dport=137) / b"x" * 40
+               for _ in range(3)])
+    _expect_capture_error(p, "no TCP")
+
+
+def test_only_one_direction_of_the_stream(tcp_capture, tmp_path):
+    segs = _segments(tcp_capture)
+    client = segs[0].src
+    out = str(tmp_path / "half.pcap")
+    _rebuild([s for s in segs if s.src == client], out)
+    msg = _expect_capture_error(out, "only one direction")
+    assert "stream 0" in msg
+
+
+def test_cli_prints_the_message_and_exits_nonzero(tmp_path):
+    p = str(tmp_path / "notes.txt")
+    open(p, "w").write("plain text")
+    out = subprocess.run([sys.executable, "-m", "emulator.cli", "explain", p], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert "not a pcap or pcapng" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_progress_reports_bytes_read(tcp_capture):
+    seen = []
+    analyse(tcp_capture, lambda done, total: seen.append((done, total)))
+    size = os.path.getsize(tcp_capture)
+    assert seen and seen[-1] == (size, size)
+    assert all(d <= t for d, t in seen)
