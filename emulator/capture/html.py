@@ -53,9 +53,10 @@ def ladder_svg(conn: Connection) -> str:
     return "".join(parts)
 
 
-def connection_section(i: int, c: Connection) -> str:
+def connection_section(i: int, c: Connection, anchor: str | None = None) -> str:
     pipe = f", pipe \\{escape(c.pipes[0])}" if c.pipes else ""
-    out = [f'<section id="conn{i}"><h2>Connection {i}: tcp.stream {c.stream}, {escape(c.transport)}{pipe}</h2>',
+    out = [f'<section id="{escape(anchor or f"conn{i}")}"><h2>Connection {i}: tcp.stream {c.stream}, '
+           f'{escape(c.transport)}{pipe}</h2>',
            f"<p>identity source <b>{escape(c.identity_source)}</b>, acting as <b>{escape(c.acting)}</b>, "
            f"auth level <b>{escape(c.auth_level)}</b></p>",
            ladder_svg(c)]

@@ -82,7 +82,7 @@ def _row_detail(i: int, r: dict[str, Any], directory: str) -> str:
     if not shown:
         out.append("<p>The capture holds no RPC connection.</p>")
     for j, c in enumerate(shown, 1):
-        out.append(connection_section(int(f"{i}{j:02d}"), c))
+        out.append(connection_section(j, c, anchor=f"row{i}-conn{j}"))
     return "\n".join(out)
 
 
