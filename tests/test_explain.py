@@ -237,3 +237,68 @@ def _png_pixels(path: str) -> bytes:
             idat += data[pos + 8:pos + 8 + length]
         pos += 12 + length
     return zlib.decompress(idat)
+
+
+# ------------------------------------------------------------------------- sealed stubs
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory):
+    from impacket.dcerpc.v5 import rpcrt
+    path = str(tmp_path_factory.mktemp("sealed") / "privacy.pcap")
+    assert record_tcp_path(path, level=rpcrt.RPC_C_AUTHN_LEVEL_PKT_PRIVACY) == 0
+    return path
+
+
+def _conn(doc):
+    [c] = json.loads(doc)["connections"]
+    return c
+
+
+def test_privacy_stubs_stay_sealed_without_a_key(sealed):
+    c = _conn(explain(sealed, "json", progress=False))
+    assert c["auth_level"] == "privacy"
+    [call] = c["emsmdb"]
+    assert call["sealed"] and call["user_dn"] is None and call["status"] is None
+
+
+def test_password_unseals_and_verifies(sealed):
+    from test_capture_recorder import CONFIG
+    bob_pw = CONFIG.user("bob").password
+    doc = explain(sealed, "json", passwords={"bob": bob_pw}, progress=False)
+    c = _conn(doc)
+    [call] = c["emsmdb"]
+    assert (call["user_dn"], call["status_name"], call["unsealed"]) == (
+        "/o=Corp/ou=Site/cn=Recipients/cn=bob", "ecSuccess", True)
+    assert c["verified_pdus"] >= 2 and c["bad_signatures"] == 0
+    # The password and the NT hash never reach the output.
+    assert bob_pw not in doc and CONFIG.user("bob").nt_hash.hex() not in doc.lower()
+    by_lab = _conn(explain(sealed, "json", lab=CONFIG, progress=False))
+    assert by_lab["emsmdb"] == c["emsmdb"]
+
+
+def test_wrong_password_reads_nothing(sealed):
+    c = _conn(explain(sealed, "json", passwords=["bob:not-his-password"], progress=False))
+    assert [e["result"] for e in c["events"] if e["kind"] == "ntlm.session_keys"] == ["wrong_password"]
+    assert c["emsmdb"][0]["sealed"] and c["emsmdb"][0]["user_dn"] is None
+
+
+def test_tampered_sealed_stub_fails_verification(sealed, tmp_path):
+    from test_capture_recorder import CONFIG
+    from emulator.capture.pcapread import parse_tcp, read_packets
+    data = bytearray(open(sealed, "rb").read())
+    # Find the EcDoConnect request (the first request PDU) and flip one sealed stub byte.
+    offset = 24
+    for pkt in read_packets(sealed):
+        seg = parse_tcp(pkt)
+        rec_len = 16 + len(pkt.data)
+        if seg and seg.payload[:3] == b"\x05\x00\x00":
+            payload_at = offset + 16 + len(pkt.data) - len(seg.payload)
+            data[payload_at + 40] ^= 0x01
+            break
+        offset += rec_len
+    bad = str(tmp_path / "tampered.pcap")
+    open(bad, "wb").write(bytes(data))
+    c = _conn(explain(bad, "json", passwords={"bob": CONFIG.user("bob").password}, progress=False))
+    assert c["bad_signatures"] >= 1
+    assert any(e["kind"] == "rpc.verify" and e["result"] == "bad_seal" for e in c["events"])

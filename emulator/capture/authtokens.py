@@ -4,7 +4,7 @@ is named but not parsed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from impacket import ntlm, spnego
 
@@ -23,6 +23,10 @@ class TokenInfo:
     domain: str | None = None
     ntlm_version: str | None = None  # "v1" | "v2"
     anonymous: bool = False
+    # The NTLM message itself (for key derivation when the analyst supplies a password) and
+    # the CHALLENGE's server challenge. Never printed.
+    raw: bytes = field(default=b"", repr=False)
+    server_challenge: bytes | None = field(default=None, repr=False)
 
 
 def inspect_token(token: bytes) -> TokenInfo:
@@ -52,7 +56,7 @@ def _ntlm(msg: bytes) -> TokenInfo:
     if mtype == 1:
         return TokenInfo("ntlm", "negotiate")
     if mtype == 2:
-        return TokenInfo("ntlm", "challenge")
+        return TokenInfo("ntlm", "challenge", server_challenge=msg[24:32] if len(msg) >= 32 else None)
     if mtype != 3:
         return TokenInfo("ntlm")
     try:
@@ -69,7 +73,7 @@ def _ntlm(msg: bytes) -> TokenInfo:
     # An empty user with an empty or 1-byte response is the anonymous logon (3.2.5.1.2).
     version = "v2" if nt_len > 24 else ("v1" if nt_len == 24 else None)
     return TokenInfo("ntlm", "authenticate", user, domain, version,
-                     anonymous=(user == "" and nt_len <= 1))
+                     anonymous=(user == "" and nt_len <= 1), raw=msg)
 
 
 def _is_spnego(token: bytes) -> bool:

@@ -9,6 +9,7 @@ from .ladder import steps, verdicts
 from .model import Connection
 from .pcapread import ProgressFn, terminal_progress
 from .streams import Analysis, analyse
+from .unseal import Keyring
 
 FORMATS = ("text", "json", "mermaid", "html")
 
@@ -23,11 +24,13 @@ def explain(path: str, fmt: str = "text", *, passwords: Iterable[str] | None = N
             lab: Any = None, progress: ProgressFn | bool | None = None) -> str:
     """Explain a pcap/pcapng. `progress`: None shows a bar when stderr is a terminal, False is
     silent, a callable receives (bytes read, file size). Raises CaptureError for unreadable
-    captures. `passwords` ("user:password") and `lab` are accepted for unsealing PKT_PRIVACY
-    stubs; sealed stubs are reported as sealed."""
+    captures. `passwords` ({user: password} or "user:password" strings) and `lab` (a LabConfig
+    or its path) give NT hashes to verify signatures and read PKT_PRIVACY stubs of NTLMv2
+    contexts; without them sealed stubs are reported as sealed."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    analysis = analyse(path, _progress(progress))
+    keyring = Keyring.build(passwords, lab) if (passwords or lab is not None) else None
+    analysis = analyse(path, _progress(progress), keyring)
     return render(analysis, fmt)
 
 

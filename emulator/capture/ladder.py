@@ -12,7 +12,7 @@ LADDER_KINDS = (
     "smb.negotiate", "smb.session_setup", "smb.tree_connect", "smb.pipe_open", "smb.encrypted",
     "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
     "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "rpc.identity",
-    "kerberos.token", "emsmdb.connect_request", "emsmdb.connect", "rpc.fault", "malformed",
+    "kerberos.token", "ntlm.session_keys", "rpc.verify", "emsmdb.connect_request", "emsmdb.connect", "rpc.fault", "malformed",
 )
 
 
@@ -78,6 +78,12 @@ def label(ev: dict[str, Any]) -> str:
         st = f"{ev.get('status_name')} ({ev.get('status')})" if ev.get("status") else (
             "(sealed)" if ev.get("sealed") else "?")
         return f"{ev.get('call')} -> {st}"
+    if k == "ntlm.session_keys":
+        if ev.get("result") == "ok":
+            return f"session keys derived from {ev.get('user')}'s password"
+        return f"no session keys for {ev.get('user')}: {ev.get('result')}"
+    if k == "rpc.verify":
+        return f"signature check failed: {ev.get('result')}"
     if k == "kerberos.token":
         return f"Kerberos token (in {ev.get('leg')}, not parsed)"
     if k == "rpc.fault":
@@ -92,7 +98,7 @@ def steps(conn: Connection) -> list[Step]:
     for ev in conn.events:
         if ev["kind"] not in LADDER_KINDS:
             continue
-        note = ev["kind"] == "rpc.identity"
+        note = ev["kind"] in ("rpc.identity", "ntlm.session_keys", "rpc.verify")
         out.append(Step(ev["frame"], ev.get("dir") == "c2s", label(ev), note))
     return out
 
@@ -122,7 +128,7 @@ def verdicts(conn: Connection) -> list[str]:
         if call.status:
             result = f"{call.status_name} ({call.status})"
         elif call.sealed:
-            result = "a sealed status (needs the user's key to read)"
+            result = "a sealed status (give --password user:pw or --lab to read it)"
         else:
             result = "no response in the capture"
         out.append(f"{call.call} for {dn} ran as {conn.acting}, {how(conn)} -> {result}")
@@ -132,6 +138,9 @@ def verdicts(conn: Connection) -> list[str]:
             out.append(f"Calls on {', '.join(names)} ran as {conn.acting}, {how(conn)}")
         else:
             out.append(f"No bind in the capture; the connection ran as {conn.acting}, {how(conn)}")
+    if conn.verified_pdus or conn.bad_signatures:
+        out.append(f"({conn.verified_pdus} protected PDU(s) verified with the supplied key, "
+                   f"{conn.bad_signatures} failed)")
     if conn.partial:
         out.append("(part of this connection is missing from the capture)")
     return out

@@ -57,6 +57,7 @@ class EmsmdbCall:
     status_name: str | None = None
     response_frame: int | None = None
     sealed: bool = False
+    unsealed: bool = False  # read with keys derived from a supplied password
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Connection:
     events: list[dict[str, Any]] = field(default_factory=list)
     partial: bool = False
     first_frame: int = 0
+    verified_pdus: int = 0  # signatures checked with keys from --password/--lab
+    bad_signatures: int = 0
 
     @property
     def acting(self) -> str:

@@ -16,13 +16,16 @@ from ..directory import status_hex, status_name
 from ..interfaces.emsmdb import EcDoConnect
 from ..sansio import ProtocolError
 from ..rpc import pdu as w
+from ..rpc.verifier import VerifyError
 from .authtokens import inspect_token
+from .unseal import Keyring, Unsealer, derive
 from .model import (AUTH_LEVEL_NAMES, AUTH_TYPE_NAMES, EMSMDB_CALLS, EMSMDB_UUID,
                     INTERFACE_NAMES, BindInfo, Connection, EmsmdbCall)
 
 # Keep at most this much of one call's stub while its fragments arrive; EcDoConnect stubs are
 # small, and nothing else is read.
 MAX_STUB = 64 * 1024
+MAX_OPEN_CALLS = 256
 
 
 @dataclass
@@ -62,9 +65,13 @@ def read_user_dn(stub: bytes, endian: str = "<") -> str | None:
 
 
 class RpcConnection:
-    def __init__(self, conn: Connection, smb: SmbSessionInfo | None = None) -> None:
+    def __init__(self, conn: Connection, smb: SmbSessionInfo | None = None,
+                 keyring: Keyring | None = None) -> None:
         self.conn = conn
         self.smb = smb
+        self._keyring = keyring
+        self._server_challenge: bytes | None = None
+        self._unsealer: Unsealer | None = None
         self._buffers = {True: w.FrameBuffer(), False: w.FrameBuffer()}
         self._contexts: dict[int, str] = {}
         self._calls: dict[int, dict[str, Any]] = {}
@@ -180,6 +187,8 @@ class RpcConnection:
             return
         if info.mechanism != "ntlm" or info.message is None:
             return
+        if info.message == "challenge":
+            self._server_challenge = info.server_challenge
         self.event(frame, f"ntlm.{info.message}", d, leg=leg,
                    **({"user": info.user, "domain": info.domain, "ntlm_version": info.ntlm_version}
                       if info.message == "authenticate" else {}))
@@ -193,6 +202,12 @@ class RpcConnection:
             self._authenticated = True
             self.event(frame, "rpc.identity", d, source=c.identity_source, user=c.user,
                        domain=c.domain, auth_type=auth_type, auth_level=level)
+            if self._keyring and f.auth.auth_level >= 3:
+                keys = derive(info.raw, self._server_challenge, self._keyring)
+                self.event(frame, "ntlm.session_keys", d, user=info.user, result=keys.reason)
+                if keys.ok and keys.readers is not None:
+                    self._unsealer = Unsealer(keys.readers, f.auth.auth_type, f.auth.auth_level,
+                                              f.auth.context_id)
 
     def _bind_reply(self, f: w.BindAck | w.BindNak, frame: int) -> None:
         infos = self._pending_binds.pop(f.call_id, [])
@@ -211,33 +226,52 @@ class RpcConnection:
             self._auth_token(f, frame, kind.split(".")[1])
 
     def _request(self, f: w.Request, frame: int) -> None:
-        ctx, opnum, stub, flags = f.context_id, f.opnum, f.stub, f.header.pfc_flags
+        ctx, opnum, flags = f.context_id, f.opnum, f.header.pfc_flags
         endian = "<" if f.header.little_endian else ">"
+        stub, sealed = self._open(f, frame, True)
         call = self._calls.get(f.call_id)
         if flags & w.PFC_FIRST_FRAG or call is None:
             iface = self._contexts.get(ctx)
-            call = {"opnum": opnum, "iface": iface, "stub": b"", "frame": frame,
-                    "sealed": bool(f.auth and f.auth.auth_level == 6)}
+            call = {"opnum": opnum, "iface": iface, "stub": b"", "frame": frame, "sealed": sealed}
+            if len(self._calls) >= MAX_OPEN_CALLS:  # unanswered calls must not pile up
+                self._calls.pop(next(iter(self._calls)))
             self._calls[f.call_id] = call
         if call["iface"] == EMSMDB_UUID and opnum in (0, 10) and len(call["stub"]) < MAX_STUB:
             call["stub"] += stub
         if flags & w.PFC_LAST_FRAG and call["iface"] == EMSMDB_UUID and opnum in (0, 10):
             user_dn = None if call["sealed"] else read_user_dn(call["stub"], endian)
-            ec = EmsmdbCall(EMSMDB_CALLS[opnum], frame, user_dn, sealed=call["sealed"])
+            ec = EmsmdbCall(EMSMDB_CALLS[opnum], frame, user_dn, sealed=call["sealed"],
+                            unsealed=bool(self._unsealer and f.auth and f.auth.auth_level == 6))
             call["ec"] = ec
             call["stub"] = b""
             self.conn.emsmdb.append(ec)
             self.event(frame, "emsmdb.connect_request", "c2s", call=ec.call, call_id=f.call_id,
                        user_dn=user_dn, sealed=ec.sealed)
 
+    def _open(self, f: w.Request | w.Response, frame: int, from_client: bool) -> tuple[bytes, bool]:
+        """The stub as far as it can be read, and whether it is still sealed. With keys, every
+        protected PDU goes through the verifier in order, so the RC4 streams stay in step."""
+        sealed = bool(f.auth and f.auth.auth_level == 6)
+        if self._unsealer is None or f.auth is None or f.auth.auth_level < 3:
+            return f.stub, sealed
+        try:
+            stub = self._unsealer.open(f, from_client)
+        except VerifyError as exc:
+            self.conn.bad_signatures += 1
+            self.event(frame, "rpc.verify", "c2s" if from_client else "s2c", call_id=f.call_id,
+                       result=exc.reason)
+            return f.stub, sealed
+        self.conn.verified_pdus += 1
+        return stub, False
+
     def _response(self, f: w.Response, frame: int) -> None:
         flags = f.header.pfc_flags
+        stub, sealed = self._open(f, frame, False)
         call = self._calls.get(f.call_id)
         if call is None or "ec" not in call:
             if flags & w.PFC_LAST_FRAG:
                 self._calls.pop(f.call_id, None)
             return
-        stub = f.stub
         # Only the last 4 bytes matter (the MAPISTATUS return value), so keep a short tail.
         call["tail"] = (call.get("tail", b"") + stub)[-4:]
         if not flags & w.PFC_LAST_FRAG:
@@ -245,7 +279,6 @@ class RpcConnection:
         self._calls.pop(f.call_id, None)
         ec: EmsmdbCall = call["ec"]
         ec.response_frame = frame
-        sealed = bool(f.auth and f.auth.auth_level == 6)
         if sealed or len(call["tail"]) < 4:
             ec.sealed = ec.sealed or sealed
         else:

@@ -23,6 +23,7 @@ STATUS_MORE_PROCESSING_REQUIRED = 0xC0000016
 STATUS_BUFFER_OVERFLOW = 0x80000005
 STATUS_PENDING = 0x00000103
 FSCTL_PIPE_TRANSCEIVE = 0x0011C017
+MAX_PENDING = 4096
 SMB1_FLAGS2_UNICODE = 0x8000
 SMB1_REPLY = 0x80
 SMB2_FLAGS_SERVER_TO_REDIR = 0x1
@@ -55,8 +56,9 @@ class SmbWalker:
     """Consumes whole SMB messages (NetBIOS framing already removed) from one TCP stream."""
 
     def __init__(self, stream: int, client: str, server: str,
-                 on_connection: Callable[[RpcConnection], None]) -> None:
+                 on_connection: Callable[[RpcConnection], None], keyring: Any = None) -> None:
         self.stream, self.client, self.server = stream, client, server
+        self._keyring = keyring
         self._on_connection = on_connection
         self.common_events: list[dict[str, Any]] = []
         self._sessions: dict[int, _Session] = {}
@@ -89,7 +91,7 @@ class SmbWalker:
         conn.events.extend(sorted(history, key=lambda e: e["frame"]))
         info = SmbSessionInfo(sess.user if sess else None, sess.domain if sess else None,
                               sess.frame if sess else None, [])
-        rpc = RpcConnection(conn, info)
+        rpc = RpcConnection(conn, info, keyring=self._keyring)
         rpc.event(frame, "smb.pipe_open", "s2c", pipe=pipe, tree=tree,
                   session_user=info.user)
         self._files[key] = rpc
@@ -294,6 +296,8 @@ class SmbWalker:
         d = "s2c" if reply else "c2s"
         if reply and status == STATUS_PENDING:
             return last_file  # an interim response; the final one follows
+        if not reply and len(self._pending) >= MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))  # requests never answered in the capture
         req = self._pending.get(key, {}) if reply else self._pending.setdefault(key, {"frame": frame})
         req.setdefault("cmd", cmd)
         try:

@@ -17,6 +17,7 @@ from .model import Connection
 from .pcapread import CaptureError, ProgressFn, TcpStream, reassemble
 from .rpcconn import RpcConnection
 from .smbwalk import SmbWalker
+from .unseal import Keyring
 
 MAX_MESSAGE = 1 << 24  # NetBIOS/SMB2 direct TCP allows 24-bit lengths
 MAX_BUFFER = 1 << 20  # a message larger than this is skipped, not buffered
@@ -42,8 +43,10 @@ class _Dir:
 class StreamWalker:
     """The reassembler's sink for one TCP stream."""
 
-    def __init__(self, st: TcpStream, found: Callable[[RpcConnection], None]) -> None:
+    def __init__(self, st: TcpStream, found: Callable[[RpcConnection], None],
+                 keyring: Keyring | None = None) -> None:
         self.st = st
+        self._keyring = keyring
         self._found = found
         self.kind: str | None = None  # "smb" | "rpc" | "other"
         self._dirs = {True: _Dir(), False: _Dir()}
@@ -106,10 +109,10 @@ class StreamWalker:
         client, server = self._endpoints()
         if kind == "rpc":
             conn = Connection(self.st.number, "ncacn_ip_tcp", client, server, partial=self.st.partial)
-            self._rpc = RpcConnection(conn)
+            self._rpc = RpcConnection(conn, keyring=self._keyring)
             self._found(self._rpc)
         else:
-            self._smb = SmbWalker(self.st.number, client, server, self._found)
+            self._smb = SmbWalker(self.st.number, client, server, self._found, self._keyring)
 
     def _rpc_data(self, from_a: bool, payload: bytes, frame: int) -> None:
         rpc = self._rpc
@@ -193,13 +196,14 @@ class Analysis:
     partial_streams: list[int]
 
 
-def analyse(path: str, progress: ProgressFn | None = None) -> Analysis:
-    """Read a capture and return every RPC connection in it, ordered by first frame."""
+def analyse(path: str, progress: ProgressFn | None = None, keyring: Keyring | None = None) -> Analysis:
+    """Read a capture and return every RPC connection in it, ordered by first frame. With a
+    keyring (NT hashes of known users) signed and sealed stubs are verified and read."""
     found: list[RpcConnection] = []
     walkers: list[StreamWalker] = []
 
     def sink(st: TcpStream) -> StreamWalker:
-        w = StreamWalker(st, found.append)
+        w = StreamWalker(st, found.append, keyring)
         walkers.append(w)
         return w
 
