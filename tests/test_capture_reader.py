@@ -305,3 +305,79 @@ def test_progress_reports_bytes_read(tcp_capture):
     size = os.path.getsize(tcp_capture)
     assert seen and seen[-1] == (size, size)
     assert all(d <= t for d, t in seen)
+
+
+def _raw_frame(src, dst, seq, ack, flags, payload):
+    import struct
+    tcp = struct.pack(">HHIIBBHHH", src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags,
+                      65535, 0, 0)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0, 64, 6, 0,
+                     bytes(map(int, src[0].split("."))), bytes(map(int, dst[0].split("."))))
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp + payload
+
+
+def test_memory_stays_flat_on_a_long_capture(tcp_capture, tmp_path):
+    """8 MB of EcDoRpc calls on one connection: peak memory must not follow the file size."""
+    import struct
+    import tracemalloc
+    from emulator.rpc.pdu import FrameBuffer
+    segs = _segments(tcp_capture)
+    client, server = segs[0].src, segs[0].dst
+    cpdus = FrameBuffer().feed(b"".join(s.payload for s in segs if s.src == client))
+    spdus = FrameBuffer().feed(b"".join(s.payload for s in segs if s.src == server))
+    bind, auth3, request = cpdus[0], cpdus[1], cpdus[2]
+    bind_ack, response = spdus[0], spdus[1]
+    path = str(tmp_path / "long.pcap")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        cseq, sseq = 1000, 5000
+
+        def rec(frame):
+            f.write(struct.pack("<IIII", 1_764_000_000, 0, len(frame), len(frame)) + frame)
+
+        rec(_raw_frame(client, server, cseq - 1, 0, 0x02, b""))
+        rec(_raw_frame(server, client, sseq - 1, cseq, 0x12, b""))
+        for pdu, from_client in ((bind, True), (bind_ack, False), (auth3, True)):
+            if from_client:
+                rec(_raw_frame(client, server, cseq, sseq, 0x18, pdu))
+                cseq += len(pdu)
+            else:
+                rec(_raw_frame(server, client, sseq, cseq, 0x18, pdu))
+                sseq += len(pdu)
+        req = bytearray(request)
+        req[22] = 2  # EcDoRpc, which the reader follows without keeping anything
+        size = 0
+        call = 100
+        while size < 8 << 20:
+            call += 1
+            struct.pack_into("<I", req, 12, call)
+            rsp = bytearray(response)
+            struct.pack_into("<I", rsp, 12, call)
+            rec(_raw_frame(client, server, cseq, sseq, 0x18, bytes(req)))
+            cseq += len(req)
+            rec(_raw_frame(server, client, sseq, cseq, 0x18, bytes(rsp)))
+            sseq += len(rsp)
+            size += len(req) + len(rsp) + 140
+    tracemalloc.start()
+    try:
+        conns = analyse(path).connections
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    [c] = conns
+    assert c.identity_source == "rpc_ntlm" and not c.partial
+    assert peak < 2 << 20, f"peak {peak >> 10} KiB while reading a {size >> 20} MiB capture"
+
+
+def test_terminal_progress_bar_only_on_a_tty(tcp_capture):
+    import io
+    from emulator.capture.pcapread import terminal_progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert terminal_progress(io.StringIO()) is None
+    out = Tty()
+    analyse(tcp_capture, terminal_progress(out))
+    assert "reading [" in out.getvalue() and out.getvalue().endswith("\n")

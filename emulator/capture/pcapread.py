@@ -284,6 +284,8 @@ FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 class StreamSink(Protocol):
     def data(self, from_a: bool, payload: bytes, frame: int) -> None: ...
     def gap(self, from_a: bool, frame: int) -> None: ...
+    # Optional: `close()` is called once the connection has ended (RST, or FIN both ways), so
+    # the sink can drop its buffers; a long capture then holds state only for open streams.
 
 
 @dataclass
@@ -367,16 +369,32 @@ class Reassembler:
             st.saw_syn = True
             d.next_seq = (seq + 1) & 0xFFFFFFFF
             seq = (seq + 1) & 0xFFFFFFFF
+        payload = seg.payload
+        if payload and st.sink is not None:
+            if d.next_seq is None:
+                if not st.saw_syn:
+                    st.partial = True
+                d.next_seq = seq
+            self._accept(st, idx, seq, payload, seg.frame)
+        elif payload:
+            d.bytes_seen += len(payload)
         if seg.flags & (FIN | RST):
             st.closed = True
-        payload = seg.payload
-        if not payload:
+            d.fin = True
+            if seg.flags & RST or (st.dirs[0].fin and st.dirs[1].fin):
+                self._retire(st)
+
+    def _retire(self, st: TcpStream) -> None:
+        if st.sink is None:
             return
-        if d.next_seq is None:
-            if not st.saw_syn:
-                st.partial = True
-            d.next_seq = seq
-        self._accept(st, idx, seq, payload, seg.frame)
+        self._finish(st)
+        close = getattr(st.sink, "close", None)
+        if close is not None:
+            close()
+        st.sink = None
+        for d in st.dirs:
+            d.pending.clear()
+            d.pending_bytes = 0
 
     def _accept(self, st: TcpStream, idx: int, seq: int, payload: bytes, frame: int) -> None:
         d = st.dirs[idx]

@@ -70,6 +70,7 @@ class RpcConnection:
         self.conn = conn
         self.smb = smb
         self._keyring = keyring
+        self._finished = self._released = False
         self._server_challenge: bytes | None = None
         self._unsealer: Unsealer | None = None
         self._buffers = {True: w.FrameBuffer(), False: w.FrameBuffer()}
@@ -89,6 +90,8 @@ class RpcConnection:
         self.conn.events.append({"frame": frame, "kind": kind, "dir": direction, **fields})
 
     def feed(self, from_client: bool, data: bytes, frame: int) -> None:
+        if self._released:
+            return
         try:
             frags = self._buffers[from_client].feed(data)
         except ProtocolError as exc:
@@ -106,6 +109,8 @@ class RpcConnection:
                            reason=exc.reason)
 
     def gap(self, from_client: bool) -> None:
+        if self._released:
+            return
         self._buffers[from_client] = w.FrameBuffer()
         self.conn.partial = True
 
@@ -289,8 +294,20 @@ class RpcConnection:
                    acting_user=c.acting if c.user else None, identity_source=c.identity_source,
                    status=ec.status, status_name=ec.status_name, sealed=ec.sealed)
 
+    def release(self) -> None:
+        """The connection has ended: settle it and drop everything but its summary."""
+        self.finish()
+        self._released = True
+        self._buffers.clear()
+        self._calls.clear()
+        self._pending_binds.clear()
+        self._unsealer = None
+
     def finish(self) -> None:
-        """Settle what the whole capture says about this connection's identity."""
+        """Settle what the whole capture says about this connection's identity. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
         c = self.conn
         if self._kerberos is not None and not self._authenticated:
             frame, auth_type, level = self._kerberos

@@ -130,6 +130,12 @@ class SmbWalker:
                         mechanism="plain", user=req["plain_user"], domain=req.get("plain_domain"),
                         result=result, request_frame=req.get("frame"))
 
+    def release(self) -> None:
+        for rpc in self._files.values():
+            rpc.release()
+        self._files.clear()
+        self._pending.clear()
+
     def gap(self) -> None:
         self.partial = True
         for rpc in self._files.values():

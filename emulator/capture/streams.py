@@ -91,6 +91,15 @@ class StreamWalker:
         else:
             self._smb_data(from_a, payload, frame)
 
+    def close(self) -> None:
+        """The TCP connection ended: keep only the summaries."""
+        self.kind = "other"
+        self._dirs = {True: _Dir(), False: _Dir()}
+        if self._rpc is not None:
+            self._rpc.release()
+        if self._smb is not None:
+            self._smb.release()
+
     def gap(self, from_a: bool, frame: int) -> None:
         self._dirs[from_a] = _Dir()
         self._synced[from_a] = False
@@ -200,12 +209,9 @@ def analyse(path: str, progress: ProgressFn | None = None, keyring: Keyring | No
     """Read a capture and return every RPC connection in it, ordered by first frame. With a
     keyring (NT hashes of known users) signed and sealed stubs are verified and read."""
     found: list[RpcConnection] = []
-    walkers: list[StreamWalker] = []
 
     def sink(st: TcpStream) -> StreamWalker:
-        w = StreamWalker(st, found.append, keyring)
-        walkers.append(w)
-        return w
+        return StreamWalker(st, found.append, keyring)
 
     r = reassemble(path, sink, progress)
     with_payload = [st for st in r.streams if st.dirs[0].bytes_seen or st.dirs[1].bytes_seen]
