@@ -112,13 +112,13 @@ def record_tcp_path(path: str, user: str = "bob", level: int = rpcrt.RPC_C_AUTHN
     return status
 
 
-def record_pipe_path(path: str) -> int | None:
+def record_pipe_path(path: str, dialect: str | None = None) -> int | None:
     """alice is logged on; the client opens \\emsmdb over her SMB session and asks for bob's
     mailbox: the bind carries no auth, so the server acts as alice (KB Q146188)."""
     from emulator.interfaces.emsmdb import hEcDoConnect
     writer = CaptureWriter(path, clock=fake_clock())
     srv = RecordingServer(writer, _smb_engine, 445)
-    smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=srv.port)
+    smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=srv.port, preferredDialect=dialect)
     smb.login("alice", CONFIG.user("alice").password, "CORP")
     t = transport.SMBTransport("127.0.0.1", srv.port, r"\emsmdb", smb_connection=smb)
     dce = t.get_dce_rpc()
@@ -275,3 +275,18 @@ def test_pipe_path_capture_decodes_cleanly_and_agrees_with_tshark(tmp_path):
     assert (c.transport, c.identity_source, c.user) == ("ncacn_np", "smb_session", "alice")
     assert [(e.user_dn, e.status_name) for e in c.emsmdb] == [(BOB_DN, "ecLoginPerm")]
     assert c.binds and all(b.auth_type == "none" for b in c.binds)
+
+
+@needs_tshark
+def test_smb1_pipe_path_capture_agrees_with_tshark(tmp_path):
+    from impacket.smb import SMB_DIALECT
+    path = str(tmp_path / "np1.pcap")
+    assert record_pipe_path(path, SMB_DIALECT) == 0x3F2
+    assert_clean_for_tshark(path)
+    files = {row[0].lstrip("\\") for row in tshark_fields(path, "smb.cmd == 0xa2", "smb.file")}
+    users = tshark_fields(path, "ntlmssp.messagetype == 3", "ntlmssp.auth.username")
+    [c] = analyse(path).connections
+    assert c.pipes[0] in files and [u[0] for u in users] == ["alice"]
+    assert (c.identity_source, c.user, c.smb_user) == ("smb_session", "alice", "alice")
+    assert any(e["kind"] == "smb.negotiate" and e["dialect"] == "NT LM 0.12" for e in c.events)
+    assert [(e.user_dn, e.status_name) for e in c.emsmdb] == [(BOB_DN, "ecLoginPerm")]
