@@ -36,13 +36,6 @@ COMMENT = "rpcauth-emulator"
 DEFAULT_SHARES: list[tuple[str, int, str]] = [("IPC$", 0x80000003, "Remote IPC")]
 
 
-def _referents(start: int = 0x00020000):
-    n = start
-    while True:
-        yield n
-        n += 4
-
-
 class SrvsvcInterface(RpcInterface):
     uuid = SRVSVC_UUID
     version = SRVSVC_VERSION
