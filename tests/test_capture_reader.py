@@ -381,3 +381,23 @@ def test_terminal_progress_bar_only_on_a_tty(tcp_capture):
     out = Tty()
     analyse(tcp_capture, terminal_progress(out))
     assert "reading [" in out.getvalue() and out.getvalue().endswith("\n")
+
+
+@needs_ref
+@pytest.mark.parametrize("name", ["raw_ntlm_in_smb.pcap", "dce_rpc_ntlm.pcapng"])
+def test_mutated_real_captures_give_results_or_capture_errors(name, tmp_path):
+    """Flip bytes inside SMB, DCE/RPC and NTLMSSP payloads of real traffic: the reader either
+    reports what it could read or raises CaptureError - never another exception."""
+    data = open(ref(name), "rb").read()
+    rng = random.Random(11)
+    for n in range(30):
+        mutated = bytearray(data)
+        for _ in range(8):
+            pos = rng.randrange(len(data) // 8, len(data))
+            mutated[pos] = rng.randrange(256)
+        p = str(tmp_path / f"m{n}{os.path.splitext(name)[1]}")
+        open(p, "wb").write(bytes(mutated))
+        try:
+            analyse(p)
+        except CaptureError:
+            pass

@@ -65,6 +65,24 @@ class StreamWalker:
     # -- sink interface ----------------------------------------------------------------------
 
     def data(self, from_a: bool, payload: bytes, frame: int) -> None:
+        try:
+            self._data(from_a, payload, frame)
+        except (ProtocolError, ValueError, LookupError, TypeError, struct.error) as exc:
+            # Captures come from anywhere; one undecodable message must not end the analysis.
+            # Note it and look for the next message boundary.
+            self._note_malformed(from_a, frame, exc)
+            self._desync(from_a)
+
+    def _note_malformed(self, from_a: bool, frame: int, exc: Exception) -> None:
+        reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
+        ev = {"frame": frame, "kind": "malformed", "dir": "c2s" if from_a else "s2c",
+              "layer": self.kind or "tcp", "reason": reason}
+        if self._rpc is not None:
+            self._rpc.conn.events.append(ev)
+        elif self._smb is not None:
+            self._smb.common_events.append(ev)
+
+    def _data(self, from_a: bool, payload: bytes, frame: int) -> None:
         if self.kind == "other":
             return
         d = self._dirs[from_a]
@@ -195,6 +213,9 @@ class StreamWalker:
         self._synced[from_a] = False
         if self._smb is not None:
             self._smb.gap()
+        if self._rpc is not None:
+            self._rpc.gap(True)
+            self._rpc.gap(False)
 
 
 @dataclass
