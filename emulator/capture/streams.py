@@ -54,6 +54,7 @@ class StreamWalker:
         self._smb: SmbWalker | None = None
         self._synced = {True: False, False: False}
         self._oriented = False
+        self._a_is_client: bool | None = None
 
     def _endpoints(self) -> tuple[str, str]:
         (ca, cp), (sa, sp) = self.st.client, self.st.server
@@ -148,7 +149,7 @@ class StreamWalker:
         d.buf += payload
         # Use FrameBuffer semantics through the connection, but decide the direction from
         # the first PDU type in this direction's data.
-        if not hasattr(self, "_a_is_client"):
+        if self._a_is_client is None:
             if len(d.buf) >= 3:
                 self._a_is_client = (d.buf[2] in (0, 11, 14, 16, 18, 19)) == from_a
             else:
