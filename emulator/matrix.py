@@ -92,7 +92,9 @@ def load_scenarios(text: str, source: str) -> list[Scenario]:
         values = uns if isinstance(uns, list) else [uns]
         for v in values:
             label = "on" if v else "off"
-            expect = {k: (e[label] if isinstance(e, dict) else e) for k, e in row["expect"].items()}
+            # YAML 1.1 reads the keys off/on as booleans; accept either spelling.
+            expect = {k: (e[bool(v)] if isinstance(e, dict) and bool(v) in e else e[label] if isinstance(e, dict)
+                          else e) for k, e in row["expect"].items()}
             sid = row["id"] if len(values) == 1 else f"{row['id']}-uns-{label}"
             out.append(Scenario(
                 id=sid, title=row.get("title", sid), cite=row.get("cite", ""),
@@ -223,7 +225,10 @@ def render_table(results: list[RowResult]) -> str:
 
 def _progress(i: int, n: int, s: Scenario) -> None:
     bar = "#" * i + "." * (n - i)
-    print(f"\r[{bar}] {i}/{n} {s.id:<28}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(f"\r[{bar}] {i}/{n} {s.id:<28}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+    else:
+        print(f"[{bar}] {i}/{n} {s.id}", file=sys.stderr, flush=True)
 
 
 def run_matrix_command(args: argparse.Namespace) -> int:

@@ -55,15 +55,17 @@ def test_ntlm_bind_decides_as_the_typed_user(lab, level, call):
     assert ident and ident[-1]["source"] == "rpc_auth" and ident[-1]["user"] == "alice"
 
 
-def test_level_packet_needs_a_verifier_impacket_does_not_send(lab):
-    """impacket does not sign at RPC_C_AUTHN_LEVEL_PKT (4); a server that treats 4 like 5 (as
-    Samba and Windows do for NTLM) must refuse the unsigned request rather than accept it."""
+def test_level_packet_without_verifier_counts_as_connect(lab):
+    """impacket binds at RPC_C_AUTHN_LEVEL_PKT (4) but sends its requests without a verifier.
+    The server serves the call (the policy minimum is connect) and reports the protection the
+    call really had, not the level the bind claimed."""
     dce, rt = tcp_dce(lab, "alice", lab.password("alice"), RPC_C_AUTHN_LEVEL_PKT)
     port = rt.get_socket().getsockname()[1]
-    with pytest.raises(DCERPCException):
-        hEcDoConnect(dce, dn("alice"))
+    assert hEcDoConnect(dce, dn("alice"))[0] == 0
+    dce.disconnect()
     conn = next(r["conn"] for r in lab.records("conn.open") if r["peer"] == f"127.0.0.1:{port}")
-    assert not lab.records("emsmdb.connect", conn=conn)
+    assert lab.records("rpc.bind", conn=conn)[-1]["auth_level"] == "packet"
+    assert lab.records("emsmdb.connect", conn=conn)[-1]["auth_level"] == "connect"
 
 
 @pytest.mark.parametrize("user, password, reason", [

@@ -505,14 +505,15 @@ class RpcConnection:
         if self._below_policy(call.level, [iface]):
             return self._fault(call.call_id, NCA_S_FAULT_ACCESS_DENIED, "below_policy",
                                context_id=call.context_id, interface=iface.uuid)
-        bound_level = self._sc.auth_level if self._sc else LEVEL_NONE
+        # Interfaces and events see the protection this call really had: a packet-level call
+        # that arrived without a verifier counts as connect (see _on_request).
         out = Output(events=[self._ev("rpc.request", interface=iface.uuid, interface_name=iface.name,
-                                      opnum=call.opnum, auth_level=auth_level_name(bound_level),
+                                      opnum=call.opnum, auth_level=auth_level_name(call.level),
                                       call_id=call.call_id)])
         assert self._identity is not None
         ctx = CallContext(identity=self._identity, transport=self.transport,
                           auth_type=self._sc.auth_type if self._sc else AUTH_TYPE_NONE,
-                          auth_level=bound_level,
+                          auth_level=call.level,
                           conn_state=self._state.setdefault(iface.name, {}),
                           emit=out.events.append, info=dict(self._info))
         try:
