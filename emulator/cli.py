@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, coerce_config, default_config, load_config
+from .config import ConfigError, default_config, load_config
 
 PRIVILEGED = 1024
 

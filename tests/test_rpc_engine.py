@@ -168,7 +168,9 @@ def wait_for(predicate, timeout=5.0):
 @pytest.mark.parametrize("level", [2, 4, 5, 6])
 def test_ntlm_bind_each_level_acts_as_the_authenticated_user(server, level):
     dce = dce_for(server.port, "bob", BOB_PW, level)
-    assert call(dce, 1) == f"CORP\\bob|rpc_auth|{level}".encode()
+    # impacket sends no verifier at packet level (4): the call's real protection is connect (2).
+    seen = 2 if level == 4 else level
+    assert call(dce, 1) == f"CORP\\bob|rpc_auth|{seen}".encode()
     payload = bytes(range(256)) * 12          # bigger than one fragment of the response
     assert call(dce, 0, payload) == payload
     big = call(dce, 4, struct.pack("<I", 20000))   # a response in several fragments

@@ -21,14 +21,12 @@ from hypothesis import strategies as st
 from impacket import nt_errors, smb
 from impacket.dcerpc.v5 import srvs, transport
 from impacket.smbconnection import SessionError, SMBConnection
-from impacket.uuid import bin_to_string
 
 from emulator.config import default_config
 from emulator.directory import Directory
 from emulator.events import Event
 from emulator.ntlm import AuthFactory
 from emulator.rpc.connection import RpcConnection
-from emulator.rpc.interface import NCA_S_OP_RNG_ERROR, CallContext, RpcFault, RpcInterface
 from emulator.sansio import Output
 from emulator.smb import smb1_wire as w
 from emulator.smb.pipe import PipeFactory
@@ -56,35 +54,10 @@ class EchoRpc:
         return []
 
 
-class ServerInfoInterface(RpcInterface):
-    """SRVSVC NetrServerGetInfo level 101 only, for checkouts without the product's SRVSVC
-    interface; sv101_comment reports the identity the RPC core says is calling."""
-
-    uuid = bin_to_string(srvs.MSRPC_UUID_SRVS[:16])
-    version = (3, 0)
-    name = "srvsvc"
-
-    def call(self, opnum: int, stub: bytes, ctx: CallContext) -> bytes:
-        if opnum != 21:
-            raise RpcFault(NCA_S_OP_RNG_ERROR, f"opnum {opnum}")
-        resp = srvs.NetrServerGetInfoResponse()
-        resp["InfoStruct"]["tag"] = 101
-        info = resp["InfoStruct"]["ServerInfo101"]
-        info["sv101_platform_id"], info["sv101_version_major"], info["sv101_version_minor"] = 500, 5, 2
-        info["sv101_type"] = 0x9003
-        info["sv101_name"] = CONFIG.server.netbios_name + "\x00"
-        info["sv101_comment"] = ctx.identity.qualified + "\x00"
-        resp["ErrorCode"] = 0
-        return resp.getData()
-
-
 def _srvsvc_interface(config):
-    try:
-        from emulator.interfaces.srvsvc import SrvsvcInterface
-    except ImportError:
-        return ServerInfoInterface()
-    import inspect
-    return SrvsvcInterface(config) if inspect.signature(SrvsvcInterface).parameters else SrvsvcInterface()
+    from emulator.interfaces.srvsvc import SrvsvcInterface
+
+    return SrvsvcInterface(config.server)
 
 
 def _srvsvc_builder(config, auth):
@@ -264,8 +237,6 @@ def test_impacket_srvsvc_over_smb1_named_pipe(server):
     identities = server.kinds("rpc.identity")
     assert identities and identities[-1].get("source") == "smb_session"
     assert identities[-1].get("user") == "alice"
-    if isinstance(_srvsvc_interface(CONFIG), ServerInfoInterface):
-        assert resp["InfoStruct"]["ServerInfo101"]["sv101_comment"].rstrip("\x00").lower() == "corp\\alice"
 
 
 def test_wrong_password_is_logon_failure_and_grants_nothing(server):

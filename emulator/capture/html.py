@@ -32,7 +32,7 @@ def ladder_svg(conn: Connection) -> str:
              f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#ffffff"/>',
              f'<text x="{LEFT}" y="18" text-anchor="middle" font-weight="bold">client {escape(conn.client)}</text>',
              f'<text x="{RIGHT}" y="18" text-anchor="middle" font-weight="bold">server {escape(conn.server)}</text>',
-             f'<text x="10" y="18" fill="#666">frame</text>',
+             '<text x="10" y="18" fill="#666">frame</text>',
              f'<line x1="{LEFT}" y1="26" x2="{LEFT}" y2="{height - 6}" stroke="#555" stroke-width="2"/>',
              f'<line x1="{RIGHT}" y1="26" x2="{RIGHT}" y2="{height - 6}" stroke="#555" stroke-width="2"/>']
     for i, s in enumerate(st):

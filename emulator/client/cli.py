@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 
 from ..config import AUTH_LEVELS, ConfigError, default_config, load_config
 from .profile import KNOWN_PROTSEQS, Credentials, Endpoint, Profile, lab_credentials

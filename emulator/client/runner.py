@@ -17,7 +17,7 @@ from ..directory import EC_LOGIN_FAILURE, EC_SUCCESS, status_hex, status_name
 from ..interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect, hEcDoConnectEx, hEcDoDisconnect
 from . import dialogs
 from .decision import Attempt, plan
-from .profile import SERVED_PROTSEQS, Credentials, Profile
+from .profile import SERVED_PROTSEQS, Profile
 
 EMSMDB_IF = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
 

@@ -10,7 +10,6 @@ Windows returns for bad stub data (RPC_X_BAD_STUB_DATA, MS-RPCE 2.2.2.11 / C706 
 
 from __future__ import annotations
 
-import logging
 import threading
 from contextlib import contextmanager
 from typing import Iterator, TypeVar
