@@ -57,10 +57,11 @@ class Lab:
     # ------------------------------------------------------------------ async core
     async def start_async(self) -> None:
         self.services = LabServices(self.config, random_bytes=self.random_bytes, now=self.now, host=self.host)
+        stable = self.seed is not None
         if self._capture_file:
-            self._capture = SharedCapture(self._capture_file, self.now)
+            self._capture = SharedCapture(self._capture_file, self.now, stable_ports=stable)
         elif self.captures_dir:
-            self._capture = PerConnectionCaptures(self.captures_dir, self.now)
+            self._capture = PerConnectionCaptures(self.captures_dir, self.now, stable_ports=stable)
         t = self.config.transports
         specs = [
             ("epm", t.epm.enabled, t.epm.port, self.services.epm_engine, "rpc"),

@@ -4,12 +4,14 @@ what was expected beside what the server's own events say happened."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import sys
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -22,6 +24,9 @@ COLUMNS = ("prompt_shown", "acting_user", "auth_layer", "outcome", "status_name"
 HEADERS = {"prompt_shown": "prompt", "acting_user": "server acted as", "auth_layer": "auth layer",
            "outcome": "result", "status_name": "status", "typed_on_wire": "typed creds on wire"}
 KB_DN = "/o=Corp/ou=Site/cn=Recipients/cn={}"
+# A seeded run listens on fixed ports: the endpoint mapper's answers and bind_acks carry port
+# numbers, and reference captures must come out the same every time.
+SEEDED_PORTS = {"smb": 49445, "epm": 49135, "emsmdb": 49601}
 
 
 @dataclass
@@ -62,7 +67,8 @@ class RowResult:
         return {"id": s.id, "title": s.title, "cite": s.cite, "binding_order": list(s.binding_order),
                 "use_network_security": s.use_network_security, "typed": _typed_label(s.typed),
                 "expected": self.expected, "observed": self.observed, "checks": self.checks, "ok": self.ok,
-                "capture": self.capture, "client": self.report.to_dict()}
+                "capture": os.path.basename(self.capture) if self.capture else None,
+                "client": self.report.to_dict()}
 
 
 def _typed_label(typed: str | None) -> str | None:
@@ -151,8 +157,9 @@ def observe(report: ClientReport, records: list[dict[str, Any]], typed_user: str
 
 def run_row(s: Scenario, base: LabConfig, *, capture_dir: str | None = None, seed: int | None = None) -> RowResult:
     capture = os.path.join(capture_dir, f"{s.id}.pcap") if capture_dir else None
-    lab = Lab(_lab_config(base, s.disable), capture_file=capture, seed=seed)
-    with lab:
+    lab = Lab(_lab_config(base, s.disable), capture_file=capture, seed=seed,
+              ports=SEEDED_PORTS if seed is not None else None)
+    with lab, _seeded_client(seed):
         profile = Profile(
             mailbox_dn=s.mailbox, logged_on=lab_credentials(base, s.logged_on),
             binding_order=s.binding_order, use_network_security=s.use_network_security,
@@ -164,6 +171,26 @@ def run_row(s: Scenario, base: LabConfig, *, capture_dir: str | None = None, see
     observed = observe(report, records, typed_user)
     return RowResult(s, dict(s.expect), observed, report, capture,
                      [r for r in records if r.get("conn") in set(report.server_conns)])
+
+
+@contextlib.contextmanager
+def _seeded_client(seed: int | None) -> Iterator[None]:
+    """Make impacket's client nonces repeatable for a seeded run: it draws the NTLM client
+    challenge and session key from `random`, and the SMB 3.1.1 preauth salt from its own
+    module-level SystemRandom, which we swap for a seeded generator while the row runs."""
+    if seed is None:
+        yield
+        return
+    import impacket.smb3 as smb3
+
+    saved_state, saved_rand = random.getstate(), smb3.rand
+    random.seed(seed)
+    smb3.rand = random.Random(seed)
+    try:
+        yield
+    finally:
+        smb3.rand = saved_rand
+        random.setstate(saved_state)
 
 
 def _endpoint(lab: Lab) -> Endpoint:
@@ -259,9 +286,19 @@ def run_matrix_command(args: argparse.Namespace) -> int:
 
 
 def _write_report(directory: str, doc: dict[str, Any], capture_dir: str | None) -> str:
+    """The HTML teaching report: the KB table, and per row its ladder, verdict and capture."""
     from .capture.report import write_report
 
-    path = write_report(directory, doc["rows"])
+    rows = []
+    for r in doc["rows"]:
+        capture = r.get("capture")
+        if capture and capture_dir and not os.path.isabs(capture):
+            capture = os.path.relpath(os.path.join(capture_dir, capture), directory)
+        pretty = lambda cols: {HEADERS.get(k, k): _fmt(v) for k, v in cols.items()}  # noqa: E731
+        rows.append({"row": f"{r['id']}: {r['title']}", "expected": pretty(r["expected"]),
+                     "observed": pretty(r["observed"]), "ok": r["ok"], "capture": capture})
+    os.makedirs(directory, exist_ok=True)
+    path = write_report(directory, rows)
     print(f"report: {path}", file=sys.stderr)
     return path
 

@@ -125,6 +125,15 @@ def verdicts(conn: Connection) -> list[str]:
     out = []
     for call in conn.emsmdb:
         dn = call.user_dn or ("a sealed DN" if call.sealed else "an unread DN")
+        if call.fault:
+            refused = "the RPC layer refused the call" + (
+                " (the NTLM logon in the bind failed)" if call.status == "0x00000005"
+                and conn.identity_source.startswith("rpc") else "")
+            claimed = (f"; the bind offered credentials of {conn.acting} in frame {conn.identity_frame}"
+                       if conn.identity_source.startswith("rpc") else "")
+            out.append(f"{call.call} for {dn} never ran: {refused} -> fault {call.status_name} "
+                       f"({call.status}){claimed}")
+            continue
         if call.status:
             result = f"{call.status_name} ({call.status})"
         elif call.sealed:

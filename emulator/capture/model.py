@@ -58,6 +58,7 @@ class EmsmdbCall:
     response_frame: int | None = None
     sealed: bool = False
     unsealed: bool = False  # read with keys derived from a supplied password
+    fault: bool = False     # the RPC runtime refused the call; it never reached EMSMDB
 
 
 @dataclass

@@ -28,6 +28,12 @@ MAX_STUB = 64 * 1024
 MAX_OPEN_CALLS = 256
 
 
+# C706 / MS-RPCE fault statuses a refused EMSMDB call comes back with.
+FAULT_NAMES = {0x5: "nca_s_fault_access_denied", 0x721: "nca_s_fault_sec_pkg_error",
+               0x1C010002: "nca_s_op_rng_error", 0x1C010003: "nca_s_unk_if",
+               0x1C00001A: "nca_s_fault_context_mismatch", 0x6F7: "rpc_x_bad_stub_data"}
+
+
 @dataclass
 class SmbSessionInfo:
     user: str | None
@@ -132,7 +138,15 @@ class RpcConnection:
             self._response(f, frame)
         elif isinstance(f, w.Fault):
             self.event(frame, "rpc.fault", "s2c", call_id=f.call_id, status=f"0x{f.status:08x}")
-            self._calls.pop(f.call_id, None)
+            call = self._calls.pop(f.call_id, None)
+            if call is not None and "ec" in call:
+                # The call never ran: the RPC runtime refused it (after a failed NTLM
+                # AUTHENTICATE, Windows faults the first call with access denied).
+                ec: EmsmdbCall = call["ec"]
+                ec.response_frame = frame
+                ec.status = f"0x{f.status:08x}"
+                ec.status_name = FAULT_NAMES.get(f.status, "fault")
+                ec.fault = True
 
     def _bind(self, f: w.Bind, frame: int) -> None:
         kind = "alter_context" if isinstance(f, w.AlterContext) else "bind"

@@ -3,9 +3,26 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from typing import Callable
+
+# In seeded captures client ports are numbered from here in connection order, so that two runs
+# of the same scenario write the same frames (the kernel's ephemeral ports differ every run).
+STABLE_CLIENT_PORT = 50000
+
+
+class _ClientPorts:
+    def __init__(self, stable: bool) -> None:
+        self._next = itertools.count(STABLE_CLIENT_PORT) if stable else None
+        self._lock = threading.Lock()
+
+    def __call__(self, client: tuple[str, int]) -> tuple[str, int]:
+        if self._next is None:
+            return client
+        with self._lock:
+            return (client[0], next(self._next))
 
 
 class _ClosingStream:
@@ -26,9 +43,10 @@ class _ClosingStream:
 
 
 class PerConnectionCaptures:
-    def __init__(self, directory: str, clock: Callable[[], float]) -> None:
+    def __init__(self, directory: str, clock: Callable[[], float], stable_ports: bool = False) -> None:
         os.makedirs(directory, exist_ok=True)
         self.directory, self._clock = directory, clock
+        self._client_port = _ClientPorts(stable_ports)
         self.paths: list[str] = []
         self._lock = threading.Lock()
 
@@ -39,7 +57,7 @@ class PerConnectionCaptures:
         with self._lock:
             self.paths.append(path)
         writer = CaptureWriter(path, clock=self._clock)
-        return _ClosingStream(writer, writer.stream(client, server))
+        return _ClosingStream(writer, writer.stream(self._client_port(client), server))
 
     def close(self) -> None:
         pass
@@ -48,15 +66,16 @@ class PerConnectionCaptures:
 class SharedCapture:
     """All connections into one file, e.g. everything one matrix row did."""
 
-    def __init__(self, path: str, clock: Callable[[], float]) -> None:
+    def __init__(self, path: str, clock: Callable[[], float], stable_ports: bool = False) -> None:
         from ..capture.recorder import CaptureWriter
 
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self._writer = CaptureWriter(path, clock=clock)
+        self._client_port = _ClientPorts(stable_ports)
 
     def stream(self, conn: str, listener: str, client: tuple[str, int], server: tuple[str, int]):
-        return self._writer.stream(client, server)
+        return self._writer.stream(self._client_port(client), server)
 
     def close(self) -> None:
         self._writer.close()
