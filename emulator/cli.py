@@ -61,7 +61,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await lab.start_async()
+        live = None
         try:
+            if args.live_capture:
+                from .server.live_capture import LiveCapture
+
+                live = LiveCapture(args.live_capture, list(lab.ports.values()),
+                                   os.path.join(args.captures or ".", "live.pcapng"))
+                print(f"rpcauth: live capture of {args.live_capture} into {live.path}", file=sys.stderr)
             info = lab.ready_info()
             if args.ready_file:
                 _write_ready(args.ready_file, info)
@@ -69,11 +76,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   + ", ".join(f"{k} {v}" for k, v in lab.ports.items()), file=sys.stderr, flush=True)
             await stop.wait()
         finally:
+            if live is not None:
+                live.stop()
             await lab.stop_async()
         print("rpcauth: stopped; captures closed and events flushed", file=sys.stderr)
 
+    from .server.live_capture import LiveCaptureError
+
     try:
         asyncio.run(main())
+    except LiveCaptureError as exc:
+        print(f"rpcauth serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"rpcauth serve: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -162,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--events", help="JSON Lines event file")
     s.add_argument("--ready-file", help="written as JSON once every listener accepts")
     s.add_argument("--seed", type=int, help="deterministic challenges, handles and timestamps (labs only)")
+    s.add_argument("--live-capture", metavar="IFACE",
+                   help="also record the real traffic on IFACE (e.g. lo) with dumpcap; needs root")
     s.set_defaults(func=cmd_serve)
 
     from .client.cli import add_client_arguments

@@ -13,6 +13,16 @@ from typing import Callable
 STABLE_CLIENT_PORT = 50000
 
 
+# Wireshark decodes TCP 6000-6063 as X11 by port, before any DCE/RPC heuristic gets a look. An
+# EMSMDB listener there (6001 is the lab's default) is written into captures as this port.
+X11_PORTS = range(6000, 6064)
+X11_SAFE_PORT = 49601
+
+
+def capture_server(server: tuple[str, int]) -> tuple[str, int]:
+    return (server[0], X11_SAFE_PORT) if server[1] in X11_PORTS else server
+
+
 class _ClientPorts:
     def __init__(self, stable: bool) -> None:
         self._next = itertools.count(STABLE_CLIENT_PORT) if stable else None
@@ -57,7 +67,7 @@ class PerConnectionCaptures:
         with self._lock:
             self.paths.append(path)
         writer = CaptureWriter(path, clock=self._clock)
-        return _ClosingStream(writer, writer.stream(self._client_port(client), server))
+        return _ClosingStream(writer, writer.stream(self._client_port(client), capture_server(server)))
 
     def close(self) -> None:
         pass
@@ -75,7 +85,7 @@ class SharedCapture:
         self._client_port = _ClientPorts(stable_ports)
 
     def stream(self, conn: str, listener: str, client: tuple[str, int], server: tuple[str, int]):
-        return self._writer.stream(self._client_port(client), server)
+        return self._writer.stream(self._client_port(client), capture_server(server))
 
     def close(self) -> None:
         self._writer.close()
