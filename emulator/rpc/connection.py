@@ -108,6 +108,9 @@ class RpcConnection:
             try:
                 frag = self._frames.pop()
             except ProtocolError as exc:
+                if isinstance(exc, P.FragmentTooLarge):
+                    out.events.append(limit(LAYER, "max_fragment_size", size=exc.size, value=exc.limit,
+                                            transport=self.transport))
                 out.events.append(self._malformed(exc.reason))
                 return self._close(out)
             if frag is None:

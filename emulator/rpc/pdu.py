@@ -223,6 +223,14 @@ Pdu = Union[Bind, AlterContext, BindAck, AlterContextResp, BindNak, Request, Res
 
 # ------------------------------------------------------------------------------ framing
 
+class FragmentTooLarge(ProtocolError):
+    """A fragment longer than the configured limit: bad input, and also a `limit` to report."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(LAYER, f"frag_length {size} exceeds {limit}")
+        self.size, self.limit = size, limit
+
+
 class FrameBuffer:
     """Cuts a byte stream into fragments by frag_length (C706 12.6.3.1), whatever the split."""
 
@@ -255,7 +263,7 @@ class FrameBuffer:
         if frag_length < HEADER_SIZE:
             raise _fail(f"frag_length {frag_length} is smaller than the header")
         if frag_length > self.max_fragment_size:
-            raise _fail(f"frag_length {frag_length} exceeds {self.max_fragment_size}")
+            raise FragmentTooLarge(frag_length, self.max_fragment_size)
         if len(self._buf) < frag_length:
             return None
         frag = bytes(self._buf[:frag_length])
