@@ -72,8 +72,8 @@ class Transports:
 
 @dataclass(frozen=True)
 class Limits:
-    max_connections: int = 4096
-    max_connections_per_peer: int = 2048
+    max_connections: int = 1024          # per listener; x max_pdu_size bounds reassembly memory
+    max_connections_per_peer: int = 512
     max_pdu_size: int = 1 << 20            # one reassembled RPC request or SMB message
     max_fragment_size: int = 65536 + 1024
     max_pipes_per_connection: int = 64
