@@ -145,6 +145,14 @@ class NtlmAcceptor:
     def reset_incoming_rc4(self) -> None:
         self._keys().reset_incoming_rc4()
 
+    def verify_mech_list_mic(self, mech_list: bytes, mic: bytes) -> str | None:
+        if self._security is None:
+            return None
+        return self._security.verify_mech_list_mic(mech_list, mic)
+
+    def sign_mech_list_mic(self, mech_list: bytes, form: str) -> bytes:
+        return self._keys().sign_mech_list_mic(mech_list, form)
+
     def fail_after(self, result: AuthResult) -> None:
         """A wrapping layer (SPNEGO) rejected a context NTLM had accepted: drop the keys."""
         self._state = "failed"

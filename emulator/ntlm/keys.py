@@ -19,6 +19,10 @@ from impacket import ntlm as imp
 
 SIGNATURE_LEN = 16
 
+# How a peer wrote the ESS checksum of its SPNEGO mechListMIC (see verify_mech_list_mic).
+MIC_FORM_SPEC = "spec"
+MIC_FORM_RC4_CHECKSUM = "rc4_checksum_without_key_exch"
+
 _MAGIC = {
     ("sign", "client"): b"session key to client-to-server signing key magic constant\x00",
     ("sign", "server"): b"session key to server-to-client signing key magic constant\x00",
@@ -149,3 +153,43 @@ class SessionSecurity:
 
     def reset_incoming_rc4(self) -> None:
         self._in.rc4 = ARC4.new(self._in.seal_key)
+
+    def verify_mech_list_mic(self, mech_list: bytes, mic: bytes) -> str | None:
+        """Check a client's mechListMIC; return the checksum form that verified, or None.
+
+        MS-NLMP 3.4.4.2 passes the ESS checksum through RC4 only when KEY_EXCH was negotiated
+        (Samba and impacket agree). scapy 2.8 always passes it through RC4, which only shows
+        when KEY_EXCH was not negotiated: a DCE/RPC bind at level connect, where the client asks
+        for neither signing nor sealing. Both forms are HMAC-MD5 under the client signing key,
+        which only the holder of the session key can compute, so accepting the second form as
+        well keeps the downgrade protection of the MIC intact: it is verified, never skipped.
+        Either way one incoming sequence number is consumed and the RC4 state is left fresh for
+        the first application message (MS-SPNG 3.3.5.1).
+        """
+        form = None
+        if self.verify(mech_list, mic):
+            form = MIC_FORM_SPEC
+        elif self._ess and not self._key_exch and len(mic) == SIGNATURE_LEN:
+            d = self._in
+            seq = (d.seq - 1) & 0xFFFFFFFF          # the number verify() just consumed
+            plain = hmac_md5(d.sign_key, struct.pack("<I", seq) + mech_list)[:8]
+            expected = (struct.pack("<I", 1) + ARC4.new(d.seal_key).encrypt(plain)
+                        + struct.pack("<I", seq))
+            if hmac.compare_digest(expected, mic):
+                form = MIC_FORM_RC4_CHECKSUM
+        self.reset_incoming_rc4()
+        return form
+
+    def sign_mech_list_mic(self, mech_list: bytes, form: str = MIC_FORM_SPEC) -> bytes:
+        """The server's mechListMIC, in the checksum form the client used (see
+        verify_mech_list_mic), so that a client which checks it accepts it."""
+        if form == MIC_FORM_RC4_CHECKSUM and self._ess and not self._key_exch:
+            d = self._out
+            seq = d.seq
+            d.seq = (d.seq + 1) & 0xFFFFFFFF
+            plain = hmac_md5(d.sign_key, struct.pack("<I", seq) + mech_list)[:8]
+            mic = struct.pack("<I", 1) + ARC4.new(d.seal_key).encrypt(plain) + struct.pack("<I", seq)
+        else:
+            mic = self.sign(mech_list)
+        self.reset_outgoing_rc4()
+        return mic

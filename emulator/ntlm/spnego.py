@@ -10,6 +10,9 @@ The mechListMIC protects the mechanism list from downgrade: it is the NTLM signa
 DER of the client's MechTypeList (MS-SPNG 3.1.5.1). It is required when this acceptor did not
 pick the client's first choice (RFC 4178 5, negState request-mic) and when the NTLM
 AUTHENTICATE carried a MIC (the client then supports, and Windows expects, the exchange).
+When no key exchange was negotiated (a DCE/RPC bind at level connect), some clients pass the
+MIC checksum through RC4 anyway; that form is verified too and answered in kind
+(SessionSecurity.verify_mech_list_mic says why this keeps the MIC's protection).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..identity import Identity
 from ..sansio import ProtocolError
 from . import der
 from .acceptor import LAYER, NtlmAcceptor
+from .keys import MIC_FORM_SPEC
 from .messages import SIGNATURE
 from .results import AuthResult, StepResult, failure
 
@@ -261,17 +265,20 @@ class SpnegoAcceptor:
         if client_mic is None and need_mic:
             return self._mic_failure(ntlm_result, events, "mechListMIC missing")
         server_mic = None
+        mic_form = None
         if client_mic is not None:
             # MS-SPNG 3.3.5.1: verify with the client-to-server key (this consumes a sequence
-            # number), then restore the RC4 state for the first application message.
-            if not self._ntlm.verify(self._mech_list_raw, client_mic):
+            # number), then restore the RC4 state for the first application message; answer
+            # with our own MIC in the checksum form the client used.
+            mic_form = self._ntlm.verify_mech_list_mic(self._mech_list_raw, client_mic)
+            if mic_form is None:
                 return self._mic_failure(ntlm_result, events, "mechListMIC does not verify")
-            self._ntlm.reset_incoming_rc4()
-            server_mic = self._ntlm.sign(self._mech_list_raw)
-            self._ntlm.reset_outgoing_rc4()
+            server_mic = self._ntlm.sign_mech_list_mic(self._mech_list_raw, mic_form)
         self._state = "done"
         self._result = replace(ntlm_result, mech=self.mech)
-        events.append(event(LAYER, "spnego.accept", result="ok", mech_list_mic=client_mic is not None))
+        fields = {"mech_list_mic_form": mic_form} if mic_form not in (None, MIC_FORM_SPEC) else {}
+        events.append(event(LAYER, "spnego.accept", result="ok", mech_list_mic=client_mic is not None,
+                            **fields))
         return StepResult(neg_token_resp(ACCEPT_COMPLETED, mic=server_mic), True, True, events)
 
     def _mic_failure(self, ntlm_result: AuthResult, events: list[Event], detail: str) -> StepResult:
