@@ -277,8 +277,12 @@ class Smb2Engine:
             w.parse_simple(msg)
             return self._signed_like_request(h, Reply(st.STATUS_SUCCESS, w.build_simple_response()))
 
+        command = w.COMMAND_NAMES.get(h.command, h.command)
         session = self._sessions.get(h.session_id)
         if session is None or not session.valid:
+            # Unknown, failed, logged-off or foreign SessionId: refused, and said so.
+            events.append(event(LAYER, "smb.refused", command=command, reason="no_session",
+                                status=st.status_name(st.STATUS_USER_SESSION_DELETED)))
             return Reply(st.STATUS_USER_SESSION_DELETED, w.build_error_response())
         denied = self._check_signature(msg, h, session, events)
         if denied is not None:
@@ -292,6 +296,8 @@ class Smb2Engine:
             return self._finish(h, session, Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response()))
         tree = session.trees.get(h.tree_id)
         if tree is None:
+            events.append(event(LAYER, "smb.refused", command=command, reason="no_tree",
+                                status=st.status_name(st.STATUS_NETWORK_NAME_DELETED), user=session.label))
             return self._finish(h, session, Reply(st.STATUS_NETWORK_NAME_DELETED, w.build_error_response()))
         handler = {
             w.TREE_DISCONNECT: self._tree_disconnect, w.CREATE: self._create, w.CLOSE: self._close,
@@ -302,6 +308,10 @@ class Smb2Engine:
             reply = Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response())
         else:
             reply = handler(msg, h, session, tree, chain, related, events)
+            if reply.status == st.STATUS_FILE_CLOSED:
+                # Only a FileId this session and tree never opened (or closed) gets this status.
+                events.append(event(LAYER, "smb.refused", command=command, reason="unknown_file",
+                                    status=st.status_name(st.STATUS_FILE_CLOSED), user=session.label))
         return self._finish(h, session, reply)
 
     def _finish(self, h: w.Header, session: Session, reply: Reply) -> Reply:
