@@ -41,6 +41,17 @@ NCA_S_UNK_IF = 0x1C010003
 NCA_S_PROTO_ERROR = 0x1C01000B
 
 
+def lab_config(**policy: Any) -> dict:
+    """The embedded KB lab (its users and mailboxes) with some policy keys changed."""
+    import importlib.resources
+
+    import yaml
+    text = importlib.resources.files("emulator").joinpath("default_lab.yaml").read_text()
+    config = yaml.safe_load(text)
+    config["policy"].update(policy)
+    return config
+
+
 def dn(user: str) -> str:
     return f"/o=Corp/ou=Site/cn=Recipients/cn={user}"
 
