@@ -23,7 +23,7 @@ from impacket import smb3structs as s3
 from impacket.spnego import SPNEGO_NegTokenInit, SPNEGO_NegTokenResp, TypesMech
 from impacket.uuid import uuidtup_to_bin
 
-from emulator.interfaces.emsmdb import (EMSMDB_UUID, EcDoConnect, EcDoConnectResponse, EcDoDisconnect,
+from emulator.interfaces.emsmdb import (EMSMDB_UUID, EcDoConnect, EcDoDisconnect,
                                         EcDummyRpc)
 
 HOST = "127.0.0.1"
@@ -460,7 +460,7 @@ class RawSmb2(Wire):
         if anonymous:
             token, key = anonymous_authenticate(neg, challenge), b""
         else:
-            # Without an NTLM MIC, so SPNEGO needs no mechListMIC (MS-SPNG 3.1.5.1); the MIC
+            # Without an NTLM MIC, so SPNEGO needs no mechListMIC (MS-SPNG 3.3.5.1); the MIC
             # cases run over raw NTLM in the RPC bind.
             auth = authenticate_message(neg, challenge, user, password, domain, mic=False, ntlmv2=ntlmv2)
             token, key = (tamper(auth) if tamper else auth.raw), auth.exported_key

@@ -15,7 +15,7 @@ from impacket.spnego import SPNEGO_NegTokenInit, TypesMech
 
 from emulator.lab import Lab
 
-from helpers import (AUTH3, AUTHN_KERBEROS, AUTHN_SPNEGO, AUTHN_WINNT, BIND_ACK, BIND_NAK, FAULT,
+from helpers import (AUTHN_KERBEROS, AUTHN_SPNEGO, AUTHN_WINNT, BIND_NAK, FAULT,
                      LEVEL_CONNECT, LEVEL_INTEGRITY, LEVEL_PRIVACY, NCA_S_PROTO_ERROR, NCA_S_UNK_IF,
                      OP_EC_DO_CONNECT, ALTER_CONTEXT, EMSMDB_SYNTAX, Authenticate, RawRpc,
                      anonymous_authenticate, authenticate_message, bind_body, conn_of, dn,
