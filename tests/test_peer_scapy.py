@@ -14,25 +14,39 @@ import time
 import uuid
 
 import pytest
+from conftest import dn
 from impacket.dcerpc.v5.rpcrt import DCERPCException
+from scapy.config import conf
+from scapy.error import Scapy_Exception
+from scapy.layers.dcerpc import (
+    DceRpc5Fault,
+    find_dcerpc_interface,
+    register_dcerpc_interface,
+)
+from scapy.layers.msrpce.rpcclient import DCERPC_Client, DCERPC_Transport
+from scapy.layers.ntlm import NTLMSSP
+from scapy.layers.smbclient import SMB_RPC_SOCKET, SMB_Client
+from scapy.layers.spnego import SPNEGOSSP
 
 from emulator.interfaces import emsmdb
-from emulator.interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect, hEcDoConnectEx, hEcDoDisconnect
+from emulator.interfaces.emsmdb import (
+    EMSMDB_UUID,
+    hEcDoConnect,
+    hEcDoConnectEx,
+    hEcDoDisconnect,
+)
 
-from conftest import dn
 
-pytest.importorskip("scapy.layers.msrpce.rpcclient")
+@pytest.fixture(autouse=True, scope="module")
+def quiet_scapy():
+    """scapy warns about every opnum it has no NDR class for; the stubs here are opaque on
+    purpose."""
+    logger = logging.getLogger("scapy.runtime")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
 
-from scapy.config import conf  # noqa: E402
-from scapy.layers.dcerpc import DceRpc5Fault, find_dcerpc_interface, register_dcerpc_interface  # noqa: E402
-from scapy.layers.msrpce.rpcclient import DCERPC_Client, DCERPC_Transport  # noqa: E402
-from scapy.layers.ntlm import NTLMSSP  # noqa: E402
-from scapy.layers.smbclient import SMB_RPC_SOCKET, SMB_Client  # noqa: E402
-from scapy.layers.spnego import SPNEGOSSP  # noqa: E402
-from scapy.error import Scapy_Exception  # noqa: E402
-
-# scapy warns about every opnum it has no NDR class for; the stubs here are opaque on purpose.
-logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
 
 LEVEL_NAMES = {2: "connect", 4: "packet", 5: "integrity", 6: "privacy"}
 # alice's own mailbox, bob's (no grant), carol's (grants alice), and a DN nobody owns.
@@ -59,7 +73,7 @@ class ScapyDce:
     def __init__(self, client: DCERPC_Client) -> None:
         self.client = client
 
-    def request(self, call, checkError=False):  # noqa: N803 - impacket's keyword
+    def request(self, call, checkError=False):
         resp = self.client.sr1_req(conf.raw_layer(load=call.getData()), opnum=call.opnum)
         if resp is None:
             raise DCERPCException("no answer from the server")
@@ -148,7 +162,7 @@ class TamperedMicNTLMSSP(NTLMSSP):
     """scapy's NTLM with one bit of the mechListMIC checksum flipped: a downgrade attempt's
     view of the exchange, with the right password."""
 
-    def GetMechListMIC(self, Context, input):  # noqa: N802,A002 - scapy's names
+    def GetMechListMIC(self, Context, input):
         mic = bytearray(bytes(super().GetMechListMIC(Context, input)))
         mic[6] ^= 0x01
         return bytes(mic)
