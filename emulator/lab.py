@@ -81,8 +81,8 @@ class Lab:
                                       config=self.config.source))
 
     async def stop_async(self) -> None:
-        for lst in self.listeners:
-            await lst.stop()
+        # All listeners at once: one busy listener must not hold the others' connections open.
+        await asyncio.gather(*(lst.stop() for lst in self.listeners))
         self.listeners = []
         if self._capture is not None:
             self._capture.close()

@@ -188,8 +188,11 @@ class Listener:
             while True:
                 wait, which = deadlines.next(loop.time())
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), wait)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that
+                    # arrives as the read completes, and a busy client then outlives shutdown.
+                    async with asyncio.timeout(wait):
+                        data = await reader.read(READ_SIZE)
+                except TimeoutError:
                     self._limit(conn, which, peer, getattr(self._limits, which))
                     reason = which
                     break
@@ -216,6 +219,9 @@ class Listener:
                     await writer.drain()
                 if out.close:
                     reason = "server_closed"
+                    break
+                if self._closing:
+                    reason = "shutdown"
                     break
         except (ConnectionError, OSError):
             reason = "reset"
