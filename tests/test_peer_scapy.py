@@ -15,9 +15,11 @@ import uuid
 
 import pytest
 from conftest import dn
+from impacket import ntlm as imp_ntlm
 from impacket.dcerpc.v5.rpcrt import DCERPCException
 from scapy.config import conf
 from scapy.error import Scapy_Exception
+from scapy.layers import ntlm as scapy_ntlm
 from scapy.layers.dcerpc import (
     DceRpc5Fault,
     find_dcerpc_interface,
@@ -35,6 +37,7 @@ from emulator.interfaces.emsmdb import (
     hEcDoConnectEx,
     hEcDoDisconnect,
 )
+from emulator.ntlm import keys
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -327,6 +330,22 @@ def test_named_pipe_unsigned_request_after_integrity_bind_is_faulted(lab):
     assert not lab.records("emsmdb.connect", conn=conn)
 
 
+def test_named_pipe_privacy_through_connect_wants_smb_encryption_the_lab_does_not_offer(lab):
+    """DCERPC_Client.connect() over NCACN_NP at level privacy insists on SMB3 encryption.
+    The lab's SMB server does not offer encryption (it refuses it cleanly), so scapy stops
+    after NEGOTIATE: no session, no pipe. Privacy on the pipe is covered above through an
+    RPC-level seal on a signed session instead."""
+    before = smb_conns(lab)
+    with pytest.raises(Scapy_Exception, match="encryption"):
+        np_client(lab, "alice", level=6)
+    (conn,) = wait_for(lambda: smb_conns(lab) - before)
+    assert wait_for(lambda: lab.records("conn.close", conn=conn))
+    negotiated = lab.records("smb.negotiate", conn=conn)
+    assert negotiated and negotiated[-1]["dialect"] == "3.1.1"
+    assert not lab.records("smb.session_setup", conn=conn)
+    assert not lab.records("smb.pipe_open", conn=conn)
+
+
 def test_named_pipe_wrong_password_opens_nothing(lab):
     before = smb_conns(lab)
     sock = socket.create_connection(("127.0.0.1", lab.ports["smb"]), timeout=5)
@@ -338,3 +357,50 @@ def test_named_pipe_wrong_password_opens_nothing(lab):
     assert [s["result"] for s in lab.records("smb.session_setup", conn=conn)] == ["wrong_password"]
     assert not lab.records("smb.tree_connect", conn=conn, result="ok")
     assert not lab.records("smb.pipe_open", conn=conn)
+
+
+# ----------------------------------------------------------------------------- the MIC form scapy uses
+
+ESS_NO_KEY_EXCH = (imp_ntlm.NTLMSSP_NEGOTIATE_EXTENDED_SESSIONSECURITY | imp_ntlm.NTLMSSP_NEGOTIATE_128
+                   | imp_ntlm.NTLMSSP_NEGOTIATE_NTLM | imp_ntlm.NTLMSSP_NEGOTIATE_UNICODE)
+ESS_KEY_EXCH = ESS_NO_KEY_EXCH | imp_ntlm.NTLMSSP_NEGOTIATE_KEY_EXCH
+MECH_LIST = bytes.fromhex("300c060a2b06010401823702020a")       # DER MechTypeList: NTLMSSP only
+SESSION_KEY = bytes(range(16))
+
+
+def scapy_mic(session_key: bytes, sender: str, seq: int = 0) -> bytes:
+    """A mechListMIC as scapy's own NTLM code computes it: checksum always through RC4."""
+    sign = keys.sign_key(session_key, ESS_NO_KEY_EXCH, sender)
+    seal = keys.seal_key(session_key, ESS_NO_KEY_EXCH, sender)
+    return bytes(scapy_ntlm.MAC(scapy_ntlm.RC4Init(seal), sign, seq, MECH_LIST))
+
+
+def test_rc4_mic_form_is_accepted_only_without_key_exchange_and_under_the_right_key():
+    server = keys.SessionSecurity(SESSION_KEY, ESS_NO_KEY_EXCH, "server")
+    assert server.verify_mech_list_mic(MECH_LIST, scapy_mic(SESSION_KEY, "client")) == keys.MIC_FORM_RC4_CHECKSUM
+    # The answer, in the same form, is what scapy's own MAC computes for the server direction.
+    assert server.sign_mech_list_mic(MECH_LIST, keys.MIC_FORM_RC4_CHECKSUM) == scapy_mic(SESSION_KEY, "server")
+
+    other_key = bytes(16)
+    server = keys.SessionSecurity(SESSION_KEY, ESS_NO_KEY_EXCH, "server")
+    assert server.verify_mech_list_mic(MECH_LIST, scapy_mic(other_key, "client")) is None
+
+    # The specified form still verifies, and is answered in the specified form.
+    client = keys.SessionSecurity(SESSION_KEY, ESS_NO_KEY_EXCH, "client")
+    server = keys.SessionSecurity(SESSION_KEY, ESS_NO_KEY_EXCH, "server")
+    assert server.verify_mech_list_mic(MECH_LIST, client.sign(MECH_LIST)) == keys.MIC_FORM_SPEC
+    assert client.verify(MECH_LIST, server.sign_mech_list_mic(MECH_LIST, keys.MIC_FORM_SPEC))
+
+
+def test_with_key_exchange_only_the_specified_form_verifies():
+    """With KEY_EXCH both sides pass the checksum through RC4 (MS-NLMP 3.4.4.2); a checksum
+    left in the clear is then not a second accepted form."""
+    client = keys.SessionSecurity(SESSION_KEY, ESS_KEY_EXCH, "client")
+    server = keys.SessionSecurity(SESSION_KEY, ESS_KEY_EXCH, "server")
+    spec = client.sign(MECH_LIST)
+    sign = keys.sign_key(SESSION_KEY, ESS_KEY_EXCH, "client")
+    clear = spec[:4] + keys.hmac_md5(sign, bytes(4) + MECH_LIST)[:8] + spec[12:]
+    assert clear != spec
+    assert server.verify_mech_list_mic(MECH_LIST, clear) is None
+    server = keys.SessionSecurity(SESSION_KEY, ESS_KEY_EXCH, "server")
+    assert server.verify_mech_list_mic(MECH_LIST, spec) == keys.MIC_FORM_SPEC
