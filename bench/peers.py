@@ -24,6 +24,7 @@ from typing import Any
 
 USER, PASSWORD, DOMAIN = "alice", "Alice-Pw-1", "CORP"
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_LAB = os.path.join(HERE, "..", "emulator", "default_lab.yaml")
 
 
 def free_port() -> int:
@@ -99,7 +100,11 @@ def start_ours(smb: bool = True, tcp: bool = True) -> Peer:
     tmp = tempfile.mkdtemp(prefix="rpcauth-bench-")
     ready = os.path.join(tmp, "ready.json")
     smb_port, tcp_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "emulator.cli", "serve", "--host", "127.0.0.1",
+    config = os.path.join(tmp, "lab.yaml")
+    with open(DEFAULT_LAB) as src, open(config, "w") as dst:
+        # every bench client comes from 127.0.0.1: allow the 1,000 + 1,000 concurrent connections from it
+        dst.write(src.read().rstrip("\n") + "\n  limits: {max_connections_per_peer: 1024}\n")
+    cmd = [sys.executable, "-m", "emulator.cli", "serve", "--host", "127.0.0.1", "--config", config,
            "--smb-port", str(smb_port if smb else 0), "--epm-port", "0",
            "--emsmdb-port", str(tcp_port if tcp else 0), "--ready-file", ready]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
@@ -111,7 +116,7 @@ def start_ours(smb: bool = True, tcp: bool = True) -> Peer:
     return Peer("ours", proc, {"smb": info["smb"], "tcp": info["emsmdb"]},
                 f"rpcauth-emulator {_pkg_version('rpcauth-emulator')}",
                 "SMB 2.0.2-3.1.1 (2.1 asked), signing as negotiated (not required), NTLMv2; "
-                "TCP min level connect; no capture, no event file", cleanup=[tmp])
+                "TCP min level connect; policy.limits.max_connections_per_peer 1024; no capture, no event file", cleanup=[tmp])
 
 
 # ---------------------------------------------------------------------- impacket / scapy (children)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator, Mapping
@@ -46,9 +47,26 @@ def limit(layer: str, which: str, **fields: Any) -> Event:
     return Event(layer, "limit", {"limit": which, **fields})
 
 
+_stamp_second: tuple[float, str] = (-1.0, "")      # the last whole second formatted, and its text
+
+
 def utc_stamp(epoch: float) -> str:
-    t = _dt.datetime.fromtimestamp(epoch, tz=_dt.timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Every event is stamped, and strftime dominated emission in the server's profile; the
+    # date-and-second part changes at most once a second, so it is formatted once per second.
+    # Microseconds round half-even with a carry, exactly as datetime.fromtimestamp does.
+    frac, whole = math.modf(epoch)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    if micros < 0 or whole < 0:
+        t = _dt.datetime.fromtimestamp(epoch, tz=_dt.timezone.utc)
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    global _stamp_second
+    second, text = _stamp_second              # one tuple: threads never see half an update
+    if second != whole:
+        text = _dt.datetime.fromtimestamp(whole, tz=_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _stamp_second = (whole, text)
+    return f"{text}.{micros:06d}Z"
 
 
 def to_record(ev: Event, conn: str, epoch: float) -> dict[str, Any]:
@@ -77,7 +95,8 @@ class EventLog:
 
     def emit(self, conn: str, ev: Event) -> dict[str, Any]:
         record = to_record(ev, conn, self._clock())
-        line = json.dumps(record, default=str)
+        # serialise only when there is a file to write: the in-memory log keeps the dict
+        line = json.dumps(record, default=str) if self._file is not None else ""
         with self._lock:
             if len(self._records) >= self._keep:
                 del self._records[: self._keep // 10]
