@@ -13,7 +13,6 @@ import dataclasses
 import os
 import random
 import struct
-import tempfile
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,7 +33,7 @@ from emulator.server.services import LabServices
 from emulator.smb import smb1_wire, smb2_wire
 
 import mutators
-from seeds import Conversation, Seeds, fuzz_config, split_netbios, split_rpc
+from seeds import Conversation, Seeds, fuzz_config, split_rpc
 
 OUTCOMES = ("ok", "protocol_error", "fault", "close", "crash")
 # Reasons the engines give when their catch-all caught an exception a decoder should not raise.
@@ -171,12 +170,9 @@ def decode_case(data: bytes) -> tuple[int, int, bytes]:
     return conversation, k, data[4:]
 
 
-class StreamTarget(Target):
+def netbios_target(conversations: list[Conversation]) -> Target:
     """NetBIOS framing: a whole client stream, mutated anywhere (framing bytes included), fed to
     SmbConnection.receive in chunks of random sizes, as TCP may deliver it."""
-
-
-def netbios_target(conversations: list[Conversation]) -> Target:
     smb = [c for c in conversations if c.service == "smb" and c.replayable]
     streams = [b"".join(c.messages) for c in smb]
 
@@ -195,7 +191,7 @@ def netbios_target(conversations: list[Conversation]) -> Target:
         engine.close()
         return worst
 
-    return StreamTarget("netbios", streams, feed, weight=8)
+    return Target("netbios", streams, feed, weight=8)
 
 
 # ------------------------------------------------------------------------------ wire parsers
@@ -457,10 +453,6 @@ def tower_feed(data: bytes) -> str:
 
 # ------------------------------------------------------------------------------ pcap reader
 
-class PcapTarget(Target):
-    pass
-
-
 def pcap_feed_factory(tmpdir: str) -> Callable[[bytes], str]:
     path = os.path.join(tmpdir, "fuzzed.pcap")
 
@@ -515,7 +507,7 @@ def build_targets(seeds: Seeds, tmpdir: str) -> dict[str, object]:
     epm_stubs = _stubs_of(seeds, "epm") or [b"\x03" + bytes(64)]
     ntlm_seeds = [b"\x00" + NTLM_TYPE1, b"\x01" + NTLM_TYPE3] + [b"\x01" + t for t in _embedded_ntlm(seeds)]
     spnego_seeds = [b"\x00" + SPNEGO_INIT, b"\x01" + SPNEGO_RESP, b"\x00" + NTLM_TYPE1]
-    pcap = PcapTarget("pcap", [p for p in seeds.pcaps if len(p) < 400_000], pcap_feed_factory(tmpdir), weight=1)
+    pcap = Target("pcap", [p for p in seeds.pcaps if len(p) < 400_000], pcap_feed_factory(tmpdir), weight=1)
     pcap.make_input = lambda rng, t=pcap: _pcap_mutate(rng, rng.choice(t.seeds), t.seeds)  # type: ignore[method-assign]
     targets: dict[str, object] = {
         "smb2_engine": StatefulTarget("smb2_engine", smb2_convs, reframe=True),
