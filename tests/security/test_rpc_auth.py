@@ -23,12 +23,6 @@ from helpers import (AUTHN_KERBEROS, AUTHN_SPNEGO, AUTHN_WINNT, BIND_NAK, FAULT,
                      wait_closed, wait_records, lab_config)
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with Lab() as running:
-        yield running
-
-
 def rpc(lab) -> tuple[RawRpc, str]:
     client = RawRpc(lab.ports["emsmdb"])
     return client, conn_of(lab, client.sock)

@@ -16,18 +16,11 @@ from impacket.uuid import uuidtup_to_bin
 
 from emulator.interfaces.emsmdb import (EMSMDB_UUID, EcDoConnect, EcDummyRpc, hEcDoConnect, hEcDoDisconnect,
                                         hEcDummyRpc)
-from emulator.lab import Lab
 
 from helpers import (FAULT, Pdu, RawRpc, conn_of, dn, ec_do_connect_stub, granted_connects, wait_closed,
                      wait_records)
 
 EMSMDB = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with Lab() as running:
-        yield running
 
 
 def impacket_dce(lab, user: str, level: int):

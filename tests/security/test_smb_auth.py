@@ -20,12 +20,6 @@ SESSION_DELETED = nt_errors.STATUS_USER_SESSION_DELETED
 NAME_DELETED = nt_errors.STATUS_NETWORK_NAME_DELETED
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with Lab() as running:
-        yield running
-
-
 def smb(lab) -> tuple[RawSmb2, str]:
     client = RawSmb2(lab.ports["smb"])
     return client, conn_of(lab, client.sock)
