@@ -31,7 +31,8 @@ from ..events import Event, event
 from ..rpc.interface import (NCA_S_FAULT_CONTEXT_MISMATCH, NCA_S_FAULT_REMOTE_NO_MEMORY,
                              NCA_S_OP_RNG_ERROR,
                              CallContext, RpcFault, RpcInterface)
-from .ndr import bad_stub, decode_call, dos_string
+from . import emsmdb_wire as wire
+from .ndr import bad_stub, decode_call
 
 EMSMDB_UUID = "a4f1db00-ca47-1067-b31f-00dd010662da"
 EMSMDB_VERSION = (0, 81)
@@ -263,12 +264,14 @@ class EmsmdbInterface(RpcInterface):
     # -- dispatch
 
     def call(self, opnum: int, stub: bytes, ctx: CallContext) -> bytes:
+        # The logon calls go through the hand-written codec (emsmdb_wire): they run on every
+        # logon, and impacket's generic NDR objects were the largest cost of a TCP logon.
         if opnum == OP_EC_DO_CONNECT:
-            return self._connect(decode_call(EcDoConnect, stub), ctx, extended=False)
+            return self._connect(wire.decode_connect(stub, extended=False), ctx, extended=False)
         if opnum == OP_EC_DO_CONNECT_EX:
-            return self._connect(decode_call(EcDoConnectEx, stub), ctx, extended=True)
+            return self._connect(wire.decode_connect(stub, extended=True), ctx, extended=True)
         if opnum == OP_EC_DO_DISCONNECT:
-            return self._disconnect(decode_call(EcDoDisconnect, stub), ctx)
+            return self._disconnect(wire.decode_disconnect(stub), ctx)
         if opnum == OP_EC_DO_RPC:
             return self._do_rpc(decode_call(EcDoRpc, stub), ctx)
         if opnum == OP_EC_DUMMY_RPC:
@@ -287,46 +290,27 @@ class EmsmdbInterface(RpcInterface):
 
     # -- EcDoConnect / EcDoConnectEx
 
-    def _connect(self, req: NDRCALL, ctx: CallContext, *, extended: bool) -> bytes:
-        user_dn = dos_string(req.fields["szUserDN"], "szUserDN")
-        client_version = (req.fields["rgwClientVersion"]["Major"], req.fields["rgwClientVersion"]["Minor"],
-                          req.fields["rgwClientVersion"]["Build"])
-        if extended:
-            aux_in = _array_bytes(req.fields["rgbAuxIn"])
-            if req["cbAuxIn"] != len(aux_in) or _conformance(req.fields["rgbAuxIn"]) != len(aux_in):
-                raise bad_stub("EcDoConnectEx: cbAuxIn does not match rgbAuxIn")
-            if req["pcbAuxOut"] > MAX_CB_AUX_OUT:
-                raise bad_stub("EcDoConnectEx: pcbAuxOut out of range")
-
+    def _connect(self, req: wire.ConnectRequest, ctx: CallContext, *, extended: bool) -> bytes:
+        user_dn = req.user_dn
         status = self._decide(ctx, user_dn)
+        ok = status == EC_SUCCESS
         handle = NULL_HANDLE
         dn_prefix = display_name = ""
-        if status == EC_SUCCESS:
+        if ok:
             handle = self._new_handle(ctx)
             dn_prefix = _dn_prefix(user_dn)
             display_name = self.directory.mailbox_owner(user_dn) or ""
-
-        resp = EcDoConnectExResponse() if extended else EcDoConnectResponse()
-        resp.fields["pcxh"]["Data"] = handle
-        ok = status == EC_SUCCESS
-        resp["pcmsPollsMax"] = POLLS_MAX_MS if ok else 0
-        resp["pcRetry"] = RETRY_COUNT if ok else 0
-        resp["pcmsRetryDelay"] = RETRY_DELAY_MS if ok else 0
-        resp["picxr"] = (next(self._icxr) & 0xFFFF) if ok else 0
-        resp["szDNPrefix"] = dn_prefix + "\x00"
-        resp["szDisplayName"] = display_name + "\x00"
-        # Fixed referent ids (the values MIDL uses) keep a seeded run byte-for-byte repeatable.
-        resp.fields["szDNPrefix"].fields["ReferentID"] = 0x00020000
-        resp.fields["szDisplayName"].fields["ReferentID"] = 0x00020004
-        for name, triple in (("rgwServerVersion", SERVER_VERSION), ("rgwBestVersion", client_version)):
-            resp.fields[name]["Major"], resp.fields[name]["Minor"], resp.fields[name]["Build"] = triple
-        # The stamp is the client's to compare on a later ulIcxrLink; echoing it keeps the
-        # server free of clocks (and a seeded run deterministic).
-        resp["pulTimeStamp"] = req["pulTimeStamp"]
-        if extended:
-            _set_bytes(resp.fields["rgbAuxOut"], b"")
-            resp["pcbAuxOut"] = 0
-        resp["ErrorCode"] = status
+        # Fixed referent ids (the values MIDL uses, inside encode_connect_response) keep a
+        # seeded run byte-for-byte repeatable. The stamp is the client's to compare on a later
+        # ulIcxrLink; echoing it keeps the server free of clocks.
+        data = wire.encode_connect_response(
+            extended=extended, handle=handle,
+            polls_max=POLLS_MAX_MS if ok else 0, retry=RETRY_COUNT if ok else 0,
+            retry_delay=RETRY_DELAY_MS if ok else 0,
+            icxr=(next(self._icxr) & 0xFFFF) if ok else 0,
+            dn_prefix=dn_prefix, display_name=display_name,
+            server_version=SERVER_VERSION, best_version=req.client_version,
+            timestamp=req.timestamp, status=status)
 
         ctx.emit(event(
             "emsmdb", "emsmdb.connect",
@@ -340,7 +324,7 @@ class EmsmdbInterface(RpcInterface):
             status=status_hex(status),
             status_name=status_name(status),
         ))
-        return resp.getData()
+        return data
 
     def _decide(self, ctx: CallContext, user_dn: str) -> int:
         # MS-OXCRPC 3.1.4.11: a server that requires encryption refuses any connect that did
@@ -376,16 +360,13 @@ class EmsmdbInterface(RpcInterface):
                            acting_user=ctx.identity.qualified, result=result))
             raise RpcFault(NCA_S_FAULT_CONTEXT_MISMATCH, f"{_CALL_NAMES[call]}: {result}")
 
-    def _disconnect(self, req: EcDoDisconnect, ctx: CallContext) -> bytes:
-        handle = bytes(req.fields["pcxh"]["Data"])
+    def _disconnect(self, handle: bytes, ctx: CallContext) -> bytes:
         self._check_handle(handle, ctx, "disconnect")
         del ctx.conn_state[HANDLES_KEY][handle]
         ctx.emit(event("emsmdb", "emsmdb.disconnect", call="EcDoDisconnect",
                        acting_user=ctx.identity.qualified, result="ok"))
-        resp = EcDoDisconnectResponse()
-        resp.fields["pcxh"]["Data"] = NULL_HANDLE   # MS-OXCRPC 3.1.4.3: the handle comes back zeroed
-        resp["ErrorCode"] = EC_SUCCESS
-        return resp.getData()
+        # MS-OXCRPC 3.1.4.3: the handle comes back zeroed.
+        return wire.encode_disconnect_response(EC_SUCCESS)
 
     def _do_rpc(self, req: EcDoRpc, ctx: CallContext) -> bytes:
         handle = bytes(req.fields["pcxh"]["Data"])
