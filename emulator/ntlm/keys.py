@@ -17,6 +17,16 @@ import struct
 from Cryptodome.Cipher import ARC4
 from impacket import ntlm as imp
 
+try:  # cryptography >= 43 keeps RC4 under "decrepit"; older releases under algorithms
+    from cryptography.hazmat.decrepit.ciphers.algorithms import ARC4 as _CryptographyARC4
+except ImportError:  # pragma: no cover - depends on the installed cryptography
+    try:
+        from cryptography.hazmat.primitives.ciphers.algorithms import ARC4 as _CryptographyARC4
+    except ImportError:
+        _CryptographyARC4 = None
+if _CryptographyARC4 is not None:
+    from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+
 SIGNATURE_LEN = 16
 
 # How a peer wrote the ESS checksum of its SPNEGO mechListMIC (see verify_mech_list_mic).
@@ -64,6 +74,25 @@ def seal_key(exported: bytes, flags: int, sender: str) -> bytes:
     return exported
 
 
+class _Rc4Stream:
+    """One RC4 key stream (MS-NLMP 3.4: sealing and the ESS checksum share it, in call order).
+
+    cryptography's OpenSSL-backed stream costs a quarter of Cryptodome's per call, and every
+    sealed PDU makes two or three calls; encrypt and decrypt are the same XOR."""
+
+    __slots__ = ("encrypt", "decrypt")
+
+    def __init__(self, key: bytes) -> None:
+        if _CryptographyARC4 is not None:
+            update = _Cipher(_CryptographyARC4(key), mode=None).encryptor().update
+        else:  # pragma: no cover
+            update = ARC4.new(key).encrypt
+        self.encrypt = self.decrypt = update
+
+    def __repr__(self) -> str:
+        return "<rc4 stream>"
+
+
 class _Direction:
     """Keys and state of one direction of traffic."""
 
@@ -72,7 +101,7 @@ class _Direction:
     def __init__(self, sign_key: bytes | None, seal_key: bytes) -> None:
         self.sign_key = sign_key
         self.seal_key = seal_key
-        self.rc4 = ARC4.new(seal_key)
+        self.rc4 = _Rc4Stream(seal_key)
         self.seq = 0
 
     def __repr__(self) -> str:
@@ -149,10 +178,10 @@ class SessionSecurity:
     # state the first application message starts with, so it is restored afterwards.
 
     def reset_outgoing_rc4(self) -> None:
-        self._out.rc4 = ARC4.new(self._out.seal_key)
+        self._out.rc4 = _Rc4Stream(self._out.seal_key)
 
     def reset_incoming_rc4(self) -> None:
-        self._in.rc4 = ARC4.new(self._in.seal_key)
+        self._in.rc4 = _Rc4Stream(self._in.seal_key)
 
     def verify_mech_list_mic(self, mech_list: bytes, mic: bytes) -> str | None:
         """Check a client's mechListMIC; return the checksum form that verified, or None.
