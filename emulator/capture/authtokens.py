@@ -4,15 +4,17 @@ is named but not parsed."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
-from impacket import ntlm, spnego
 
 NTLMSSP_SIGNATURE = b"NTLMSSP\x00"
 # DER content of the Kerberos mechanism OIDs (RFC 4121 1.2.840.113554.1.2.2, its user-to-user
 # arc .3, and the Microsoft variant 1.2.840.48018.1.2.2).
 KRB5_OID_VALUES = (bytes.fromhex("2a864886f712010202"), bytes.fromhex("2a864882f712010202"))
 NTLMSSP_NEGOTIATE_UNICODE = 0x00000001
+_AUTH_FIELDS = struct.Struct("<HHIHHIHHIHHI")
+_U32 = struct.Struct("<I")
 
 
 @dataclass
@@ -59,16 +61,18 @@ def _ntlm(msg: bytes) -> TokenInfo:
         return TokenInfo("ntlm", "challenge", server_challenge=msg[24:32] if len(msg) >= 32 else None)
     if mtype != 3:
         return TokenInfo("ntlm")
-    try:
-        auth = ntlm.NTLMAuthChallengeResponse()
-        auth.fromString(msg)
-        flags = auth["flags"]
-        enc = "utf-16-le" if flags & NTLMSSP_NEGOTIATE_UNICODE else "latin-1"
-        user = bytes(auth["user_name"]).decode(enc, "replace")
-        domain = bytes(auth["domain_name"]).decode(enc, "replace")
-        nt_len = len(auth["ntlm"])
-    except Exception:  # impacket raises assorted errors on short or odd buffers
+    # MS-NLMP 2.2.1.3 AUTHENTICATE_MESSAGE: six (length, max length, offset) field descriptors
+    # from byte 12 (LM response, NT response, domain, user, workstation, session key), then
+    # NegotiateFlags at byte 60. Payloads are located by their descriptors only.
+    if len(msg) < 64:
         return TokenInfo("ntlm", "authenticate")
+    (_lm_len, _lm_max, _lm_off, nt_len, _nt_max, nt_off, dom_len, _dom_max, dom_off,
+     user_len, _user_max, user_off) = _AUTH_FIELDS.unpack_from(msg, 12)
+    (flags,) = _U32.unpack_from(msg, 60)
+    enc = "utf-16-le" if flags & NTLMSSP_NEGOTIATE_UNICODE else "latin-1"
+    user = bytes(msg[user_off:user_off + user_len]).decode(enc, "replace")
+    domain = bytes(msg[dom_off:dom_off + dom_len]).decode(enc, "replace")
+    nt_len = len(msg[nt_off:nt_off + nt_len])
     # MS-NLMP 3.3: a 24-byte NtChallengeResponse is NTLMv1; NTLMv2 responses are longer.
     # An empty user with an empty or 1-byte response is the anonymous logon (3.2.5.1.2).
     version = "v2" if nt_len > 24 else ("v1" if nt_len == 24 else None)
@@ -82,6 +86,7 @@ def _is_spnego(token: bytes) -> bool:
 
 def _spnego_mech_token(token: bytes) -> bytes | None:
     """The mechanism token inside a SPNEGO NegTokenInit or NegTokenResp, if any."""
+    from impacket import spnego  # rare (NTLM is found by its signature first); slow to import
     try:
         if token[:1] == b"\x60":
             init = spnego.SPNEGO_NegTokenInit()

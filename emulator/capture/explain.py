@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, TextIO
 
 from .ladder import steps, verdicts
 from .model import Connection
-from .pcapread import ProgressFn, terminal_progress
-from .streams import Analysis, analyse
+from .pcapread import CaptureError, ProgressFn, terminal_progress
+from .streams import Analysis, CaptureScan, analyse
 from .unseal import Keyring
 
 FORMATS = ("text", "json", "mermaid", "html")
@@ -27,11 +28,27 @@ def explain(path: str, fmt: str = "text", *, passwords: Iterable[str] | None = N
     captures. `passwords` ({user: password} or "user:password" strings) and `lab` (a LabConfig
     or its path) give NT hashes to verify signatures and read PKT_PRIVACY stubs of NTLMv2
     contexts; without them sealed stubs are reported as sealed."""
+    out = io.StringIO()
+    explain_to(out, path, fmt, passwords=passwords, lab=lab, progress=progress)
+    return out.getvalue()
+
+
+def explain_to(out: TextIO, path: str, fmt: str = "text", *, passwords: Iterable[str] | None = None,
+               lab: Any = None, progress: ProgressFn | bool | None = None) -> None:
+    """Write the explanation to `out`, ending with a newline.
+
+    JSON streams: each connection's object is written as soon as its TCP stream ends, so memory
+    holds only the streams still open, whatever the size of the capture. Text, Mermaid and HTML
+    are for people and are written once the whole capture has been read (text numbers and
+    orders connections by their first frame)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     keyring = Keyring.build(passwords, lab) if (passwords or lab is not None) else None
-    analysis = analyse(path, _progress(progress), keyring)
-    return render(analysis, fmt)
+    if fmt == "json":
+        JsonWriter(out, path).run(CaptureScan(path, keyring), _progress(progress))
+        return
+    text = render(analyse(path, _progress(progress), keyring), fmt)
+    out.write(text if text.endswith("\n") else text + "\n")
 
 
 def render(analysis: Analysis, fmt: str) -> str:
@@ -45,10 +62,70 @@ def render(analysis: Analysis, fmt: str) -> str:
     return to_text(analysis)
 
 
+def connection_json(c: Connection) -> dict[str, Any]:
+    d = c.to_json()
+    d["verdict"] = verdicts(c)
+    return d
+
+
 def to_json(analysis: Analysis) -> str:
     doc = {"capture": analysis.path,
-           "connections": [dict(c.to_json(), verdict=verdicts(c)) for c in analysis.connections]}
+           "connections": [connection_json(c) for c in analysis.connections]}
     return json.dumps(doc, indent=2)
+
+
+class JsonWriter:
+    """Writes {"capture": ..., "connections": [...]} (DESIGN.md section 5) one connection per
+    line, in the order the connections end. Nothing is written until a stream with traffic both
+    ways has been seen, so a capture that is rejected as one-sided prints nothing. If the
+    capture turns out to be broken after connections were written, the document is still
+    closed, with an "error" member, and the CaptureError is raised."""
+
+    def __init__(self, out: TextIO, path: str) -> None:
+        self.out, self.path = out, path
+        self._held: list[Connection] = []
+        self._started = False
+        self._count = 0
+
+    def run(self, scan: CaptureScan, progress: ProgressFn | None) -> None:
+        self._scan = scan
+        try:
+            scan.run(self._connection, progress)
+        except CaptureError as exc:
+            if self._started:
+                self._end(str(exc))
+            raise
+        for c in self._held:
+            self._write(c)
+        self._held.clear()
+        self._end(None)
+
+    def _connection(self, c: Connection) -> None:
+        if not self._started and not self._scan.two_sided:
+            self._held.append(c)
+            return
+        for held in self._held:
+            self._write(held)
+        self._held.clear()
+        self._write(c)
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            self.out.write('{"capture": %s, "connections": [' % json.dumps(self.path))
+
+    def _write(self, c: Connection) -> None:
+        self._start()
+        self.out.write(",\n" if self._count else "\n")
+        self.out.write(json.dumps(connection_json(c)))
+        self._count += 1
+
+    def _end(self, error: str | None) -> None:
+        self._start()
+        tail = "\n]" if self._count else "]"
+        if error is not None:
+            tail += ', "error": %s' % json.dumps(error)
+        self.out.write(tail + "}\n")
 
 
 def _title(i: int, c: Connection) -> str:

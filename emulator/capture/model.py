@@ -30,6 +30,24 @@ INTERFACE_NAMES = {
     "000001a0-0000-0000-c000-000000000046": "ISystemActivator",
     "99fcfec4-5260-101b-bbcb-00aa0021347a": "IOXIDResolver",
 }
+# A pathological connection (millions of faults, malformed or encrypted messages) must not hold
+# an unbounded event list: past this many events, only the auth skeleton is still recorded.
+MAX_EVENTS = 4096
+AUTH_EVENT_KINDS = frozenset({
+    "smb.negotiate", "smb.session_setup", "smb.tree_connect", "smb.pipe_open",
+    "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "ntlm.session_keys", "kerberos.token",
+    "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
+    "rpc.identity", "emsmdb.connect_request", "emsmdb.connect"})
+
+
+def add_event(conn: "Connection", ev: dict[str, Any]) -> None:
+    """Append an event, within the MAX_EVENTS cap for those outside the auth skeleton."""
+    if len(conn.events) >= MAX_EVENTS and ev["kind"] not in AUTH_EVENT_KINDS:
+        conn.events_dropped += 1
+    else:
+        conn.events.append(ev)
+
+
 EMSMDB_CALLS = {0: "EcDoConnect", 1: "EcDoDisconnect", 2: "EcDoRpc", 10: "EcDoConnectEx",
                 11: "EcDoRpcExt2"}
 
@@ -85,6 +103,8 @@ class Connection:
     first_frame: int = 0
     verified_pdus: int = 0  # signatures checked with keys from --password/--lab
     bad_signatures: int = 0
+    # Events past MAX_EVENTS that say nothing about authentication are counted, not kept.
+    events_dropped: int = 0
 
     @property
     def acting(self) -> str:
@@ -94,9 +114,23 @@ class Connection:
         return f"{self.domain}\\{self.user}" if self.domain else self.user
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Built field by field (dataclasses.asdict deep-copies through reflection, which costs
+        # more than reading the capture). Same keys, same order as the dataclass.
+        d: dict[str, Any] = {
+            "stream": self.stream, "transport": self.transport, "client": self.client,
+            "server": self.server, "identity_source": self.identity_source, "user": self.user,
+            "domain": self.domain, "auth_level": self.auth_level, "auth_type": self.auth_type}
         # smb_user only when there is an SMB session, as DESIGN.md section 5 says.
-        if self.transport != "ncacn_np":
-            for k in ("smb_user", "smb_domain", "smb_session_frame"):
-                d.pop(k)
+        if self.transport == "ncacn_np":
+            d["smb_user"], d["smb_domain"] = self.smb_user, self.smb_domain
+            d["smb_session_frame"] = self.smb_session_frame
+        d["ntlm_version"], d["identity_frame"] = self.ntlm_version, self.identity_frame
+        d["pipes"] = list(self.pipes)
+        d["binds"] = [dict(b.__dict__) for b in self.binds]
+        d["emsmdb"] = [dict(e.__dict__) for e in self.emsmdb]
+        d["events"] = [dict(e) for e in self.events]
+        d["partial"], d["first_frame"] = self.partial, self.first_frame
+        d["verified_pdus"], d["bad_signatures"] = self.verified_pdus, self.bad_signatures
+        if self.events_dropped:
+            d["events_dropped"] = self.events_dropped
         return d

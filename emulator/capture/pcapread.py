@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import struct
 import sys
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, Protocol
 
 Endpoint = tuple[str, int]
@@ -156,38 +157,46 @@ def _ts_resolution(options: bytes, endian: str) -> float:
     return 1e-6
 
 
+PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+
+
+def _with_progress(f: BinaryIO, total: int, records: Iterator[Packet],
+                   progress: ProgressFn | None) -> Iterator[Packet]:
+    if progress is None:
+        yield from records
+        return
+    last_report = 0
+    for pkt in records:
+        pos = f.tell()
+        if pos - last_report >= (1 << 20) or pos == total:
+            progress(pos, total)
+            last_report = pos
+        yield pkt
+    progress(total, total)
+
+
 def read_packets(path: str, progress: ProgressFn | None = None) -> Iterator[Packet]:
     """Yield every record of a pcap or pcapng file, in file order."""
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise CaptureError(f"cannot open capture {path}: {exc.strerror or exc}") from None
+    f, magic, total = _open_capture(path)
     with f:
-        total = os.fstat(f.fileno()).st_size
-        magic = f.read(4)
-        if len(magic) < 4:
-            raise CaptureError(f"{path} is not a capture file (too short to be pcap or pcapng)")
-        if magic in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d"):
+        if magic in PCAP_MAGICS:
             records = _pcap_records(f, magic)
-        elif magic == b"\x0a\x0d\x0d\x0a":
+        else:
             f.seek(0)
             records = _pcapng_records(f)
-        else:
-            raise CaptureError(f"{path} is not a pcap or pcapng file (magic {magic.hex()})")
-        last_report = 0
-        for pkt in records:
-            if progress is not None:
-                pos = f.tell()
-                if pos - last_report >= (1 << 20) or pos == total:
-                    progress(pos, total)
-                    last_report = pos
-            yield pkt
-        if progress is not None:
-            progress(total, total)
+        yield from _with_progress(f, total, records, progress)
 
 
 # ---------------------------------------------------------------------------------------------
 # Link, network and transport layers
+#
+# Endpoints travel through the hot path as integers: the address shifted left 16 bits, or'ed
+# with the port (an IPv6 endpoint also carries bit 144, so the families never collide). Text
+# ("10.0.0.1", 445) is made once per stream, not once per packet.
+
+IPV6_MARK = 1 << 144
+MASK32 = 0xFFFFFFFF
 
 
 @dataclass
@@ -232,47 +241,73 @@ def _ipv6_text(b: bytes) -> str:
     return str(ipaddress.IPv6Address(b))
 
 
-def parse_tcp(pkt: Packet) -> Segment | None:
-    """The TCP segment inside a frame, or None for anything else (ARP, UDP, fragments...)."""
-    inner = _ip_payload(pkt.linktype, pkt.data)
+def endpoint_text(ep: int) -> Endpoint:
+    """The (address, port) text form of an integer endpoint."""
+    port, addr = ep & 0xFFFF, ep >> 16
+    if ep & IPV6_MARK:
+        return _ipv6_text((addr & ((1 << 128) - 1)).to_bytes(16, "big")), port
+    return f"{addr >> 24}.{(addr >> 16) & 255}.{(addr >> 8) & 255}.{addr & 255}", port
+
+
+def endpoint_int(ep: Endpoint) -> int:
+    import ipaddress
+    addr = ipaddress.ip_address(ep[0])
+    return (int(addr) << 16 | ep[1]) | (IPV6_MARK if addr.version == 6 else 0)
+
+
+_IPV4 = struct.Struct(">BxHxxHxBxxII")  # version/ihl, total length, flags/fragment, protocol, src, dst
+_TCP = struct.Struct(">HHIIH")          # ports, sequence, acknowledgement, offset/flags
+_U16 = struct.Struct(">H")
+
+
+def tcp_fields(linktype: int, data: bytes) -> tuple[int, int, int, int, int, bytes] | None:
+    """(src, dst, seq, ack, flags, payload) of the TCP segment in a frame, endpoints as
+    integers; None for anything else (ARP, UDP, non-first fragments, broken headers)."""
+    inner = _ip_payload(linktype, data)
     if inner is None:
         return None
     etype, ip = inner
     if etype == 0x0800:
-        if len(ip) < 20 or ip[0] >> 4 != 4:
+        if len(ip) < 20:
             return None
-        ihl = (ip[0] & 0x0F) * 4
-        total = struct.unpack(">H", ip[2:4])[0]
-        frag = struct.unpack(">H", ip[6:8])[0]
-        if ip[9] != 6 or frag & 0x1FFF or ihl < 20:
+        vihl, total, frag, proto, s_addr, d_addr = _IPV4.unpack_from(ip, 0)
+        ihl = (vihl & 0x0F) * 4
+        if vihl >> 4 != 4 or proto != 6 or frag & 0x1FFF or ihl < 20:
             return None  # not TCP, or a non-first fragment
-        src, dst = ".".join(map(str, ip[12:16])), ".".join(map(str, ip[16:20]))
         # Ethernet pads short frames; the IP total length says where the packet ends. Some
         # offloaded captures write 0 there; then trust the frame.
         end = total if ihl <= total <= len(ip) else len(ip)
-        tcp = ip[ihl:end]
+        src_base, dst_base, pos = s_addr << 16, d_addr << 16, ihl
     elif etype == 0x86DD:
         if len(ip) < 40:
             return None
-        nxt, plen = ip[6], struct.unpack(">H", ip[4:6])[0]
-        src, dst = _ipv6_text(ip[8:24]), _ipv6_text(ip[24:40])
+        nxt, plen = ip[6], _U16.unpack_from(ip, 4)[0]
+        src_base = (int.from_bytes(ip[8:24], "big") << 16) | IPV6_MARK
+        dst_base = (int.from_bytes(ip[24:40], "big") << 16) | IPV6_MARK
         pos = 40
         while nxt in (0, 43, 60) and len(ip) >= pos + 8:  # hop-by-hop, routing, destination
             nxt, pos = ip[pos], pos + (ip[pos + 1] + 1) * 8
         if nxt != 6:
             return None
         end = 40 + plen if plen and 40 + plen <= len(ip) else len(ip)
-        tcp = ip[pos:end]
     else:
         return None
-    if len(tcp) < 20:
+    if end - pos < 20:
         return None
-    sport, dport, seq, ack, off_flags = struct.unpack(">HHIIH", tcp[:14])
+    sport, dport, seq, ack, off_flags = _TCP.unpack_from(ip, pos)
     hlen = (off_flags >> 12) * 4
-    if hlen < 20 or hlen > len(tcp):
+    if hlen < 20 or hlen > end - pos:
         return None
-    return Segment(pkt.frame, pkt.time, (src, sport), (dst, dport), seq, ack, off_flags & 0x1FF,
-                   bytes(tcp[hlen:]))
+    return src_base | sport, dst_base | dport, seq, ack, off_flags & 0x1FF, bytes(ip[pos + hlen:end])
+
+
+def parse_tcp(pkt: Packet) -> Segment | None:
+    """The TCP segment inside a frame, or None for anything else (ARP, UDP, fragments...)."""
+    f = tcp_fields(pkt.linktype, pkt.data)
+    if f is None:
+        return None
+    src, dst, seq, ack, flags, payload = f
+    return Segment(pkt.frame, pkt.time, endpoint_text(src), endpoint_text(dst), seq, ack, flags, payload)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,36 +315,57 @@ def parse_tcp(pkt: Packet) -> Segment | None:
 
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 
+# Ended streams are remembered (by 4-tuple, as a bare stream number) so that their late ACKs
+# and retransmissions are not counted as new streams, exactly as tshark numbers them. The
+# memory of ended streams is bounded: past this many, the oldest are forgotten.
+MAX_ENDED_STREAMS = 1 << 16
+
 
 class StreamSink(Protocol):
     def data(self, from_a: bool, payload: bytes, frame: int) -> None: ...
     def gap(self, from_a: bool, frame: int) -> None: ...
-    # Optional: `close()` is called once the connection has ended (RST, or FIN both ways), so
-    # the sink can drop its buffers; a long capture then holds state only for open streams.
+    # Optional: `close()` is called once the connection has ended (RST, or FIN both ways, or
+    # the end of the capture), so the sink can settle and drop its buffers; a long capture
+    # then holds state only for open streams.
 
 
-@dataclass
 class _Direction:
-    next_seq: int | None = None
-    pending: dict[int, tuple[bytes, int]] = field(default_factory=dict)
-    pending_bytes: int = 0
-    bytes_seen: int = 0
-    fin: bool = False
+    __slots__ = ("next_seq", "pending", "pending_bytes", "bytes_seen", "fin")
+
+    def __init__(self) -> None:
+        self.next_seq: int | None = None
+        self.pending: dict[int, tuple[bytes, int]] = {}
+        self.pending_bytes = 0
+        self.bytes_seen = 0
+        self.fin = False
 
 
-@dataclass
 class TcpStream:
     """One TCP conversation. Side A is the side that sent the first segment we saw (the
     client when the SYN was captured)."""
-    number: int
-    a: Endpoint
-    b: Endpoint
-    first_frame: int
-    saw_syn: bool = False
-    partial: bool = False
-    closed: bool = False
-    sink: StreamSink | None = None
-    dirs: tuple[_Direction, _Direction] = field(default_factory=lambda: (_Direction(), _Direction()))
+    __slots__ = ("number", "a_ep", "b_ep", "first_frame", "saw_syn", "partial", "closed", "sink",
+                 "dirs", "key", "_a", "_b")
+
+    def __init__(self, number: int, a_ep: int, b_ep: int, first_frame: int) -> None:
+        self.number, self.a_ep, self.b_ep, self.first_frame = number, a_ep, b_ep, first_frame
+        self.saw_syn = self.partial = self.closed = False
+        self.sink: StreamSink | None = None
+        self.dirs = (_Direction(), _Direction())
+        self.key = 0
+        self._a: Endpoint | None = None
+        self._b: Endpoint | None = None
+
+    @property
+    def a(self) -> Endpoint:
+        if self._a is None:
+            self._a = endpoint_text(self.a_ep)
+        return self._a
+
+    @property
+    def b(self) -> Endpoint:
+        if self._b is None:
+            self._b = endpoint_text(self.b_ep)
+        return self._b
 
     @property
     def client(self) -> Endpoint:
@@ -321,6 +377,17 @@ class TcpStream:
 
     def one_sided(self) -> bool:
         return (self.dirs[0].bytes_seen > 0) != (self.dirs[1].bytes_seen > 0)
+
+    def has_payload(self) -> bool:
+        return self.dirs[0].bytes_seen > 0 or self.dirs[1].bytes_seen > 0
+
+    def ignore(self) -> None:
+        """The sink has seen enough to know the stream carries nothing it reads: from now on
+        only byte counts are kept, with no reassembly."""
+        self.sink = None
+        for d in self.dirs:
+            d.pending.clear()
+            d.pending_bytes = 0
 
 
 def _seq_lt(x: int, y: int) -> bool:
@@ -334,67 +401,127 @@ class Reassembler:
     sequence number wait (bounded) for the hole to fill. A capture that starts mid-stream
     starts each direction at its first segment; a hole that never fills is skipped and the
     stream marked partial, and the sink is told so that it can resynchronise.
+
+    With `keep_streams=False` only open streams are held: an ended stream is handed to
+    `on_end` and then forgotten but for its number, so memory does not grow with the capture.
     """
 
-    def __init__(self, sink_factory: Callable[[TcpStream], StreamSink | None]) -> None:
-        self._by_key: dict[tuple[Endpoint, Endpoint], TcpStream] = {}
+    def __init__(self, sink_factory: Callable[[TcpStream], StreamSink | None],
+                 keep_streams: bool = True, on_end: Callable[[TcpStream], None] | None = None) -> None:
+        self._by_key: dict[int, TcpStream | int] = {}
+        self._open: dict[int, TcpStream] = {}
+        self._ended: deque[int] = deque()
         self._sink_factory = sink_factory
+        self._keep = keep_streams
+        self._on_end = on_end
         self.streams: list[TcpStream] = []
+        self.stream_count = 0
         self.tcp_segments = 0
-
-    def _stream_for(self, seg: Segment) -> tuple[TcpStream, int]:
-        key = (seg.src, seg.dst) if seg.src <= seg.dst else (seg.dst, seg.src)
-        st = self._by_key.get(key)
-        new_connection = seg.flags & SYN and not seg.flags & ACK
-        if st is not None and new_connection and (st.closed or st.dirs[0].bytes_seen or st.dirs[1].bytes_seen):
-            # The 4-tuple is reused by a new connection: tshark starts a new stream too.
-            self._finish(st)
-            st = None
-        if st is None:
-            st = TcpStream(len(self.streams), seg.src, seg.dst, seg.frame)
-            if seg.flags & SYN and seg.flags & ACK:
-                # We only saw the server's SYN-ACK: the receiver is the client.
-                st.a, st.b = seg.dst, seg.src
-            self._by_key[key] = st
-            self.streams.append(st)
-            st.sink = self._sink_factory(st)
-        return st, 0 if seg.src == st.a else 1
+        self.partial_streams: list[int] = []
+        self.two_sided = False  # some stream carried payload both ways
+        self.first_one_sided: TcpStream | None = None
 
     def feed(self, seg: Segment) -> None:
-        self.tcp_segments += 1
-        st, idx = self._stream_for(seg)
-        d = st.dirs[idx]
-        seq = seg.seq
-        if seg.flags & SYN:
-            st.saw_syn = True
-            d.next_seq = (seq + 1) & 0xFFFFFFFF
-            seq = (seq + 1) & 0xFFFFFFFF
-        payload = seg.payload
-        if payload and st.sink is not None:
-            if d.next_seq is None:
-                if not st.saw_syn:
-                    st.partial = True
-                d.next_seq = seq
-            self._accept(st, idx, seq, payload, seg.frame)
-        elif payload:
-            d.bytes_seen += len(payload)
-        if seg.flags & (FIN | RST):
-            st.closed = True
-            d.fin = True
-            if seg.flags & RST or (st.dirs[0].fin and st.dirs[1].fin):
-                self._retire(st)
+        self.feed_raw(seg.frame, endpoint_int(seg.src), endpoint_int(seg.dst), seg.seq, seg.flags,
+                      seg.payload)
 
-    def _retire(self, st: TcpStream) -> None:
-        if st.sink is None:
+    def feed_raw(self, frame: int, src: int, dst: int, seq: int, flags: int, payload: bytes) -> None:
+        self.tcp_segments += 1
+        key = (src << 176 | dst) if src <= dst else (dst << 176 | src)
+        st = self._by_key.get(key)
+        if st is None or flags & SYN:
+            st = self._stream_for(st, key, frame, src, dst, flags)
+            if st is None:
+                return
+        elif st.__class__ is int:
+            return  # a late segment of a stream that has ended
+        idx = 0 if src == st.a_ep else 1  # type: ignore[union-attr]
+        d = st.dirs[idx]  # type: ignore[union-attr]
+        if flags & SYN:
+            st.saw_syn = True  # type: ignore[union-attr]
+            seq = (seq + 1) & MASK32
+            d.next_seq = seq
+        if payload:
+            if st.sink is not None:  # type: ignore[union-attr]
+                nxt = d.next_seq
+                if nxt is None:
+                    if not st.saw_syn:  # type: ignore[union-attr]
+                        st.partial = True  # type: ignore[union-attr]
+                    nxt = d.next_seq = seq
+                if seq == nxt and not d.pending:
+                    # The common case: the next bytes in order, nothing waiting.
+                    n = len(payload)
+                    d.next_seq = (seq + n) & MASK32
+                    d.bytes_seen += n
+                    st.sink.data(idx == 0, payload, frame)  # type: ignore[union-attr]
+                else:
+                    self._accept(st, idx, seq, payload, frame)  # type: ignore[arg-type]
+            else:
+                d.bytes_seen += len(payload)
+        if flags & (FIN | RST):
+            st.closed = True  # type: ignore[union-attr]
+            d.fin = True
+            if flags & RST or (st.dirs[0].fin and st.dirs[1].fin):  # type: ignore[union-attr]
+                self._end(st)  # type: ignore[arg-type]
+
+    def _stream_for(self, st: TcpStream | int | None, key: int, frame: int, src: int, dst: int,
+                    flags: int) -> TcpStream | None:
+        new_connection = flags & SYN and not flags & ACK
+        if st.__class__ is int:
+            if not new_connection:
+                return None
+            st = None
+        elif st is not None:
+            if new_connection and (st.closed or st.has_payload()):  # type: ignore[union-attr]
+                # The 4-tuple is reused by a new connection: tshark starts a new stream too.
+                self._end(st)  # type: ignore[arg-type]
+                st = None
+            else:
+                return st  # type: ignore[return-value]
+        st = TcpStream(self.stream_count, src, dst, frame)
+        self.stream_count += 1
+        if flags & SYN and flags & ACK:
+            # We only saw the server's SYN-ACK: the receiver is the client.
+            st.a_ep, st.b_ep = dst, src
+        st.key = key
+        self._by_key[key] = st
+        self._open[st.number] = st
+        if self._keep:
+            self.streams.append(st)
+        st.sink = self._sink_factory(st)
+        return st
+
+    def _end(self, st: TcpStream) -> None:
+        """The connection is over (RST, FIN both ways, its 4-tuple reused, or the capture
+        ends): flush what waits behind holes, let the sink settle, and forget the stream."""
+        if self._open.pop(st.number, None) is None:
             return
         self._finish(st)
-        close = getattr(st.sink, "close", None)
-        if close is not None:
-            close()
-        st.sink = None
+        if st.has_payload():
+            if st.one_sided():
+                if self.first_one_sided is None:
+                    self.first_one_sided = st
+            else:
+                self.two_sided = True
+        if st.sink is not None:
+            close = getattr(st.sink, "close", None)
+            if close is not None:
+                close()
+            st.sink = None
         for d in st.dirs:
             d.pending.clear()
             d.pending_bytes = 0
+        if st.partial:
+            self.partial_streams.append(st.number)
+        if self._on_end is not None:
+            self._on_end(st)
+        if not self._keep and self._by_key.get(st.key) is st:
+            self._by_key[st.key] = st.number
+            self._ended.append(st.key)
+            if len(self._ended) > MAX_ENDED_STREAMS:
+                old = self._ended.popleft()
+                if self._by_key.get(old).__class__ is int:
+                    del self._by_key[old]
 
     def _accept(self, st: TcpStream, idx: int, seq: int, payload: bytes, frame: int) -> None:
         d = st.dirs[idx]
@@ -455,8 +582,102 @@ class Reassembler:
                 self._skip_hole(st, idx)
 
     def finish(self) -> None:
-        for st in self.streams:
-            self._finish(st)
+        """The capture is over: every stream still open ends now, in stream order."""
+        for st in list(self._open.values()):
+            self._end(st)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path for libpcap files: records cut from large reads, Ethernet/IPv4/TCP headers read
+# in place, anything else handed to the general decoder above.
+
+READ_CHUNK = 1 << 18  # small enough that two of them are no burden, large enough to amortise reads
+
+
+def _scan_pcap(f: BinaryIO, magic: bytes, total: int, feed: Callable[..., None],
+               progress: ProgressFn | None) -> None:
+    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    header = _read_exact(f, 20, "global header", 0)
+    major, _minor, _tz, _sig, snaplen, linktype = struct.unpack(endian + "HHiIII", header)
+    if major != 2:
+        raise CaptureError(f"unsupported pcap version {major}")
+    linktype &= 0x0FFFFFFF
+    limit = max(snaplen, 262144) if snaplen else 262144
+    limit = max(limit, 1 << 18)
+    record = struct.Struct(endian + "8xI4x").unpack_from  # caplen
+    ipv4, tcp = _IPV4.unpack_from, _TCP.unpack_from
+    ethernet = linktype == LT_EN10MB
+    buf, pos, base, frame = b"", 0, 24, 0
+    next_report = 1 << 20
+    while True:
+        if len(buf) - pos < 16:
+            more = f.read(READ_CHUNK)
+            base += pos
+            buf, pos = buf[pos:] + more, 0
+            if len(buf) < 16:
+                if not buf:
+                    break
+                raise CaptureError(f"capture is truncated inside the header of frame {frame + 1}")
+        (caplen,) = record(buf, pos)
+        frame += 1
+        if caplen > limit:
+            raise CaptureError(f"capture is corrupt: frame {frame} claims {caplen} bytes "
+                               f"(snaplen {snaplen})")
+        start = pos + 16
+        end = start + caplen
+        if end > len(buf):
+            more = f.read(max(READ_CHUNK, end - len(buf)))
+            base += pos
+            buf, start, end = buf[pos:] + more, 16, 16 + caplen
+            pos = 0
+            if end > len(buf):
+                raise CaptureError(f"capture is truncated: data of record {frame} is cut short "
+                                   f"({len(buf) - start} of {caplen} bytes)")
+        pos = end
+        if progress is not None and base + pos >= next_report:
+            progress(base + pos, total)
+            next_report = base + pos + (1 << 20)
+        if ethernet and caplen >= 54 and buf[start + 12] == 8 and buf[start + 13] == 0:
+            ip = start + 14
+            vihl, iplen, frag, proto, s_addr, d_addr = ipv4(buf, ip)
+            if proto != 6 or vihl >> 4 != 4 or frag & 0x1FFF:
+                continue
+            ihl = (vihl & 0x0F) * 4
+            if ihl < 20:
+                continue
+            ip_end = ip + iplen if ihl <= iplen <= end - ip else end
+            t = ip + ihl
+            if ip_end - t < 20:
+                continue
+            sport, dport, seq, _ack, off_flags = tcp(buf, t)
+            hlen = (off_flags >> 12) * 4
+            if hlen < 20 or hlen > ip_end - t:
+                continue
+            feed(frame, s_addr << 16 | sport, d_addr << 16 | dport, seq, off_flags & 0x1FF,
+                 buf[t + hlen:ip_end] if t + hlen < ip_end else b"")
+        else:
+            fields = tcp_fields(linktype, buf[start:end])
+            if fields is not None:
+                src, dst, seq, _ack, flags, payload = fields
+                feed(frame, src, dst, seq, flags, payload)
+    if progress is not None:
+        progress(total, total)
+
+
+def _open_capture(path: str) -> tuple[BinaryIO, bytes, int]:
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CaptureError(f"cannot open capture {path}: {exc.strerror or exc}") from None
+    total = os.fstat(f.fileno()).st_size
+    magic = f.read(4)
+    if len(magic) < 4:
+        f.close()
+        raise CaptureError(f"{path} is not a capture file (too short to be pcap or pcapng)")
+    if magic not in PCAP_MAGICS and magic != PCAPNG_MAGIC:
+        f.close()
+        raise CaptureError(f"{path} is not a pcap or pcapng file (magic {magic.hex()})")
+    return f, magic, total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,17 +702,31 @@ def terminal_progress(stream=None) -> ProgressFn | None:
     return show
 
 
+def read_into(path: str, r: Reassembler, progress: ProgressFn | None = None) -> None:
+    """Read `path` and feed every TCP segment to `r`, then end every stream still open.
+    Raises CaptureError for unreadable files and for captures without TCP."""
+    f, magic, total = _open_capture(path)
+    with f:
+        if magic in PCAP_MAGICS:
+            _scan_pcap(f, magic, total, r.feed_raw, progress)
+        else:
+            f.seek(0)
+            feed = r.feed_raw
+            for pkt in _with_progress(f, total, _pcapng_records(f), progress):
+                fields = tcp_fields(pkt.linktype, pkt.data)
+                if fields is not None:
+                    src, dst, seq, _ack, flags, payload = fields
+                    feed(pkt.frame, src, dst, seq, flags, payload)
+    r.finish()
+    if r.tcp_segments == 0:
+        raise CaptureError(f"{path} contains no TCP segments; SMB and DCE/RPC run over TCP")
+
+
 def reassemble(path: str, sink_factory: Callable[[TcpStream], StreamSink | None],
                progress: ProgressFn | None = None) -> Reassembler:
     """Read `path`, feed every TCP segment through reassembly into the sinks, and return the
     reassembler (its streams, with partial flags). Raises CaptureError for unreadable files
     and for captures without TCP."""
     r = Reassembler(sink_factory)
-    for pkt in read_packets(path, progress):
-        seg = parse_tcp(pkt)
-        if seg is not None:
-            r.feed(seg)
-    r.finish()
-    if r.tcp_segments == 0:
-        raise CaptureError(f"{path} contains no TCP segments; SMB and DCE/RPC run over TCP")
+    read_into(path, r, progress)
     return r

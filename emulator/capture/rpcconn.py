@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..directory import status_hex, status_name
-from ..interfaces.emsmdb import EcDoConnect
 from ..sansio import ProtocolError
 from ..rpc import pdu as w
 from ..rpc.verifier import VerifyError
 from .authtokens import inspect_token
 from .unseal import Keyring, Unsealer, derive
 from .model import (AUTH_LEVEL_NAMES, AUTH_TYPE_NAMES, EMSMDB_CALLS, EMSMDB_UUID,
-                    INTERFACE_NAMES, BindInfo, Connection, EmsmdbCall)
+                    INTERFACE_NAMES, BindInfo, Connection, EmsmdbCall, add_event)
 
 # Keep at most this much of one call's stub while its fragments arrive; EcDoConnect stubs are
 # small, and nothing else is read.
@@ -46,10 +45,14 @@ def read_user_dn(stub: bytes, endian: str = "<") -> str | None:
     """szUserDN of EcDoConnect/EcDoConnectEx (MS-OXCRPC 3.1.4.1/3.1.4.11): the first [in]
     parameter, an NDR conformant varying string of 8-bit characters (C706 14.3.4.2).
 
-    The interface's own request structure is tried first; clients of other eras append
-    different trailing parameters, so the string alone is read when the whole request does
-    not parse."""
+    The string is read straight from the front of the stub; when that is not printable ASCII
+    the interface's own request structure is tried, and then the string behind a unique-pointer
+    referent (clients of other eras append different trailing parameters)."""
+    dn = _read_ndr_string(stub, 0, endian)
+    if dn is not None:
+        return dn
     if endian == "<":
+        from ..interfaces.emsmdb import EcDoConnect  # impacket's NDR: slow to import and to run
         try:
             req = EcDoConnect(data=stub)
             dn = req["szUserDN"]
@@ -59,15 +62,46 @@ def read_user_dn(stub: bytes, endian: str = "<") -> str | None:
                 return dn
         except Exception:  # impacket's NDR raises assorted errors on foreign stubs
             pass
-    for pos in (0, 4):  # tolerate a unique-pointer referent in front of the string
-        if len(stub) < pos + 12:
-            return None
-        max_count, offset, actual = struct.unpack(endian + "III", stub[pos:pos + 12])
-        if offset == 0 and 0 < actual <= max_count <= 4096 and pos + 12 + actual <= len(stub):
-            text = stub[pos + 12:pos + 12 + actual].rstrip(b"\x00")
-            if all(32 <= c < 127 for c in text):
-                return text.decode("ascii")
+    return _read_ndr_string(stub, 4, endian)
+
+
+def _read_ndr_string(stub: bytes, pos: int, endian: str) -> str | None:
+    """A conformant varying string of printable ASCII at `pos` (at 4: behind a unique-pointer
+    referent), or None."""
+    if len(stub) < pos + 12:
+        return None
+    max_count, offset, actual = struct.unpack(endian + "III", stub[pos:pos + 12])
+    if offset == 0 and 0 < actual <= max_count <= 4096 and pos + 12 + actual <= len(stub):
+        text = stub[pos + 12:pos + 12 + actual].rstrip(b"\x00")
+        if all(32 <= c < 127 for c in text):
+            return text.decode("ascii")
     return None
+
+
+_LE_AUTH_CALL, _BE_AUTH_CALL = struct.Struct("<HI"), struct.Struct(">HI")
+_LE_CTX_OP, _BE_CTX_OP = struct.Struct("<HH"), struct.Struct(">HH")
+RESPONSE = w.RESPONSE
+
+
+def _cut(data: bytes | bytearray) -> tuple[Any, int | None]:
+    """Cut complete fragments by frag_length (C706 12.6.3.1): ([(start, end)], where the
+    incomplete rest begins), or (reason, None) when the bytes are not DCE/RPC framing."""
+    frags = []
+    pos, n = 0, len(data)
+    while n - pos >= 2:
+        if data[pos] != 5 or data[pos + 1] > 1:
+            return f"rpc version {data[pos]}.{data[pos + 1]} is not 5.0/5.1", None
+        if n - pos < 10:
+            break
+        frag_length = data[pos + 8] | data[pos + 9] << 8 if data[pos + 4] & 0x10 else \
+            data[pos + 8] << 8 | data[pos + 9]
+        if frag_length < w.HEADER_SIZE:
+            return f"frag_length {frag_length} is smaller than the header", None
+        if n - pos < frag_length:
+            break
+        frags.append((pos, pos + frag_length))
+        pos += frag_length
+    return frags, pos
 
 
 class RpcConnection:
@@ -79,11 +113,12 @@ class RpcConnection:
         self._finished = self._released = False
         self._server_challenge: bytes | None = None
         self._unsealer: Unsealer | None = None
-        self._buffers = {True: w.FrameBuffer(), False: w.FrameBuffer()}
+        self._buffers = {True: bytearray(), False: bytearray()}
         self._contexts: dict[int, str] = {}
         self._calls: dict[int, dict[str, Any]] = {}
         self._pending_binds: dict[int, list[BindInfo]] = {}
         self.rpc_seen = False
+        self.malformed = 0  # malformed events so far (the walker resynchronises on them)
         self._identity_auth: tuple[str, str] | None = None  # (auth_type name, level name)
         self._authenticated = False
         self._kerberos: tuple[int, str, str] | None = None
@@ -93,31 +128,81 @@ class RpcConnection:
     # -- plumbing ---------------------------------------------------------------------------
 
     def event(self, frame: int, kind: str, direction: str, **fields: Any) -> None:
-        self.conn.events.append({"frame": frame, "kind": kind, "dir": direction, **fields})
+        if kind == "malformed":
+            self.malformed += 1
+        add_event(self.conn, {"frame": frame, "kind": kind, "dir": direction, **fields})
 
     def feed(self, from_client: bool, data: bytes, frame: int) -> None:
         if self._released:
             return
-        try:
-            frags = self._buffers[from_client].feed(data)
-        except ProtocolError as exc:
-            # The codec keeps the bad bytes; start this direction afresh.
-            self._buffers[from_client] = w.FrameBuffer()
+        buf = self._buffers[from_client]
+        if buf:
+            buf += data
+            data = buf
+        frags, rest = _cut(data)
+        if rest is None:
+            # Not DCE/RPC framing (C706 12.6.3.1): drop this direction's bytes and start afresh.
+            self._buffers[from_client] = bytearray()
             if self.rpc_seen:
                 self.event(frame, "malformed", "c2s" if from_client else "s2c", layer="dcerpc",
-                           reason=exc.reason)
+                           reason=frags)
             return
-        for raw in frags:
+        self._buffers[from_client] = bytearray(data[rest:]) if rest < len(data) else bytearray()
+        for start, end in frags:
+            if self._skip(data, start, end, frame):
+                continue
             try:
-                self._pdu(w.decode(raw), frame)
+                self._pdu(w.decode(bytes(data[start:end])), frame)
             except ProtocolError as exc:
                 self.event(frame, "malformed", "c2s" if from_client else "s2c", layer="dcerpc",
                            reason=exc.reason)
 
+    def _skip(self, data: bytes | bytearray, start: int, end: int, frame: int) -> bool:
+        """Pass over a request or response that cannot matter without decoding it.
+
+        Only EcDoConnect/EcDoConnectEx requests (and the responses to them) are read; every
+        other call's stub is skipped by length. With keys to verify signatures every PDU must
+        go through the verifier in order, so nothing is skipped then. A fragment whose header
+        or sec_trailer does not hold together is left to the full decoder, which reports it."""
+        ptype = data[start + 2]
+        if ptype > RESPONSE or ptype == 1 or self._unsealer is not None:
+            return False
+        e = "<" if data[start + 4] & 0x10 else ">"
+        flags = data[start + 3]
+        auth_length, call_id = (_LE_AUTH_CALL if e == "<" else _BE_AUTH_CALL).unpack_from(data, start + 10)
+        length = end - start
+        body_start = 40 if ptype == w.REQUEST and flags & w.PFC_OBJECT_UUID else 24
+        if body_start > length:
+            return False
+        if auth_length:
+            trailer = length - auth_length - w.SEC_TRAILER_SIZE
+            if trailer < body_start or data[start + trailer + 2] > trailer - body_start:
+                return False
+        calls = self._calls
+        if ptype == w.REQUEST:
+            ctx, opnum = (_LE_CTX_OP if e == "<" else _BE_CTX_OP).unpack_from(data, start + 20)
+            if opnum in (0, 10) and self._contexts.get(ctx) == EMSMDB_UUID:
+                return False
+            if call_id in calls:
+                if not flags & w.PFC_FIRST_FRAG:
+                    return False  # a later fragment of a call being read
+                del calls[call_id]  # the call id is reused by a call that does not matter
+        else:
+            call = calls.get(call_id)
+            if call is not None:
+                if "ec" in call:
+                    return False
+                if flags & w.PFC_LAST_FRAG:
+                    del calls[call_id]
+        self.rpc_seen = True
+        if not self.conn.first_frame:
+            self.conn.first_frame = frame
+        return True
+
     def gap(self, from_client: bool) -> None:
         if self._released:
             return
-        self._buffers[from_client] = w.FrameBuffer()
+        self._buffers[from_client] = bytearray()
         self.conn.partial = True
 
     # -- PDUs --------------------------------------------------------------------------------

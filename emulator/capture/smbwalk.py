@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ..sansio import ProtocolError
 from .authtokens import inspect_token
-from .model import Connection
+from .model import AUTH_EVENT_KINDS, MAX_EVENTS, Connection
 from .rpcconn import RpcConnection, SmbSessionInfo
 
 STATUS_SUCCESS = 0
@@ -61,6 +61,7 @@ class SmbWalker:
         self._keyring = keyring
         self._on_connection = on_connection
         self.common_events: list[dict[str, Any]] = []
+        self.dropped = 0
         self._sessions: dict[int, _Session] = {}
         self._trees: dict[int, tuple[str, bool]] = {}  # tid -> (path, is_ipc)
         self._tree_events: dict[int, list[dict[str, Any]]] = {}
@@ -73,7 +74,18 @@ class SmbWalker:
     def _event(self, frame: int, kind: str, direction: str, session: _Session | None = None,
                **fields: Any) -> None:
         ev = {"frame": frame, "kind": kind, "dir": direction, **fields}
-        (session.events if session is not None else self.common_events).append(ev)
+        if session is not None:
+            session.events.append(ev)
+        else:
+            self.note(ev)
+
+    def note(self, ev: dict[str, Any]) -> None:
+        """An event for every pipe opened later on this stream (within the MAX_EVENTS cap for
+        events outside the auth skeleton)."""
+        if len(self.common_events) >= MAX_EVENTS and ev["kind"] not in AUTH_EVENT_KINDS:
+            self.dropped += 1
+        else:
+            self.common_events.append(ev)
 
     def _session(self, key: int) -> _Session:
         return self._sessions.setdefault(key, _Session())
@@ -89,6 +101,7 @@ class SmbWalker:
             history += sess.events
         history += self._tree_events.get(tid, []) if tid is not None else []
         conn.events.extend(sorted(history, key=lambda e: e["frame"]))
+        conn.events_dropped = self.dropped
         info = SmbSessionInfo(sess.user if sess else None, sess.domain if sess else None,
                               sess.frame if sess else None, [])
         rpc = RpcConnection(conn, info, keyring=self._keyring)

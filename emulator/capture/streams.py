@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..sansio import ProtocolError
-from .model import Connection
-from .pcapread import CaptureError, ProgressFn, TcpStream, reassemble
+from .model import Connection, add_event
+from .pcapread import CaptureError, ProgressFn, Reassembler, TcpStream, read_into as _read_into
 from .rpcconn import RpcConnection
 from .smbwalk import SmbWalker
 from .unseal import Keyring
@@ -43,11 +43,13 @@ class _Dir:
 class StreamWalker:
     """The reassembler's sink for one TCP stream."""
 
-    def __init__(self, st: TcpStream, found: Callable[[RpcConnection], None],
+    def __init__(self, st: TcpStream, emit: Callable[[TcpStream, list[RpcConnection]], None],
                  keyring: Keyring | None = None) -> None:
         self.st = st
         self._keyring = keyring
-        self._found = found
+        self._emit = emit
+        self.found: list[RpcConnection] = []
+        self._found = self.found.append
         self.kind: str | None = None  # "smb" | "rpc" | "other"
         self._dirs = {True: _Dir(), False: _Dir()}
         self._rpc: RpcConnection | None = None
@@ -79,9 +81,9 @@ class StreamWalker:
         ev = {"frame": frame, "kind": "malformed", "dir": "c2s" if from_a else "s2c",
               "layer": self.kind or "tcp", "reason": reason}
         if self._rpc is not None:
-            self._rpc.conn.events.append(ev)
+            add_event(self._rpc.conn, ev)
         elif self._smb is not None:
-            self._smb.common_events.append(ev)
+            self._smb.note(ev)
 
     def _data(self, from_a: bool, payload: bytes, frame: int) -> None:
         if self.kind == "other":
@@ -99,7 +101,9 @@ class StreamWalker:
                 self._start("smb")  # NetBIOS session request/response/keep-alive on port 139
             else:
                 if self.kind is None and d.tries >= DETECT_TRIES and self._dirs[not from_a].tries >= DETECT_TRIES:
+                    # Neither SMB nor DCE/RPC: stop reassembling this stream at all.
                     self.kind = "other"
+                    self.st.ignore()
                 return
             self._synced[from_a] = True
         if self.kind == "rpc":
@@ -111,13 +115,27 @@ class StreamWalker:
             self._smb_data(from_a, payload, frame)
 
     def close(self) -> None:
-        """The TCP connection ended: keep only the summaries."""
+        """The TCP connection ended: settle its RPC connections, hand them on, keep nothing."""
         self.kind = "other"
         self._dirs = {True: _Dir(), False: _Dir()}
         if self._rpc is not None:
             self._rpc.release()
         if self._smb is not None:
             self._smb.release()
+        found, self.found = self.found, []
+        self._rpc = self._smb = None
+        st = self.st
+        partial = st.partial or st.one_sided()
+        settled = []
+        for rpc in found:
+            if not rpc.rpc_seen:
+                continue
+            rpc.finish()
+            c = rpc.conn
+            c.partial = c.partial or partial
+            settled.append(rpc)
+        if settled:
+            self._emit(st, settled)
 
     def gap(self, from_a: bool, frame: int) -> None:
         self._dirs[from_a] = _Dir()
@@ -145,25 +163,24 @@ class StreamWalker:
     def _rpc_data(self, from_a: bool, payload: bytes, frame: int) -> None:
         rpc = self._rpc
         assert rpc is not None
-        d = self._dirs[from_a]
-        d.buf += payload
-        # Use FrameBuffer semantics through the connection, but decide the direction from
-        # the first PDU type in this direction's data.
         if self._a_is_client is None:
-            if len(d.buf) >= 3:
-                self._a_is_client = (d.buf[2] in (0, 11, 14, 16, 18, 19)) == from_a
-            else:
+            # Which side is the client is read from the first PDU type seen, so a capture
+            # that missed the SYN still attributes requests correctly.
+            d = self._dirs[from_a]
+            d.buf += payload
+            if len(d.buf) < 3:
                 return
+            self._a_is_client = (d.buf[2] in (0, 11, 14, 16, 18, 19)) == from_a
+            payload, d.buf = bytes(d.buf), bytearray()
         from_client = from_a == self._a_is_client
         if not self._oriented:
             self._oriented = True
             a, b = self.st.a, self.st.b
             client, server = (a, b) if self._a_is_client else (b, a)
             rpc.conn.client, rpc.conn.server = f"{client[0]}:{client[1]}", f"{server[0]}:{server[1]}"
-        data, d.buf = bytes(d.buf), bytearray()
-        before = len(rpc.conn.events)
-        rpc.feed(from_client, data, frame)
-        if any(e["kind"] == "malformed" for e in rpc.conn.events[before:]):
+        before = rpc.malformed
+        rpc.feed(from_client, payload, frame)
+        if rpc.malformed != before:
             self._synced[from_a] = False
 
     # -- NetBIOS session service (RFC 1002 4.3) and SMB --------------------------------------
@@ -200,7 +217,7 @@ class StreamWalker:
                 elif msg[:4] == b"\xfeSMB":
                     self._smb.smb2(msg, frame)
                 elif msg[:4] == b"\xfdSMB":
-                    self._smb.common_events.append(
+                    self._smb.note(
                         {"frame": frame, "kind": "smb.encrypted", "dir": "c2s" if from_a else "s2c"})
                 else:
                     self._desync(from_a)
@@ -227,30 +244,57 @@ class Analysis:
     partial_streams: list[int]
 
 
+class CaptureScan:
+    """One pass over a capture that hands out each RPC connection as soon as its TCP stream
+    ends (FIN both ways, RST, its 4-tuple reused, or the end of the file), in that order, and
+    then forgets it. Memory holds only the streams still open.
+
+        scan = CaptureScan(path, keyring)
+        scan.run(lambda conn: ..., progress)
+
+    `two_sided` says whether some stream so far carried payload both ways: until it does, a
+    consumer that streams its output should hold connections back, because a capture of only
+    one direction of every stream ends in CaptureError (see run)."""
+
+    def __init__(self, path: str, keyring: Keyring | None = None) -> None:
+        self.path = path
+        self._keyring = keyring
+        self.streams = 0
+        self.partial_streams: list[int] = []
+        self._reassembler: Reassembler | None = None
+
+    @property
+    def two_sided(self) -> bool:
+        return self._reassembler is not None and self._reassembler.two_sided
+
+    def run(self, on_connection: Callable[[Connection], None],
+            progress: ProgressFn | None = None) -> None:
+        def emit(st: TcpStream, rpcs: list[RpcConnection]) -> None:
+            for rpc in sorted(rpcs, key=lambda r: r.conn.first_frame):
+                on_connection(rpc.conn)
+
+        def sink(st: TcpStream) -> StreamWalker:
+            return StreamWalker(st, emit, self._keyring)
+
+        r = self._reassembler = Reassembler(sink, keep_streams=False)
+        try:
+            _read_into(self.path, r, progress)
+        finally:
+            self.streams = r.stream_count
+            self.partial_streams = sorted(r.partial_streams)
+        if r.first_one_sided is not None and not r.two_sided:
+            st = r.first_one_sided
+            raise CaptureError(
+                f"{self.path}: only one direction of each TCP stream was captured (stream {st.number}, "
+                f"{st.a[0]}:{st.a[1]} <-> {st.b[0]}:{st.b[1]}); requests cannot be paired with "
+                f"responses. Capture on a host or port that sees both directions.")
+
+
 def analyse(path: str, progress: ProgressFn | None = None, keyring: Keyring | None = None) -> Analysis:
     """Read a capture and return every RPC connection in it, ordered by first frame. With a
     keyring (NT hashes of known users) signed and sealed stubs are verified and read."""
-    found: list[RpcConnection] = []
-
-    def sink(st: TcpStream) -> StreamWalker:
-        return StreamWalker(st, found.append, keyring)
-
-    r = reassemble(path, sink, progress)
-    with_payload = [st for st in r.streams if st.dirs[0].bytes_seen or st.dirs[1].bytes_seen]
-    if with_payload and all(st.one_sided() for st in with_payload):
-        st = with_payload[0]
-        raise CaptureError(
-            f"{path}: only one direction of each TCP stream was captured (stream {st.number}, "
-            f"{st.a[0]}:{st.a[1]} <-> {st.b[0]}:{st.b[1]}); requests cannot be paired with "
-            f"responses. Capture on a host or port that sees both directions.")
-    conns = []
-    for rpc in found:
-        if not rpc.rpc_seen:
-            continue
-        rpc.finish()
-        c = rpc.conn
-        st = r.streams[c.stream]
-        c.partial = c.partial or st.partial or st.one_sided()
-        conns.append(c)
+    conns: list[Connection] = []
+    scan = CaptureScan(path, keyring)
+    scan.run(conns.append, progress)
     conns.sort(key=lambda c: (c.first_frame, c.stream))
-    return Analysis(path, conns, len(r.streams), [st.number for st in r.streams if st.partial])
+    return Analysis(path, conns, scan.streams, scan.partial_streams)

@@ -22,8 +22,6 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from Cryptodome.Cipher import ARC4
-from impacket import ntlm as imp
 
 from ..ntlm.keys import SessionSecurity, hmac_md5
 from ..ntlm.responses import ntowf_v2
@@ -49,6 +47,7 @@ class Keyring:
 
     @classmethod
     def build(cls, passwords: Mapping[str, str] | Iterable[str] | None = None, lab: Any = None) -> "Keyring":
+        from impacket import ntlm as imp  # only when keys are asked for: it is slow to import
         ring = cls()
         if lab is not None:
             if isinstance(lab, str):
@@ -100,6 +99,8 @@ class KeyResult:
 
 
 def derive(auth_msg: bytes, server_challenge: bytes | None, keyring: Keyring) -> KeyResult:
+    from Cryptodome.Cipher import ARC4
+    from impacket import ntlm as imp
     """Session readers for both directions from a captured AUTHENTICATE message."""
     auth = imp.NTLMAuthChallengeResponse()
     try:
