@@ -136,12 +136,12 @@ def _passwords(args: argparse.Namespace) -> dict[str, str]:
 
 @_capture_cli
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .capture.explain import explain
+    from .capture.explain import explain_to
 
     lab = load_config(args.lab) if args.lab else None
-    text = explain(args.capture, args.format, passwords=_passwords(args), lab=lab,
-                   progress=sys.stderr.isatty())
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    # Written as it is read (JSON streams connection by connection), so memory stays flat.
+    explain_to(sys.stdout, args.capture, args.format, passwords=_passwords(args), lab=lab,
+               progress=sys.stderr.isatty())
     return 0
 
 
