@@ -320,6 +320,14 @@ FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 # memory of ended streams is bounded: past this many, the oldest are forgotten.
 MAX_ENDED_STREAMS = 1 << 16
 
+# A stream that carries no segment for this long (capture time, the latest timestamp seen so
+# far) is ended, so captures full of connections that never close (the capture started or
+# stopped while they were open) do not hold them all. Should it carry data again later, it
+# resumes under the same stream number as a partial stream: its output is then split in two,
+# never lost.
+IDLE_TIMEOUT = 900
+SWEEP_EVERY = 60
+
 
 class StreamSink(Protocol):
     def data(self, from_a: bool, payload: bytes, frame: int) -> None: ...
@@ -344,7 +352,7 @@ class TcpStream:
     """One TCP conversation. Side A is the side that sent the first segment we saw (the
     client when the SYN was captured)."""
     __slots__ = ("number", "a_ep", "b_ep", "first_frame", "saw_syn", "partial", "closed", "sink",
-                 "dirs", "key", "_a", "_b")
+                 "dirs", "key", "last_seen", "_a", "_b")
 
     def __init__(self, number: int, a_ep: int, b_ep: int, first_frame: int) -> None:
         self.number, self.a_ep, self.b_ep, self.first_frame = number, a_ep, b_ep, first_frame
@@ -352,6 +360,7 @@ class TcpStream:
         self.sink: StreamSink | None = None
         self.dirs = (_Direction(), _Direction())
         self.key = 0
+        self.last_seen = 0.0
         self._a: Endpoint | None = None
         self._b: Endpoint | None = None
 
@@ -420,6 +429,20 @@ class Reassembler:
         self.partial_streams: list[int] = []
         self.two_sided = False  # some stream carried payload both ways
         self.first_one_sided: TcpStream | None = None
+        self.now = 0.0  # the latest packet time seen (see clock)
+        self._next_sweep = 0.0
+
+    def clock(self, t: float) -> None:
+        """The capture time of the packets about to be fed. Streams idle for IDLE_TIMEOUT are
+        ended (only when ended streams are not kept, i.e. when streaming)."""
+        if t <= self.now:
+            return
+        self.now = t
+        if t >= self._next_sweep and not self._keep:
+            self._next_sweep = t + SWEEP_EVERY
+            idle_before = t - IDLE_TIMEOUT
+            for st in [st for st in self._open.values() if st.last_seen < idle_before]:
+                self._end(st, idle=True)
 
     def feed(self, seg: Segment) -> None:
         self.feed_raw(seg.frame, endpoint_int(seg.src), endpoint_int(seg.dst), seg.seq, seg.flags,
@@ -430,11 +453,14 @@ class Reassembler:
         key = (src << 176 | dst) if src <= dst else (dst << 176 | src)
         st = self._by_key.get(key)
         if st is None or flags & SYN:
-            st = self._stream_for(st, key, frame, src, dst, flags)
+            st = self._stream_for(st, key, frame, src, dst, flags, payload)
             if st is None:
                 return
         elif st.__class__ is int:
-            return  # a late segment of a stream that has ended
+            if st >= 0 or not payload:
+                return  # a late segment of a stream that has ended
+            st = self._resume(-st - 1, key, frame, src, dst)
+        st.last_seen = self.now  # type: ignore[union-attr]
         idx = 0 if src == st.a_ep else 1  # type: ignore[union-attr]
         d = st.dirs[idx]  # type: ignore[union-attr]
         if flags & SYN:
@@ -465,12 +491,15 @@ class Reassembler:
                 self._end(st)  # type: ignore[arg-type]
 
     def _stream_for(self, st: TcpStream | int | None, key: int, frame: int, src: int, dst: int,
-                    flags: int) -> TcpStream | None:
+                    flags: int, payload: bytes) -> TcpStream | None:
         new_connection = flags & SYN and not flags & ACK
         if st.__class__ is int:
-            if not new_connection:
+            if new_connection:
+                st = None
+            elif st < 0 and payload:  # type: ignore[operator]
+                return self._resume(-st - 1, key, frame, src, dst)  # type: ignore[operator]
+            else:
                 return None
-            st = None
         elif st is not None:
             if new_connection and (st.closed or st.has_payload()):  # type: ignore[union-attr]
                 # The 4-tuple is reused by a new connection: tshark starts a new stream too.
@@ -478,20 +507,32 @@ class Reassembler:
                 st = None
             else:
                 return st  # type: ignore[return-value]
-        st = TcpStream(self.stream_count, src, dst, frame)
+        st = self._new_stream(self.stream_count, key, frame, src, dst)
         self.stream_count += 1
         if flags & SYN and flags & ACK:
             # We only saw the server's SYN-ACK: the receiver is the client.
             st.a_ep, st.b_ep = dst, src
-        st.key = key
-        self._by_key[key] = st
-        self._open[st.number] = st
-        if self._keep:
-            self.streams.append(st)
         st.sink = self._sink_factory(st)
         return st
 
-    def _end(self, st: TcpStream) -> None:
+    def _new_stream(self, number: int, key: int, frame: int, src: int, dst: int) -> TcpStream:
+        st = TcpStream(number, src, dst, frame)
+        st.key = key
+        self._by_key[key] = st
+        self._open[number] = st
+        if self._keep:
+            self.streams.append(st)
+        return st
+
+    def _resume(self, number: int, key: int, frame: int, src: int, dst: int) -> TcpStream:
+        """Data again on a stream ended for idleness: carry on under its number, as a stream
+        picked up in the middle."""
+        st = self._new_stream(number, key, frame, src, dst)
+        st.partial = True
+        st.sink = self._sink_factory(st)
+        return st
+
+    def _end(self, st: TcpStream, idle: bool = False) -> None:
         """The connection is over (RST, FIN both ways, its 4-tuple reused, or the capture
         ends): flush what waits behind holes, let the sink settle, and forget the stream."""
         if self._open.pop(st.number, None) is None:
@@ -516,7 +557,7 @@ class Reassembler:
         if self._on_end is not None:
             self._on_end(st)
         if not self._keep and self._by_key.get(st.key) is st:
-            self._by_key[st.key] = st.number
+            self._by_key[st.key] = -st.number - 1 if idle else st.number
             self._ended.append(st.key)
             if len(self._ended) > MAX_ENDED_STREAMS:
                 old = self._ended.popleft()
@@ -595,7 +636,7 @@ READ_CHUNK = 1 << 18  # small enough that two of them are no burden, large enoug
 
 
 def _scan_pcap(f: BinaryIO, magic: bytes, total: int, feed: Callable[..., None],
-               progress: ProgressFn | None) -> None:
+               r_clock: Callable[[float], None], progress: ProgressFn | None) -> None:
     endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     header = _read_exact(f, 20, "global header", 0)
     major, _minor, _tz, _sig, snaplen, linktype = struct.unpack(endian + "HHiIII", header)
@@ -604,7 +645,8 @@ def _scan_pcap(f: BinaryIO, magic: bytes, total: int, feed: Callable[..., None],
     linktype &= 0x0FFFFFFF
     limit = max(snaplen, 262144) if snaplen else 262144
     limit = max(limit, 1 << 18)
-    record = struct.Struct(endian + "8xI4x").unpack_from  # caplen
+    record = struct.Struct(endian + "I4xI4x").unpack_from  # seconds, caplen
+    clock, last_sec = r_clock, -1
     ipv4, tcp = _IPV4.unpack_from, _TCP.unpack_from
     ethernet = linktype == LT_EN10MB
     buf, pos, base, frame = b"", 0, 24, 0
@@ -618,8 +660,11 @@ def _scan_pcap(f: BinaryIO, magic: bytes, total: int, feed: Callable[..., None],
                 if not buf:
                     break
                 raise CaptureError(f"capture is truncated inside the header of frame {frame + 1}")
-        (caplen,) = record(buf, pos)
+        sec, caplen = record(buf, pos)
         frame += 1
+        if sec != last_sec:
+            last_sec = sec
+            clock(sec)
         if caplen > limit:
             raise CaptureError(f"capture is corrupt: frame {frame} claims {caplen} bytes "
                                f"(snaplen {snaplen})")
@@ -708,11 +753,12 @@ def read_into(path: str, r: Reassembler, progress: ProgressFn | None = None) -> 
     f, magic, total = _open_capture(path)
     with f:
         if magic in PCAP_MAGICS:
-            _scan_pcap(f, magic, total, r.feed_raw, progress)
+            _scan_pcap(f, magic, total, r.feed_raw, r.clock, progress)
         else:
             f.seek(0)
             feed = r.feed_raw
             for pkt in _with_progress(f, total, _pcapng_records(f), progress):
+                r.clock(pkt.time)
                 fields = tcp_fields(pkt.linktype, pkt.data)
                 if fields is not None:
                     src, dst, seq, _ack, flags, payload = fields

@@ -281,7 +281,7 @@ class CaptureScan:
             _read_into(self.path, r, progress)
         finally:
             self.streams = r.stream_count
-            self.partial_streams = sorted(r.partial_streams)
+            self.partial_streams = sorted(set(r.partial_streams))
         if r.first_one_sided is not None and not r.two_sided:
             st = r.first_one_sided
             raise CaptureError(

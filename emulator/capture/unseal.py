@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 
-from ..ntlm.keys import SessionSecurity, hmac_md5
-from ..ntlm.responses import ntowf_v2
 from ..rpc import pdu as P
 from ..rpc.verifier import SecurityContext, VerifyError, unprotect
 
@@ -70,6 +68,7 @@ class _Reader:
     def __init__(self, exported: bytes, flags: int, receiver: str) -> None:
         self._exported, self._flags, self._receiver = exported, flags, receiver
         self.negotiated_flags = flags
+        from ..ntlm.keys import SessionSecurity  # the NTLM package is only needed with keys
         self.sec = SessionSecurity(exported, flags, receiver)
 
     def __repr__(self) -> str:
@@ -101,6 +100,9 @@ class KeyResult:
 def derive(auth_msg: bytes, server_challenge: bytes | None, keyring: Keyring) -> KeyResult:
     from Cryptodome.Cipher import ARC4
     from impacket import ntlm as imp
+
+    from ..ntlm.keys import hmac_md5
+    from ..ntlm.responses import ntowf_v2
     """Session readers for both directions from a captured AUTHENTICATE message."""
     auth = imp.NTLMAuthChallengeResponse()
     try:
