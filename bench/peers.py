@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 USER, PASSWORD, DOMAIN = "alice", "Alice-Pw-1", "CORP"
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -12,7 +12,6 @@ from importlib import resources
 from typing import Any, Mapping
 
 import yaml
-from impacket.ntlm import compute_nthash
 
 AUTH_LEVELS = {"none": 1, "connect": 2, "call": 3, "packet": 4, "integrity": 5, "privacy": 6}
 AUTH_LEVEL_NAMES = {v: k for k, v in AUTH_LEVELS.items()}
@@ -193,6 +192,13 @@ class _Reader:
 _REQUIRED = object()
 
 
+def _nt_hash(password: str) -> bytes:
+    """MD4 of the UTF-16LE password (MS-NLMP 3.3.1), via impacket, imported on first use."""
+    from impacket.ntlm import compute_nthash
+
+    return compute_nthash(password)
+
+
 def _parse(root: _Node, source: str) -> LabConfig:
     r = _Reader(source)
     top = r.mapping(root, "", {"server", "users", "mailboxes", "transports", "policy"})
@@ -232,7 +238,7 @@ def _parse(root: _Node, source: str) -> LabConfig:
                     # Do not echo the value: it is a secret.
                     raise r.fail(u["nt_hash"], f"{key}.nt_hash", "must be 32 hex digits")
             else:
-                nt = compute_nthash(password)
+                nt = _nt_hash(password)
             users.append(User(name=name, nt_hash=nt, password=password,
                               enabled=r.scalar(u, "enabled", key, bool, True, un)))
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 from impacket import ntlm
 from impacket.dcerpc.v5 import epm, rpcrt, transport
-from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_LEVEL_CONNECT, RPC_C_AUTHN_WINNT, DCERPCException
+from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_LEVEL_CONNECT, RPC_C_AUTHN_WINNT
 from impacket import smb3
 from impacket.nt_errors import STATUS_INSUFFICIENT_RESOURCES, STATUS_REQUEST_NOT_ACCEPTED
 from impacket.smb3structs import SMB2_DIALECT_311

@@ -3,7 +3,7 @@ stream carrying DCE/RPC), in the shape of DESIGN.md section 5."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 # MS-RPCE 2.2.1.1.8 authentication levels and 2.2.1.1.7 security providers.
