@@ -52,8 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"records NTLM exchanges (user names, challenge responses) from anyone who can reach it.",
               file=sys.stderr)
 
+    # A served lab's events go to --events; only a short tail is kept in memory.
     lab = Lab(config, host=args.host, ephemeral=False, captures=args.captures,
-              events_path=args.events, seed=args.seed)
+              events_path=args.events, seed=args.seed, keep_events=1000)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -31,7 +31,7 @@ class Lab:
     def __init__(self, config: Any = None, *, host: str = "127.0.0.1", ephemeral: bool = True,
                  captures: str | None = None, capture_file: str | None = None,
                  events_path: str | None = None, seed: int | None = None,
-                 ports: dict[str, int | None] | None = None) -> None:
+                 ports: dict[str, int | None] | None = None, keep_events: int = 200_000) -> None:
         cfg: LabConfig = coerce_config(config)
         if ephemeral:
             cfg = cfg.with_ports(smb=0, epm=0, emsmdb=0)
@@ -41,7 +41,8 @@ class Lab:
         self.host = host
         self.seed = seed
         self.random_bytes, self.now = sources(seed)
-        self.events = EventLog(events_path, clock=self.now)
+        # Records kept in memory for `records()`; the events file, if any, gets every one.
+        self.events = EventLog(events_path, clock=self.now, keep=keep_events)
         self.captures_dir = captures
         self._capture_file = capture_file
         self._capture: Any = None
