@@ -17,9 +17,9 @@ from scapy.utils import PcapNgWriter, wrpcap
 from emulator.capture import CaptureError, analyse
 from emulator.capture.pcapread import parse_tcp, read_packets
 
-REF = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "captures", "reference"))
-if not os.path.isdir(REF):
-    REF = "/work/shared/captures/reference"
+from conftest import REFERENCE
+
+REF = os.path.normpath(REFERENCE)
 TSHARK = shutil.which("tshark")
 
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF),

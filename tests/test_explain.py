@@ -17,10 +17,9 @@ from emulator.capture import compare, explain, write_report
 sys.path.insert(0, os.path.dirname(__file__))
 from test_capture_recorder import record_pipe_path, record_tcp_path  # noqa: E402
 
-REF = "/work/shared/captures/reference"
-_rel = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "captures", "reference"))
-if os.path.isdir(_rel):
-    REF = _rel
+from conftest import REFERENCE  # noqa: E402
+
+REF = os.path.normpath(REFERENCE)
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF),
                                reason=f"reference captures not found at {REF} (../shared is absent)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

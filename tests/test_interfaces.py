@@ -28,7 +28,9 @@ from emulator.interfaces.srvsvc import SrvsvcInterface
 from emulator.rpc.interface import (NCA_S_FAULT_CONTEXT_MISMATCH, NCA_S_FAULT_NDR,
                                     NCA_S_OP_RNG_ERROR, CallContext, RpcFault)
 
-REFERENCE = Path("/work/shared/captures/reference")
+from conftest import REFERENCE as _REFERENCE  # noqa: E402
+
+REFERENCE = Path(_REFERENCE).resolve()
 MAPI_PCAP = REFERENCE / "mapi.pcap"
 DN = "/o=Corp/ou=Site/cn=Recipients/cn="
 ALICE = Identity("alice", "CORP", SMB_SESSION, "smb_session_setup")
