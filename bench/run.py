@@ -288,11 +288,21 @@ def write_docs(path: str, quick: bool, rows, conc, growth, caps, versions, notes
         for c in caps:
             lines.append(f"| {c['mb']:.0f} | {c['ours']['cpu'] / c['mb']:.3f} | {c['ours']['peak_rss'] / 1e6:.0f} "
                          f"| {c['tshark']['cpu'] / c['mb']:.3f} | {c['tshark']['peak_rss'] / 1e6:.0f} |")
-        lines += ["", "1,000 MB was not run by the bench command: it would take longer than the run's time box; "
-                  "the per-MB cost above is what to extrapolate from."]
+        lines += ["", "1,000 MB is not run by the bench command: it would take longer than the run's time box; "
+                  "see \"Measured by hand\" below, if present."]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in STANDING_NOTES + notes]
+    text = "\n".join(lines) + "\n"
+    # A "Measured by hand" section (figures too slow for this command) survives a rewrite.
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        old = ""
+    marker = "\n## Measured by hand"
+    if marker in old:
+        text += old[old.index(marker):]
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
