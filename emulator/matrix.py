@@ -132,17 +132,17 @@ def observe(report: ClientReport, records: list[dict[str, Any]], typed_user: str
     conns = set(report.server_conns)
     mine = [r for r in records if r.get("conn") in conns]
     connects = [r for r in mine if r["kind"] == "emsmdb.connect"]
+    rpc_auth_binds = any(r["kind"] == "rpc.bind" and r.get("auth_type") not in (None, "none") for r in mine)
     layer = None
     if connects:
         layer = {"smb_session": "smb_session_setup", "rpc_auth": "rpc_bind"}.get(connects[-1].get("identity_source"))
-    elif any(r["kind"] == "rpc.bind" and r.get("auth_type") not in (None, "none") for r in mine):
+    elif rpc_auth_binds:
         layer = "rpc_bind"
     elif any(r["kind"] == "smb.session_setup" for r in mine):
         layer = "smb_session_setup"
     # The typed credentials reached the wire only if an NTLM AUTHENTICATE for the typed user was
     # carried by an authenticated RPC bind. An SMB session setup as that user (the `net use`
     # workaround) is the workstation's own session, not the prompt's answer.
-    rpc_auth_binds = any(r["kind"] == "rpc.bind" and r.get("auth_type") not in (None, "none") for r in mine)
     typed_on_wire = bool(typed_user) and rpc_auth_binds and any(
         r["kind"] == "ntlm.authenticate" and (r.get("user") or "").lower() == typed_user.lower() for r in mine)
     return {
