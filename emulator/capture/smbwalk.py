@@ -30,7 +30,7 @@ SMB2_FLAGS_SERVER_TO_REDIR = 0x1
 SMB2_FLAGS_ASYNC = 0x2
 
 SMB2_DIALECTS = {0x0202: "2.0.2", 0x0210: "2.1", 0x0300: "3.0", 0x0302: "3.0.2", 0x0311: "3.1.1",
-                 0x02FF: "2.??? (wildcard: the client also offered SMB2 in an SMB1 negotiate)"}
+                 0x02FF: "2.??? (SMB1 negotiate offered SMB2)"}
 
 
 @dataclass
