@@ -23,13 +23,6 @@ def need_tool(name: str) -> str:
     return path
 
 
-def need_reference(name: str) -> str:
-    path = os.path.abspath(os.path.join(REFERENCE, name))
-    if not os.path.exists(path):
-        pytest.skip(f"reference capture {name} not found under {os.path.abspath(REFERENCE)}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def lab():
     """One default KB lab per test module, on ephemeral loopback ports."""

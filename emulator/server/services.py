@@ -13,9 +13,9 @@ from typing import Any, Callable
 from ..config import LabConfig
 from ..directory import Directory
 from ..identity import ANONYMOUS, Identity
-from ..interfaces.emsmdb import EMSMDB_UUID, EmsmdbInterface
-from ..interfaces.epm import Endpoint, EpmInterface
-from ..interfaces.srvsvc import SrvsvcInterface
+from ..interfaces import EMSMDB_UUID, EPM_UUID, SRVSVC_UUID, default_interfaces
+from ..interfaces.emsmdb import EmsmdbInterface
+from ..interfaces.epm import Endpoint
 from ..ntlm import AuthFactory
 from ..rpc.connection import RpcConnection
 from ..smb.connection import SmbConnection
@@ -34,9 +34,10 @@ class LabServices:
         self.directory = Directory(config)
         self.auth = AuthFactory(self.directory, config.policy, config.server,
                                 random_bytes=random_bytes, now=now)
-        self.emsmdb = EmsmdbInterface(self.directory, config.policy, config.server, random_bytes=random_bytes)
-        self.epm = EpmInterface(self.endpoints)
-        self.srvsvc = SrvsvcInterface(config.server)
+        interfaces = default_interfaces(config, self.endpoints, random_bytes=random_bytes)
+        self.emsmdb = interfaces[EMSMDB_UUID]
+        self.epm = interfaces[EPM_UUID]
+        self.srvsvc = interfaces[SRVSVC_UUID]
         # Filled in by the lab once listeners are bound (port 0 means "ask the kernel").
         self.bound_ports: dict[str, int] = {}
         self.emsmdb_pipe = config.transports.smb.pipes.get("emsmdb", "emsmdb")
