@@ -49,6 +49,10 @@ WRITE_MSG_START = 0x0008
 TREE_CONNECT_EXTENDED_RESPONSE = 0x0008   # MS-SMB 2.2.4.7.1
 SMB_SUPPORT_SEARCH_BITS = 0x0001
 
+# Names for events: "TREE_CONNECT_ANDX" and "STATUS_SMB_BAD_TID" read better in a log than codes.
+_COMMAND_NAMES = {v: k[4:] for k, v in vars(w).items() if k.startswith("COM_") and k != "COM_NO_ANDX"}
+_STATUS_NAMES = {v: k for k, v in vars(w).items() if k.startswith("STATUS_")}
+
 
 class _Failure(Exception):
     """A command failed with an NT status; internal control flow, never leaves the engine."""
@@ -96,6 +100,7 @@ class _Ctx:
     tid: int
     events: list[Event] = field(default_factory=list)
     signing_started: bool = False
+    command: int = 0     # of the block being served, for refusal events
 
 
 class _Ids:
@@ -159,7 +164,10 @@ class Smb1Engine:
             else:
                 self._sequence += 2
             if not w.verify(self._signing_key, message, request_seq):
-                events.append(event(w.LAYER, "smb.signature", result="bad_signature",
+                # Once signing runs every request must be signed (MS-CIFS 3.3.5.2); say whether
+                # the signature was missing or wrong.
+                signed = bool(header.flags2 & w.FLAGS2_SMB_SECURITY_SIGNATURE)
+                events.append(event(w.LAYER, "smb.signature", result="bad_signature" if signed else "unsigned_request",
                                     command=f"0x{header.command:02x}", dialect=w.DIALECT))
                 return [self._finish(self._error_header(header, w.STATUS_ACCESS_DENIED), request_seq)], events, False
 
@@ -179,6 +187,7 @@ class Smb1Engine:
         replies: list[Reply] = []
         status, failed = w.STATUS_SUCCESS, None
         for block in blocks:
+            ctx.command = block.command
             try:
                 reply, status = self._dispatch(ctx, block)
             except _Failure as f:
@@ -312,7 +321,7 @@ class Smb1Engine:
         session = self._sessions.get(uid) if uid else None
         if uid and session is None:
             # A Uid this connection never handed out, or one destroyed by a failed logon.
-            raise _Failure(w.STATUS_USER_SESSION_DELETED)
+            raise self._refused(ctx, "no_session", w.STATUS_USER_SESSION_DELETED)
         if session is None:
             if len(self._sessions) >= self._limits.max_sessions_per_connection:
                 raise _Failure(w.STATUS_INSUFFICIENT_RESOURCES, limit(
@@ -380,10 +389,21 @@ class Smb1Engine:
 
     # ------------------------------------------------------------------ LOGOFF, TREE_(DIS)CONNECT
 
+    def _refused(self, ctx: _Ctx, reason: str, status: int, **fields: Any) -> _Failure:
+        """A request naming a Uid, Tid or Fid that grants nothing here: refused, and said so."""
+        return _Failure(status, event(
+            w.LAYER, "smb.refused", command=_COMMAND_NAMES.get(ctx.command, f"0x{ctx.command:02x}"),
+            reason=reason, status=_STATUS_NAMES.get(status, f"0x{status:08x}"), uid=ctx.uid, tid=ctx.tid,
+            dialect=w.DIALECT, **fields))
+
     def _session(self, ctx: _Ctx) -> _Session:
         session = self._sessions.get(ctx.uid)
-        if session is None or not session.established:
-            raise _Failure(w.STATUS_USER_SESSION_DELETED if session is None else w.STATUS_ACCESS_DENIED)
+        if session is None:
+            # Never handed out, destroyed by a failed logon, logged off, or another connection's.
+            raise self._refused(ctx, "no_session", w.STATUS_USER_SESSION_DELETED)
+        if not session.established:
+            # Its SPNEGO exchange has not completed: nothing may ride on it yet.
+            raise self._refused(ctx, "no_session", w.STATUS_ACCESS_DENIED, session="in_progress")
         return session
 
     def _logoff(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
@@ -432,7 +452,7 @@ class Smb1Engine:
         session = self._session(ctx)
         tree = self._trees.get(ctx.tid)
         if tree is None or tree.uid != session.uid:
-            raise _Failure(w.STATUS_SMB_BAD_TID)
+            raise self._refused(ctx, "no_tree", w.STATUS_SMB_BAD_TID, user=session.identity.user)
         return tree
 
     def _tree_disconnect(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
@@ -479,7 +499,8 @@ class Smb1Engine:
         tree = self._tree(ctx)
         handle = self._opens.get(fid)
         if handle is None or handle.tid != tree.tid or handle.uid != tree.uid:
-            raise _Failure(w.STATUS_INVALID_HANDLE)
+            raise self._refused(ctx, "unknown_file", w.STATUS_INVALID_HANDLE, fid=fid,
+                                user=self._sessions[tree.uid].identity.user)
         return handle
 
     def _close(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
