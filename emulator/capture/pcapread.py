@@ -55,16 +55,21 @@ def _read_exact(f: BinaryIO, n: int, what: str, frame: int) -> bytes:
     return data
 
 
-def _pcap_records(f: BinaryIO, magic: bytes) -> Iterator[Packet]:
-    # libpcap format: 24-byte global header, then 16-byte record headers.
+def _pcap_header(f: BinaryIO, magic: bytes) -> tuple[str, bool, int, int, int]:
+    """The libpcap global header after its magic: (endian, nanosecond stamps, snaplen, linktype,
+    the largest record length we accept). Records follow with 16-byte headers."""
     endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
     header = _read_exact(f, 20, "global header", 0)
     major, _minor, _tz, _sig, snaplen, linktype = struct.unpack(endian + "HHiIII", header)
     if major != 2:
         raise CaptureError(f"unsupported pcap version {major}")
-    linktype &= 0x0FFFFFFF
-    limit = max(snaplen, 262144) if snaplen else 262144
+    # A snaplen of 0 or below 256 KiB still allows 256 KiB records: some writers lie low.
+    return endian, nano, snaplen, linktype & 0x0FFFFFFF, max(snaplen, 1 << 18)
+
+
+def _pcap_records(f: BinaryIO, magic: bytes) -> Iterator[Packet]:
+    endian, nano, snaplen, linktype, limit = _pcap_header(f, magic)
     frame = 0
     while True:
         rec = f.read(16)
@@ -74,7 +79,7 @@ def _pcap_records(f: BinaryIO, magic: bytes) -> Iterator[Packet]:
         if len(rec) < 16:
             raise CaptureError(f"capture is truncated inside the header of frame {frame}")
         sec, frac, caplen, _wirelen = struct.unpack(endian + "IIII", rec)
-        if caplen > max(limit, 1 << 18):
+        if caplen > limit:
             raise CaptureError(f"capture is corrupt: frame {frame} claims {caplen} bytes "
                                f"(snaplen {snaplen})")
         data = _read_exact(f, caplen, "data", frame)
@@ -637,14 +642,7 @@ READ_CHUNK = 1 << 18  # small enough that two of them are no burden, large enoug
 
 def _scan_pcap(f: BinaryIO, magic: bytes, total: int, feed: Callable[..., None],
                r_clock: Callable[[float], None], progress: ProgressFn | None) -> None:
-    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    header = _read_exact(f, 20, "global header", 0)
-    major, _minor, _tz, _sig, snaplen, linktype = struct.unpack(endian + "HHiIII", header)
-    if major != 2:
-        raise CaptureError(f"unsupported pcap version {major}")
-    linktype &= 0x0FFFFFFF
-    limit = max(snaplen, 262144) if snaplen else 262144
-    limit = max(limit, 1 << 18)
+    endian, _nano, snaplen, linktype, limit = _pcap_header(f, magic)
     record = struct.Struct(endian + "I4xI4x").unpack_from  # seconds, caplen
     clock, last_sec = r_clock, -1
     ipv4, tcp = _IPV4.unpack_from, _TCP.unpack_from
