@@ -96,7 +96,7 @@ def _port_via_epm(profile: Profile) -> int:
     dce = rt.get_dce_rpc()
     try:
         dce.connect()
-    except (OSError, socket.error) as exc:
+    except OSError as exc:
         raise _Unreachable(str(exc)) from None
     try:
         binding = epm.hept_map(profile.server.host, EMSMDB_IF, protocol="ncacn_ip_tcp", dce=dce)
@@ -111,9 +111,9 @@ def _over_named_pipe(profile: Profile, attempt: Attempt, report: ClientReport) -
     try:
         smb = SMBConnection(profile.server.host, profile.server.host, sess_port=profile.server.smb_port,
                             timeout=profile.timeout)
-    except (OSError, socket.error, Exception) as exc:
-        if isinstance(exc, SessionError):
-            raise
+    except SessionError:
+        raise
+    except Exception as exc:  # refused, reset, or impacket's NetBIOS errors: no SMB server there
         raise _Unreachable(str(exc)) from None
     report.local_ports.append(smb.getSMBServer().get_socket().getsockname()[1])
     try:
@@ -151,7 +151,7 @@ def _over_tcp(profile: Profile, attempt: Attempt, report: ClientReport) -> tuple
         dce.set_auth_level(profile.auth_level)
     try:
         dce.connect()
-    except (OSError, socket.error) as exc:
+    except OSError as exc:
         raise _Unreachable(str(exc)) from None
     _nodelay(rt.get_socket())
     report.local_ports.append(rt.get_socket().getsockname()[1])
