@@ -170,8 +170,8 @@ def _over_tcp(profile: Profile, attempt: Attempt, report: ClientReport) -> tuple
 
 def _server_view(report: ClientReport, events: Any) -> None:
     """Read whose identity the server acted on from the lab's own events."""
-    peers = {f"127.0.0.1:{p}" for p in report.local_ports} | {f"{h}:{p}" for p in report.local_ports
-                                                               for h in ("::1", "localhost")}
+    # The lab listens on loopback, so the server saw our ports from one of these addresses.
+    peers = {f"{host}:{port}" for port in report.local_ports for host in ("127.0.0.1", "::1")}
     conns = [r["conn"] for r in events.records("conn.open") if r.get("peer") in peers]
     report.server_conns = conns
     connects = [r for r in events.records("emsmdb.connect") if r["conn"] in conns]
