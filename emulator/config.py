@@ -352,9 +352,26 @@ def load_config(path: str) -> LabConfig:
     return parse_config(text, path)
 
 
+def _default_lab_text() -> str:
+    return resources.files("emulator").joinpath("default_lab.yaml").read_text(encoding="utf-8")
+
+
 def default_config() -> LabConfig:
-    text = resources.files("emulator").joinpath("default_lab.yaml").read_text(encoding="utf-8")
-    return parse_config(text, "<embedded default lab>")
+    return parse_config(_default_lab_text(), "<embedded default lab>")
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def default_config_with(overrides: Mapping[str, Any]) -> LabConfig:
+    """The embedded KB lab with `overrides` merged over it key by key, e.g.
+    {"policy": {"encryption_required": True}} keeps the cast and every other policy key."""
+    merged = _merge(yaml.safe_load(_default_lab_text()), overrides)
+    return parse_config(yaml.safe_dump(merged), "<embedded default lab, overridden>")
 
 
 def coerce_config(value: Any) -> LabConfig:

@@ -14,14 +14,11 @@ or a LabConfig. Without it, `--rpcauth-config PATH` on the command line, else th
 
 from __future__ import annotations
 
-import copy
-from importlib import resources
 from typing import Any, Iterator
 
 import pytest
-import yaml
 
-from .config import LabConfig, coerce_config
+from .config import LabConfig, coerce_config, default_config_with
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -34,24 +31,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "rpcauth_config(cfg): lab config for the rpcauth_lab fixture")
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def _config_for(request: pytest.FixtureRequest) -> LabConfig:
     marker = request.node.get_closest_marker("rpcauth_config")
     if marker is not None and marker.args:
         value = marker.args[0]
         if isinstance(value, dict):
-            default = yaml.safe_load(resources.files("emulator").joinpath("default_lab.yaml")
-                                     .read_text(encoding="utf-8"))
-            return coerce_config(_merge(default, value))
+            return default_config_with(value)
         return coerce_config(value)
     return coerce_config(request.config.getoption("--rpcauth-config"))
 

@@ -74,3 +74,13 @@ def test_missing_file():
 def test_port_override():
     cfg = default_config().with_ports(smb=0, epm=None, emsmdb=1234)
     assert cfg.transports.smb.port == 0 and cfg.transports.epm.port == 135 and cfg.transports.emsmdb.port == 1234
+
+
+def test_overrides_merge_over_the_embedded_lab():
+    from emulator.config import default_config_with
+
+    cfg = default_config_with({"policy": {"encryption_required": True}, "server": {"name": "EXCH02"}})
+    assert cfg.policy.encryption_required is True
+    assert cfg.policy.min_auth_level == default_config().policy.min_auth_level   # other keys kept
+    assert cfg.server.name == "EXCH02" and cfg.server.domain == "CORP"
+    assert cfg.user("bob") is not None

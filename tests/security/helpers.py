@@ -24,6 +24,7 @@ from impacket import smb3structs as s3
 from impacket.spnego import SPNEGO_NegTokenInit, SPNEGO_NegTokenResp, TypesMech
 from impacket.uuid import uuidtup_to_bin
 
+from emulator.config import LabConfig, default_config_with
 from emulator.interfaces.emsmdb import (EMSMDB_UUID, EcDoConnect, EcDoDisconnect,
                                         EcDummyRpc)
 
@@ -42,15 +43,9 @@ NCA_S_UNK_IF = 0x1C010003
 NCA_S_PROTO_ERROR = 0x1C01000B
 
 
-def lab_config(**policy: Any) -> dict:
+def lab_config(**policy: Any) -> LabConfig:
     """The embedded KB lab (its users and mailboxes) with some policy keys changed."""
-    import importlib.resources
-
-    import yaml
-    text = importlib.resources.files("emulator").joinpath("default_lab.yaml").read_text()
-    config = yaml.safe_load(text)
-    config["policy"].update(policy)
-    return config
+    return default_config_with({"policy": policy})
 
 
 def dn(user: str) -> str:
