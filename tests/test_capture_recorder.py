@@ -34,7 +34,7 @@ def fake_clock(start: float = 1_764_000_000.0) -> Callable[[], float]:
 
 
 def _auth():
-    from emulator.ntlm import AuthFactory
+    from emulator.auth import AuthFactory
     return AuthFactory(Directory(CONFIG), CONFIG.policy, CONFIG.server)
 
 

@@ -11,10 +11,12 @@ from Cryptodome.Cipher import ARC4
 from hypothesis import given, settings, strategies as st
 from impacket import ntlm
 
+from emulator.auth.context import authenticated_identity
 from emulator.config import default_config
 from emulator.directory import Directory
 from emulator.identity import ANONYMOUS, RPC_AUTH
-from emulator.ntlm import AuthFactory, KeyUnavailable, NtlmAcceptor, SessionSecurity
+from emulator.auth import AuthFactory, KeyUnavailable
+from emulator.ntlm import NtlmAcceptor, SessionSecurity
 from emulator.ntlm.messages import MIC_OFFSET
 
 CFG = default_config()
@@ -99,9 +101,9 @@ def test_ntlmv2_logon_succeeds_with_identity_and_matching_key(signing):
     assert final.complete and final.ok and final.token == b""
     assert acc.result.reason == "ok" and acc.result.ntlm_version == "NTLMv2"
     assert acc.result.user == "bob" and acc.result.domain == "CORP" and acc.result.workstation == "WS01"
-    ident = acc.identity(RPC_AUTH)
+    ident = authenticated_identity(acc.result, RPC_AUTH)
     assert (ident.user, ident.domain, ident.source) == ("bob", "CORP", RPC_AUTH)
-    assert acc.exported_session_key == key
+    assert acc.session_key == key
     ev = final.events[0]
     assert (ev.layer, ev.kind, ev.get("result"), ev.get("user"), ev.get("mic")) == \
         ("ntlm", "ntlm.authenticate", "ok", "bob", False)
@@ -138,7 +140,7 @@ def test_wrong_password():
     acc = factory().ntlm()
     final, *_ = logon(acc, "bob", "not-it")
     assert final.complete and not final.ok and acc.result.reason == "wrong_password"
-    assert acc.identity(RPC_AUTH) == ANONYMOUS and acc.exported_session_key == b""
+    assert authenticated_identity(acc.result, RPC_AUTH) == ANONYMOUS and acc.session_key == b""
     with pytest.raises(KeyUnavailable):
         acc.sign(b"x")
     assert acc.verify(b"x", b"\x01" + b"\x00" * 15) is False
@@ -156,7 +158,7 @@ def test_guest_only_when_policy_allows():
     acc = factory(guest_allowed=True).ntlm()
     final, *_ = logon(acc, "nobody", "whatever")
     assert final.ok and acc.result.ntlm_version == "guest"
-    assert acc.exported_session_key == b""
+    assert acc.session_key == b""
     # A known user with the wrong password is never mapped to guest.
     acc = factory(guest_allowed=True).ntlm()
     final, *_ = logon(acc, "bob", "wrong")
@@ -181,7 +183,7 @@ def test_ntlmv1_verified_when_allowed(signing):
     acc = factory(ntlmv1_allowed=True).ntlm()
     final, key, _, _ = logon(acc, "bob", PASSWORDS["bob"], v2=False, signing=signing)
     assert final.ok and acc.result.ntlm_version == "NTLMv1"
-    assert acc.exported_session_key == key
+    assert acc.session_key == key
     acc = factory(ntlmv1_allowed=True).ntlm()
     final, *_ = logon(acc, "bob", "wrong", v2=False)
     assert not final.ok and acc.result.reason == "wrong_password"
@@ -216,8 +218,8 @@ def test_anonymous_refused_then_allowed():
     acc = factory(anonymous_allowed=True).ntlm()
     final, *_ = logon(acc, "", "", "")
     assert final.ok and acc.result.ntlm_version == "anonymous" and acc.result.user is None
-    assert acc.identity(RPC_AUTH) == ANONYMOUS
-    assert acc.exported_session_key == b""
+    assert authenticated_identity(acc.result, RPC_AUTH) == ANONYMOUS
+    assert acc.session_key == b""
 
 
 def test_handshake_expires():
@@ -266,7 +268,7 @@ def test_authenticate_twice_on_one_acceptor_is_bad_state_and_drops_keys():
     assert final.ok
     again = acc.step(t3.getData())
     assert again.complete and not again.ok and acc.result.reason == "bad_state"
-    assert acc.exported_session_key == b"" and acc.identity(RPC_AUTH) == ANONYMOUS
+    assert acc.session_key == b"" and authenticated_identity(acc.result, RPC_AUTH) == ANONYMOUS
     with pytest.raises(KeyUnavailable):
         acc.seal(b"data")
 
@@ -313,7 +315,7 @@ def test_mic_valid():
     *_, auth, exported, _ = mic_handshake(acc)
     r = acc.step(auth)
     assert r.ok and acc.result.mic and r.events[0].get("mic") is True
-    assert acc.exported_session_key == exported
+    assert acc.session_key == exported
 
 
 def test_tampered_mic_is_bad_mic():
@@ -349,7 +351,7 @@ def test_tampered_encrypted_session_key_without_mic_breaks_signing():
     t3, key = ntlm.getNTLMSSPType3(t1, chal, "bob", PASSWORDS["bob"], "CORP")
     t3["session_key"] = bytes(b ^ 0x55 for b in t3["session_key"])
     assert acc.step(t3.getData()).ok   # nothing in NTLM covers the key without a MIC...
-    assert acc.exported_session_key != key
+    assert acc.session_key != key
     client = SessionSecurity(key, t3["flags"], "client")
     assert not acc.verify(b"message", client.sign(b"message"))   # ...but it cannot be used
 
@@ -443,7 +445,7 @@ def test_no_secret_in_repr_str_events_or_exceptions():
     secrets = [key, user.nt_hash, t3["ntlm"], t3["ntlm"][:16], acc._security._out.sign_key,
                acc._security._in.seal_key]
     texts = [repr(acc), str(acc), repr(acc.result), str(acc.result), repr(final),
-             repr(acc._security), repr(final.events), repr(acc.identity(RPC_AUTH))]
+             repr(acc._security), repr(final.events), repr(authenticated_identity(acc.result, RPC_AUTH))]
     wrong = factory().ntlm()
     wrong.step(b"NTLMSSP\x00\x03\x00\x00\x00" + key)
     texts += [repr(wrong), repr(wrong.result), repr(wrong.result)]
@@ -510,7 +512,7 @@ def test_fuzzed_authenticate_never_raises(noise, cut):
     assert r.complete
     if r.ok:
         # Noise can at most leave the logon intact; it can never produce another identity.
-        assert acc.identity(RPC_AUTH).user == "bob"
+        assert authenticated_identity(acc.result, RPC_AUTH).user == "bob"
 
 
 @settings(max_examples=200, deadline=None)

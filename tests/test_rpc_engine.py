@@ -17,10 +17,10 @@ from impacket.uuid import uuidtup_to_bin
 from emulator.config import default_config
 from emulator.directory import Directory
 from emulator.identity import ANONYMOUS, SMB_SESSION, Identity
-from emulator.ntlm import AuthFactory
+from emulator.auth import AuthFactory
 from emulator.rpc import pdu as P
 from emulator.rpc.connection import RpcConnection
-from emulator.rpc.identity_rule import acting_identity
+from emulator.auth.context import SecurityContext
 from emulator.rpc.interface import NCA_S_OP_RNG_ERROR, RpcFault, RpcInterface
 
 ECHO_UUID = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
@@ -233,8 +233,8 @@ def test_pipe_keeps_the_smb_identity_unless_the_bind_authenticates():
 
 def test_identity_rule_in_isolation():
     alice = Identity("alice", "CORP", SMB_SESSION)
-    assert acting_identity(alice, None) is alice
-    assert acting_identity(ANONYMOUS, None) is ANONYMOUS
+    assert SecurityContext(alice, "rpc_auth").acting_identity is alice
+    assert SecurityContext(ANONYMOUS, "rpc_auth").acting_identity is ANONYMOUS
 
 
 def test_packet_level_without_verifiers_counts_as_connect():

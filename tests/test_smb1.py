@@ -25,7 +25,7 @@ from impacket.smbconnection import SessionError, SMBConnection
 from emulator.config import default_config
 from emulator.directory import Directory
 from emulator.events import Event
-from emulator.ntlm import AuthFactory
+from emulator.auth import AuthFactory
 from emulator.rpc.connection import RpcConnection
 from emulator.sansio import Output
 from emulator.smb import smb1_wire as w

@@ -21,6 +21,7 @@ import pytest
 from impacket import smb3structs as s3
 from impacket.smbconnection import SMBConnection, SessionError
 
+from emulator.auth import AuthFactory
 from emulator.config import default_config
 from emulator.directory import Directory
 from emulator.events import Event
@@ -64,7 +65,7 @@ def make_pipes() -> PipeFactory:
 
 
 def make_auth(config=CONFIG):
-    return ntlm.AuthFactory(Directory(config), config.policy, config.server)
+    return AuthFactory(Directory(config), config.policy, config.server)
 
 
 def make_conn(config=CONFIG, seed: int = 1) -> SmbConnection:

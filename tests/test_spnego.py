@@ -11,10 +11,13 @@ from hypothesis import given, settings, strategies as st
 from impacket import ntlm
 from impacket.spnego import SPNEGO_NegTokenInit, SPNEGO_NegTokenResp, TypesMech
 
+from emulator.auth.acceptor import PacketParts
+from emulator.auth.context import authenticated_identity
 from emulator.config import default_config
 from emulator.directory import Directory
 from emulator.identity import SMB_SESSION
-from emulator.ntlm import AuthFactory, NtlmAcceptor, SpnegoAcceptor
+from emulator.auth import AuthFactory
+from emulator.ntlm import NtlmAcceptor, SpnegoAcceptor
 from emulator.ntlm import der
 from emulator.ntlm.spnego import NTLMSSP_OID
 from test_ntlm import PASSWORDS, authenticate_with_mic
@@ -90,8 +93,8 @@ def test_impacket_style_exchange():
     final = acc.step(resp_token(t3.getData()))
     assert final.complete and final.ok and final.token == ACCEPT_COMPLETED_NO_MIC
     assert acc.result.mech == "spnego" and acc.result.user == "alice"
-    assert acc.identity(SMB_SESSION).user == "alice"
-    assert acc.exported_session_key == key
+    assert authenticated_identity(acc.result, SMB_SESSION).user == "alice"
+    assert acc.session_key == key
     assert [e.kind for e in final.events] == ["ntlm.authenticate", "spnego.accept"]
 
 
@@ -103,7 +106,7 @@ def test_wrong_password_is_rejected_with_reject_token():
     final = acc.step(resp_token(t3.getData()))
     assert final.complete and not final.ok and final.token == REJECT
     assert acc.result.reason == "wrong_password" and acc.result.mech == "spnego"
-    assert acc.exported_session_key == b""
+    assert acc.session_key == b""
 
 
 def test_token_after_completion_is_bad_state():
@@ -114,7 +117,7 @@ def test_token_after_completion_is_bad_state():
     assert acc.step(resp_token(t3.getData())).ok
     again = acc.step(resp_token(t3.getData()))
     assert again.complete and not again.ok and acc.result.reason == "bad_state"
-    assert acc.exported_session_key == b""
+    assert acc.session_key == b""
 
 
 # ---------------------------------------------------------------- mechListMIC (MS-SPNG 3.1.5.1)
@@ -146,8 +149,8 @@ def test_mech_list_mic_verified_and_answered():
     # MS-SPNG 3.3.5.1: the RC4 state is restored for the first application message, whose
     # sequence number follows the mechListMIC's.
     pdu = b"first signed pdu"
-    assert acc.verify(pdu, client.mic(pdu, 1))
-    assert acc.sign(pdu) == client.server_mic(pdu, 1)
+    assert acc.check_packet(PacketParts(b"", pdu, b""), client.mic(pdu, 1))
+    assert acc.sign_packet(PacketParts(b"", pdu, b"")) == client.server_mic(pdu, 1)
 
 
 def test_bad_mech_list_mic_is_rejected():
@@ -156,7 +159,7 @@ def test_bad_mech_list_mic_is_rejected():
     wrong = client.mic(mech_list_der([KRB5, NTLMSSP]))    # a list the attacker rewrote
     final = acc.step(resp_token(auth, wrong))
     assert not final.ok and final.token == REJECT and acc.result.reason == "bad_mic"
-    assert acc.exported_session_key == b"" and acc.identity(SMB_SESSION).user is None
+    assert acc.session_key == b"" and authenticated_identity(acc.result, SMB_SESSION).user is None
 
 
 def test_ntlm_mic_without_mech_list_mic_is_rejected():
@@ -248,6 +251,6 @@ def test_repr_hides_keys():
     acc = factory().spnego()
     auth, client = _mic_exchange(acc, [NTLMSSP])
     final = acc.step(resp_token(auth, client.mic(mech_list_der([NTLMSSP]))))
-    key = acc.exported_session_key
+    key = acc.session_key
     text = repr(acc) + str(acc) + repr(acc.result) + repr(final) + repr(final.events)
     assert key and key.hex() not in text and repr(key)[2:-1] not in text

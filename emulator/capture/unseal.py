@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 
+from ..auth.acceptor import KeyUnavailable, PacketParts
 from ..rpc import pdu as P
-from ..rpc.verifier import SecurityContext, VerifyError, unprotect
+from ..rpc.verifier import RpcProtection, VerifyError, unprotect
 
 NT_PROOF_LEN = 16
 
@@ -62,12 +63,11 @@ class Keyring:
 
 
 class _Reader:
-    """SessionSecurity seen from the receiving side of one direction, with the flags the RPC
-    verifier asks for (whole-PDU signing follows ESS)."""
+    """SessionSecurity seen from the receiving side of one direction: what the RPC verifier
+    asks of a mechanism to check and open a fragment."""
 
     def __init__(self, exported: bytes, flags: int, receiver: str) -> None:
         self._exported, self._flags, self._receiver = exported, flags, receiver
-        self.negotiated_flags = flags
         from ..ntlm.keys import SessionSecurity  # the NTLM package is only needed with keys
         self.sec = SessionSecurity(exported, flags, receiver)
 
@@ -83,11 +83,20 @@ class _Reader:
             r.sec.reset_incoming_rc4()
         return r
 
-    def unseal(self, data: bytes) -> bytes:
-        return self.sec.unseal(data)
+    def sig_size(self) -> int:
+        return 16
 
-    def verify(self, message: bytes, signature: bytes) -> bool:
-        return self.sec.verify(message, signature)
+    def check_packet(self, parts: PacketParts, signature: bytes) -> bool:
+        return self.sec.check_packet(parts, signature)
+
+    def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
+        return self.sec.unseal_packet(parts, signature)
+
+    def sign_packet(self, parts: PacketParts) -> bytes:
+        raise KeyUnavailable("a capture reader only checks what it reads")
+
+    def seal_packet(self, parts: PacketParts) -> tuple[bytes, bytes]:
+        raise KeyUnavailable("a capture reader only checks what it reads")
 
 
 @dataclass
@@ -158,13 +167,13 @@ class Unsealer:
             level = pdu.auth.auth_level
         live = self._live[from_client]
         if live is not None:
-            sc = SecurityContext(live, auth_type, level, ctx)
+            sc = RpcProtection(live, auth_type, level, ctx)
             return unprotect(sc, pdu)
         last: VerifyError | None = None
         for after_mic in (False, True):
             candidate = self._base[from_client].fresh(after_mic)
             try:
-                stub = unprotect(SecurityContext(candidate, auth_type, level, ctx), pdu)
+                stub = unprotect(RpcProtection(candidate, auth_type, level, ctx), pdu)
             except VerifyError as exc:
                 last = exc
                 continue

@@ -21,13 +21,13 @@ from impacket import ntlm as imp
 from ..config import Policy, ServerConfig
 from ..directory import Directory
 from ..events import Event, event, malformed
-from ..identity import ANONYMOUS, Identity
+from ..auth.acceptor import KeyUnavailable, PacketParts
+from ..auth.results import AuthResult, StepResult, failure
 from ..sansio import ProtocolError
 from . import messages as m
-from .keys import KeyUnavailable, SessionSecurity, hmac_md5
+from .keys import SIGNATURE_LEN, SessionSecurity, hmac_md5
 from .responses import (Check, check_lm, check_ntlmv1, check_ntlmv2, classify, lm_hash_of,
                         NT_PROOF_LEN, NTLMV2_BLOB_MIN)
-from .results import AuthResult, StepResult, failure
 
 LAYER = "ntlm"
 
@@ -45,8 +45,6 @@ _ECHOED = (
 _BAD_INPUT = (ProtocolError, struct.error, ValueError, IndexError, UnicodeError)
 
 GUEST_USER = "Guest"
-
-_LAYER_OF_SOURCE = {"smb_session": "smb_session_setup", "rpc_auth": "rpc_bind"}
 
 
 def answer_flags(client: int) -> int:
@@ -103,7 +101,8 @@ class NtlmAcceptor:
         return self._state in ("done", "failed")
 
     @property
-    def exported_session_key(self) -> bytes:
+    def session_key(self) -> bytes:
+        """The ExportedSessionKey (MS-NLMP 3.2.5.1.2); empty unless a user was authenticated."""
         return self._exported
 
     @property
@@ -117,12 +116,26 @@ class NtlmAcceptor:
             reason = exc.reason if isinstance(exc, ProtocolError) else "undecodable NTLM message"
             return self._finish(failure("malformed"), [malformed(LAYER, reason)])
 
-    def identity(self, source: str, auth_layer: str | None = None) -> Identity:
-        r = self.result
-        if r is None or not r.ok or r.user is None:
-            return ANONYMOUS
-        layer = auth_layer or f"{_LAYER_OF_SOURCE.get(source, source)}/{r.ntlm_version}"
-        return Identity(user=r.user, domain=r.domain, source=source, auth_layer=layer)
+    # ---- DCE/RPC packet protection (MS-NLMP 3.4, MS-RPCE 2.2.2.11)
+
+    def sig_size(self) -> int:
+        return SIGNATURE_LEN
+
+    def sign_packet(self, parts: PacketParts) -> bytes:
+        return self._keys().sign_packet(parts)
+
+    def check_packet(self, parts: PacketParts, signature: bytes) -> bool:
+        return self._security is not None and self._security.check_packet(parts, signature)
+
+    def seal_packet(self, parts: PacketParts) -> tuple[bytes, bytes]:
+        return self._keys().seal_packet(parts)
+
+    def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
+        if self._security is None:
+            return None
+        return self._security.unseal_packet(parts, signature)
+
+    # ---- raw NTLM message security, for SPNEGO and the tests' initiator checks
 
     def sign(self, message: bytes) -> bytes:
         return self._keys().sign(message)

@@ -17,6 +17,8 @@ import struct
 from Cryptodome.Cipher import ARC4
 from impacket import ntlm as imp
 
+from ..auth.acceptor import PacketParts
+
 try:  # cryptography >= 43 keeps RC4 under "decrepit"; older releases under algorithms
     from cryptography.hazmat.decrepit.ciphers.algorithms import ARC4 as _CryptographyARC4
 except ImportError:  # pragma: no cover - depends on the installed cryptography
@@ -39,10 +41,6 @@ _MAGIC = {
     ("seal", "client"): b"session key to client-to-server sealing key magic constant\x00",
     ("seal", "server"): b"session key to server-to-client sealing key magic constant\x00",
 }
-
-
-class KeyUnavailable(RuntimeError):
-    """sign/seal asked of a context that has no session key (failed, anonymous or guest)."""
 
 
 def hmac_md5(key: bytes, data: bytes) -> bytes:
@@ -173,6 +171,30 @@ class SessionSecurity:
 
     def unseal(self, ciphertext: bytes) -> bytes:
         return self._in.rc4.decrypt(ciphertext)
+
+    # ---- DCE/RPC packet protection (MS-RPCE 2.2.2.11 over MS-NLMP 3.4)
+
+    def _signed(self, parts: PacketParts) -> bytes:
+        # MS-NLMP 3.4.4: with extended session security the MAC is an HMAC over whatever the
+        # caller passes, and Windows and Samba pass the whole PDU, header signing or not;
+        # without it (NTLMv1 by policy) only the stub is covered.
+        return parts.pre + parts.data + parts.post if self._ess else parts.data
+
+    def sign_packet(self, parts: PacketParts) -> bytes:
+        return self.sign(self._signed(parts))
+
+    def check_packet(self, parts: PacketParts, signature: bytes) -> bool:
+        return self.verify(self._signed(parts), signature)
+
+    def seal_packet(self, parts: PacketParts) -> tuple[bytes, bytes]:
+        # MS-NLMP 3.4.3: seal first, then sign the plaintext message; the RC4 stream is shared.
+        sealed = self.seal(parts.data)
+        return sealed, self.sign(self._signed(parts))
+
+    def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
+        plain = self.unseal(parts.data)
+        clear = PacketParts(parts.pre, plain, parts.post, parts.header_signing)
+        return plain if self.verify(self._signed(clear), signature) else None
 
     # ---- SPNEGO mechListMIC (MS-SPNG 3.3.5.1): the RC4 state used for the mechListMIC is the
     # state the first application message starts with, so it is restored afterwards.

@@ -20,14 +20,14 @@ from __future__ import annotations
 import struct
 from dataclasses import replace
 
+from ..auth.acceptor import PacketParts
+from ..auth.results import AuthResult, StepResult, failure
 from ..events import Event, event, malformed
-from ..identity import Identity
 from ..sansio import ProtocolError
 from . import der
 from .acceptor import LAYER, NtlmAcceptor
 from .keys import MIC_FORM_SPEC
 from .messages import SIGNATURE
-from .results import AuthResult, StepResult, failure
 
 SPNEGO_OID = bytes.fromhex("2b0601050502")            # 1.3.6.1.5.5.2
 NTLMSSP_OID = bytes.fromhex("2b06010401823702020a")   # 1.3.6.1.4.1.311.2.2.10
@@ -153,23 +153,25 @@ class SpnegoAcceptor:
         return self._state in ("done", "failed")
 
     @property
-    def exported_session_key(self) -> bytes:
-        return self._ntlm.exported_session_key if self._state == "done" else b""
+    def session_key(self) -> bytes:
+        return self._ntlm.session_key if self._state == "done" else b""
 
-    def identity(self, source: str, auth_layer: str | None = None) -> Identity:
-        return self._ntlm.identity(source, auth_layer)
+    # Packet protection is the negotiated mechanism's.
 
-    def sign(self, message: bytes) -> bytes:
-        return self._ntlm.sign(message)
+    def sig_size(self) -> int:
+        return self._ntlm.sig_size()
 
-    def verify(self, message: bytes, signature: bytes) -> bool:
-        return self._ntlm.verify(message, signature)
+    def sign_packet(self, parts: PacketParts) -> bytes:
+        return self._ntlm.sign_packet(parts)
 
-    def seal(self, plaintext: bytes) -> bytes:
-        return self._ntlm.seal(plaintext)
+    def check_packet(self, parts: PacketParts, signature: bytes) -> bool:
+        return self._ntlm.check_packet(parts, signature)
 
-    def unseal(self, ciphertext: bytes) -> bytes:
-        return self._ntlm.unseal(ciphertext)
+    def seal_packet(self, parts: PacketParts) -> tuple[bytes, bytes]:
+        return self._ntlm.seal_packet(parts)
+
+    def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
+        return self._ntlm.unseal_packet(parts, signature)
 
     def step(self, token: bytes) -> StepResult:
         wrapped = not self._raw_mode
@@ -258,7 +260,8 @@ class SpnegoAcceptor:
             ev = event(LAYER, "spnego.accept", result="bad_state", detail="NTLM did not finish")
             return self._fail(failure("bad_state", mech=self.mech), events + [ev])
         ntlm_result = self._ntlm.result
-        assert ntlm_result is not None
+        if ntlm_result is None:
+            raise RuntimeError("NTLM completed without a result")
         if not r.ok:
             return self._fail(replace(ntlm_result, mech=self.mech), events)
         need_mic = self._mic_required or ntlm_result.mic

@@ -3,7 +3,7 @@
 - pdu.py: framing (`FrameBuffer`) and typed, bounds-checked PDU decoding (`decode`), shared
   with the capture reader; encoders for the PDUs a server sends.
 - verifier.py: the auth verifier of requests and responses (sign, seal, verify, unseal).
-- identity_rule.py: `acting_identity`, the one rule of KB Q146188.
+- (the rule of KB Q146188 lives in emulator/auth/context.py, `SecurityContext.acting_identity`)
 - connection.py: `RpcConnection`, binds, alter_context, auth3, reassembly, dispatch, faults.
 - interface.py: the contract between the core and the interfaces it serves.
 """

@@ -3,7 +3,8 @@
 Bytes in, `Output` (bytes, events, close) out. The layering follows Samba's dcesrv_core.c:
 the transport hands us the identity it established; binds, alter_contexts and auth3 run the
 security context; requests are verified, reassembled and dispatched to interfaces, which only
-see a `CallContext` with the acting identity chosen by `identity_rule.acting_identity`.
+see a `CallContext` with the acting identity that the association's `SecurityContext`
+(emulator/auth/context.py) decides.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..config import AUTH_LEVEL_NAMES
+from ..auth.context import SecurityContext, State
+from ..auth.factory import AuthFactory
+from ..config import AUTH_LEVEL_NAMES, Policy
 from ..events import Event, event, limit, malformed
-from ..identity import Identity
+from ..identity import RPC_AUTH, Identity
 from ..sansio import Output, ProtocolError
 from . import pdu as P
-from .identity_rule import acting_identity
 from .interface import (NCA_S_FAULT_ACCESS_DENIED, NCA_S_FAULT_NDR, NCA_S_FAULT_SEC_PKG_ERROR,
                         NCA_S_PROTO_ERROR, NCA_S_UNK_IF, CallContext, RpcFault, RpcInterface)
-from .verifier import (LEVEL_CONNECT, LEVEL_INTEGRITY, SecurityContext, VerifyError,
+from .verifier import (LEVEL_CONNECT, LEVEL_INTEGRITY, RpcProtection, VerifyError,
                        effective_level, overhead, protect, unprotect)
 
 LAYER = "rpc"
@@ -57,7 +59,7 @@ class _PartialCall:
 
 class RpcConnection:
     def __init__(self, *, transport: str, transport_identity: Identity,
-                 interfaces: Sequence[RpcInterface], auth: Any, policy: Any,
+                 interfaces: Sequence[RpcInterface], auth: AuthFactory, policy: Policy,
                  info: dict | None = None,
                  random_bytes: Callable[[int], bytes] = os.urandom,
                  now: Callable[[], float] = time.time) -> None:
@@ -78,11 +80,12 @@ class RpcConnection:
         self._contexts: dict[int, RpcInterface] = {}
         self._xmit = MIN_FRAG
         self._assoc_group = 0
-        # Security state: None (no auth), "pending", "ok", "failed".
-        self._auth_state: str | None = None
-        self._acceptor: Any = None
+        # Security: the association's context (the KB's rule lives there), the auth triple the
+        # bind fixed, and once established, how calls are protected.
+        self._security = SecurityContext(transport_identity, RPC_AUTH)
         self._auth_triple: tuple[int, int, int] | None = None   # type, level, context id
-        self._sc: SecurityContext | None = None
+        self._header_signing = False
+        self._sc: RpcProtection | None = None
         self._pending_bind_fields: dict[str, Any] = {}
         self._identity: Identity | None = None
         self._partial: _PartialCall | None = None
@@ -283,6 +286,10 @@ class RpcConnection:
         if self._bound:
             # MS-RPCE 3.3.1.5.2: one bind per connection; further contexts come by alter_context.
             return nak(P.NAK_REASON_NOT_SPECIFIED, "second_bind")
+        if self._security.state is not State.NONE:
+            # An earlier bind on this connection was refused: its context is dead, and a new
+            # bind starts a new one from the transport's identity.
+            self._security = SecurityContext(self.transport_identity, RPC_AUTH)
         acceptor = None
         if av is not None:
             if not LEVEL_CONNECT <= av.auth_level <= 6:
@@ -296,12 +303,12 @@ class RpcConnection:
 
         auth_token = None
         step = None
-        if acceptor is not None:
-            step = acceptor.step(av.token)
+        if av is not None and acceptor is not None:
+            self._security.begin(acceptor)
+            step = self._security.step(av.token)
             out.events.extend(step.events)
-            if step.complete and not step.ok:
-                reason = acceptor.result.reason if acceptor.result else "malformed"
-                return nak(P.NAK_INVALID_CHECKSUM, reason)
+            if self._security.state is State.FAILED:
+                return nak(P.NAK_INVALID_CHECKSUM, self._security.failure or "malformed")
             auth_token = step.token
 
         # Accept the association.
@@ -316,6 +323,7 @@ class RpcConnection:
         flags = P.PFC_FIRST_FRAG | P.PFC_LAST_FRAG
         if av is not None and b.header.pfc_flags & P.PFC_SUPPORT_HEADER_SIGN:
             flags |= P.PFC_SUPPORT_HEADER_SIGN       # MS-RPCE 2.2.2.3: echo to agree
+            self._header_signing = True
         body = P.bind_ack_body(self._xmit, recv, self._assoc_group, self._secondary_address(), results)
         auth = None
         if av is not None:
@@ -324,15 +332,13 @@ class RpcConnection:
 
         if not accepted:
             fields["result"] = "no_usable_context"
-        if acceptor is None:
+        if av is None:
             out.events.append(self._ev("rpc.bind", **{"result": "ok", **fields}))
-            self._set_identity(out, None)
+            self._set_identity(out)
             return out
-        self._acceptor = acceptor
         self._auth_triple = (av.auth_type, av.auth_level, av.context_id)
         self._pending_bind_fields = fields
-        self._auth_state = "pending"
-        if step is not None and step.complete:
+        if self._security.state is State.ESTABLISHED:
             self._auth_complete(out)
         return out
 
@@ -345,24 +351,28 @@ class RpcConnection:
             return str(self._info["local_port"])
         return ""
 
-    def _set_identity(self, out: Output, acceptor: Any) -> None:
-        ident = acting_identity(self.transport_identity, acceptor)
+    def _set_identity(self, out: Output) -> None:
+        ident = self._security.acting_identity
+        if ident is None:
+            raise RuntimeError(f"no acting identity in state {self._security.state.value}")
         self._identity = ident
         out.events.append(self._ev("rpc.identity", source=ident.source, user=ident.user,
                                    domain=ident.domain, auth_layer=ident.auth_layer))
 
     def _auth_complete(self, out: Output) -> None:
-        assert self._acceptor is not None and self._auth_triple is not None
+        if self._auth_triple is None:
+            raise RuntimeError("security context established without a bind's auth triple")
         auth_type, level, ctx_id = self._auth_triple
-        self._auth_state = "ok"
-        self._sc = SecurityContext(self._acceptor, auth_type, level, ctx_id)
+        self._sc = RpcProtection(self._security.acceptor, auth_type, level, ctx_id,
+                                 self._header_signing)
         result = self._pending_bind_fields.pop("result", "ok")
         out.events.append(self._ev("rpc.bind", **self._pending_bind_fields, result=result))
-        self._set_identity(out, self._acceptor)
+        self._set_identity(out)
 
     def _auth_failed(self, out: Output, reason: str) -> None:
         # MS-RPCE 3.3.1.5.2 / Samba: the security context is dead; nothing reaches an interface.
-        self._auth_state = "failed"
+        if self._security.state is not State.FAILED:
+            self._security.fail(reason)
         self._sc = None
         self._pending_bind_fields.pop("result", None)
         out.events.append(self._ev("rpc.bind", **self._pending_bind_fields, result=reason))
@@ -371,7 +381,7 @@ class RpcConnection:
 
     def _on_auth3(self, a: P.Auth3) -> Output:
         out = Output()
-        if self._auth_state != "pending":
+        if self._security.state is not State.PENDING:
             out.events.append(self._malformed("unexpected auth3"))
             return self._close(out)
         av = a.auth
@@ -379,13 +389,15 @@ class RpcConnection:
             out.events.append(self._malformed("auth3 verifier does not match the bind"))
             self._auth_failed(out, "malformed")
             return out
-        step = self._acceptor.step(av.token)
+        step = self._security.step(av.token)
         out.events.extend(step.events)
-        if step.complete and step.ok:
+        if self._security.state is State.ESTABLISHED:
             self._auth_complete(out)
+        elif self._security.state is State.FAILED:
+            self._auth_failed(out, self._security.failure or "malformed")
         else:
-            reason = self._acceptor.result.reason if (step.complete and self._acceptor.result) else "bad_state"
-            self._auth_failed(out, reason)
+            # AUTH3 is the last leg: a mechanism that wants more has not finished in time.
+            self._auth_failed(out, "bad_state")
         return out   # auth3 has no response (C706 12.6.4.1)
 
     def _on_alter(self, a: P.AlterContext) -> Output:
@@ -407,25 +419,26 @@ class RpcConnection:
             out.extend(self._fault(a.call_id, status, result, close=close))
             return out
 
-        if self._auth_state == "failed":
+        state = self._security.state
+        if state is State.FAILED:
             return refuse("auth_failed", close=True)
         if av is not None:
             triple = (av.auth_type, av.auth_level, av.context_id)
-            if self._auth_state == "pending":
+            if state is State.PENDING:
                 if triple != self._auth_triple:
                     self._auth_failed(out, "downgrade")
                     return refuse("downgrade", close=True)
-                step = self._acceptor.step(av.token)
+                step = self._security.step(av.token)
                 out.events.extend(step.events)
-                if step.complete and not step.ok:
-                    reason = self._acceptor.result.reason if self._acceptor.result else "malformed"
+                if self._security.state is State.FAILED:
+                    reason = self._security.failure or "malformed"
                     self._auth_failed(out, reason)
                     out.extend(self._fault(a.call_id, NCA_S_FAULT_ACCESS_DENIED, reason, close=True))
                     return out
                 token = step.token
-                if step.complete:
+                if self._security.state is State.ESTABLISHED:
                     self._auth_complete(out)
-            elif self._auth_state == "ok":
+            elif state is State.ESTABLISHED:
                 if self._auth_triple is not None and triple[:2] != self._auth_triple[:2]:
                     # MS-RPCE 3.3.1.5.4: the type/level of a security context cannot change.
                     return refuse("downgrade")
@@ -435,8 +448,8 @@ class RpcConnection:
             else:
                 # Authentication is negotiated by the bind, not added afterwards.
                 return refuse("unsupported_auth")
-        level = self._auth_triple[1] if self._auth_state == "ok" and self._auth_triple else LEVEL_NONE
-        if self._auth_state != "pending" and self._below_policy(level, list(accepted.values())):
+        level = self._auth_triple[1] if state is State.ESTABLISHED and self._auth_triple else LEVEL_NONE
+        if state is not State.PENDING and self._below_policy(level, list(accepted.values())):
             return refuse("below_policy")
         self._contexts.update(accepted)
         body = P.bind_ack_body(self._xmit, self._frames.max_fragment_size, self._assoc_group, "", results)
@@ -453,9 +466,9 @@ class RpcConnection:
     def _on_request(self, r: P.Request) -> Output:
         if not self._bound:
             return self._fault(r.call_id, NCA_S_PROTO_ERROR, "no_bind", close=True)
-        if self._auth_state == "failed":
+        if self._security.state is State.FAILED:
             return self._fault(r.call_id, NCA_S_FAULT_ACCESS_DENIED, "auth_failed", close=True)
-        if self._auth_state == "pending":
+        if self._security.state is State.PENDING:
             return self._fault(r.call_id, NCA_S_FAULT_ACCESS_DENIED, "auth_incomplete", close=True)
 
         level = LEVEL_NONE
@@ -513,7 +526,9 @@ class RpcConnection:
         out = Output(events=[self._ev("rpc.request", interface=iface.uuid, interface_name=iface.name,
                                       opnum=call.opnum, auth_level=auth_level_name(call.level),
                                       call_id=call.call_id)])
-        assert self._identity is not None
+        if self._identity is None:
+            # Unreachable: requests are refused above unless the association has an identity.
+            raise RuntimeError("dispatch without an acting identity")
         ctx = CallContext(identity=self._identity, transport=self.transport,
                           auth_type=self._sc.auth_type if self._sc else AUTH_TYPE_NONE,
                           auth_level=call.level,
@@ -556,8 +571,7 @@ class RpcConnection:
             last = offset >= len(stub)
             flags = (P.PFC_FIRST_FRAG if first else 0) | (P.PFC_LAST_FRAG if last else 0)
             prefix = P.response_prefix(len(stub) - offset + len(chunk), call.context_id)
-            if signed:
-                assert self._sc is not None
+            if signed and self._sc is not None:
                 out += protect(self._sc, P.RESPONSE, flags, call.call_id, prefix, chunk)
             else:
                 out += P.assemble(P.RESPONSE, flags, call.call_id, prefix + chunk)

@@ -1,22 +1,20 @@
 """The auth verifier of request and response PDUs at packet, integrity and privacy level
-(MS-RPCE 2.2.2.11, 3.3.1.5.2; MS-NLMP 3.4).
+(MS-RPCE 2.2.2.11, 3.3.1.5.2).
 
-The signature covers the whole PDU - header, body, padding and sec_trailer, with the stub in
-plaintext - and not the signature itself. That is what Windows and Samba do for NTLMSSP with
-extended session security, and what MS-RPCE 2.2.2.3 describes when PFC_SUPPORT_HEADER_SIGN is
-negotiated; an acceptor that did not negotiate ESS signs only the stub (MS-NLMP 3.4.4.1).
-Sealing encrypts stub and padding together (the padding is part of the protected body).
+A fragment is cut into the parts its verifier treats differently (`PacketParts`): header and
+prefix, stub and padding, sec_trailer. Which parts a signature covers, and how sealing works, is
+the mechanism's business (NTLM: MS-NLMP 3.4; Kerberos: RFC 4121 and MS-KILE 3.4.5.4); this
+module only cuts and assembles. Sealing encrypts stub and padding together (the padding is part
+of the protected body).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from ..auth.acceptor import PacketParts, SecurityAcceptor
 from . import pdu as P
 
-NTLM_SIGNATURE_SIZE = 16
-NTLMSSP_NEGOTIATE_EXTENDED_SESSIONSECURITY = 0x00080000
 LEVEL_CONNECT, LEVEL_CALL, LEVEL_PACKET, LEVEL_INTEGRITY, LEVEL_PRIVACY = 2, 3, 4, 5, 6
 # Stub padding so the trailer lands where Windows puts it: the body a multiple of 16 bytes.
 _STUB_ALIGN = 16
@@ -31,24 +29,14 @@ class VerifyError(Exception):
 
 
 @dataclass(frozen=True)
-class SecurityContext:
-    """The negotiated security context of a connection (one per connection: we do not
-    implement security context multiplexing)."""
-    acceptor: Any                 # emulator.ntlm SecurityAcceptor, authenticated
+class RpcProtection:
+    """How an association's calls are protected once its security context is established (one
+    per connection: we do not implement security context multiplexing)."""
+    acceptor: SecurityAcceptor
     auth_type: int
     auth_level: int
     context_id: int
-
-    @property
-    def whole_pdu(self) -> bool:
-        # MS-NLMP 3.4.4: with extended session security the MAC is an HMAC over whatever we
-        # pass, and Windows passes the whole PDU; without it only the stub is covered. An
-        # acceptor that cannot tell us (SPNEGO wrappers) is assumed to use ESS, which is all a
-        # policy without NTLMv1 can negotiate.
-        flags = getattr(self.acceptor, "negotiated_flags", None)
-        if isinstance(flags, int) and flags:
-            return bool(flags & NTLMSSP_NEGOTIATE_EXTENDED_SESSIONSECURITY)
-        return True
+    header_signing: bool = False
 
 
 def effective_level(level: int) -> int:
@@ -56,50 +44,52 @@ def effective_level(level: int) -> int:
     return LEVEL_PACKET if level == LEVEL_CALL else level
 
 
-def unprotect(sc: SecurityContext, req: P.Request | P.Response) -> bytes:
+def unprotect(sc: RpcProtection, req: P.Request | P.Response) -> bytes:
     """Check the verifier of one request fragment and return its plaintext stub.
 
-    Raises VerifyError; every call consumes one incoming sequence number (MS-NLMP 3.4.4),
+    Raises VerifyError; every call consumes one incoming sequence number of the mechanism,
     exactly as the client's own sign consumed one of its."""
     av = req.auth
     if av is None:
         raise VerifyError("missing_verifier")
     if (av.auth_type, av.auth_level, av.context_id) != (sc.auth_type, sc.auth_level, sc.context_id):
         raise VerifyError("verifier_mismatch")
-    if len(av.token) != NTLM_SIGNATURE_SIZE:
+    if len(av.token) != sc.acceptor.sig_size():
         raise VerifyError("bad_signature")
     raw = req.raw
     trailer_at = len(raw) - len(av.token) - P.SEC_TRAILER_SIZE
-    body = raw[req.stub_offset:trailer_at]      # stub + pad
+    parts = PacketParts(pre=raw[:req.stub_offset], data=raw[req.stub_offset:trailer_at],
+                        post=raw[trailer_at:trailer_at + P.SEC_TRAILER_SIZE],
+                        header_signing=sc.header_signing)
     if sc.auth_level == LEVEL_PRIVACY:
-        body = sc.acceptor.unseal(body)
-    signed = raw[:req.stub_offset] + body + raw[trailer_at:trailer_at + P.SEC_TRAILER_SIZE]
-    message = signed if sc.whole_pdu else body
-    if not sc.acceptor.verify(message, av.token):
-        raise VerifyError("bad_signature" if sc.auth_level != LEVEL_PRIVACY else "bad_seal")
+        body = sc.acceptor.unseal_packet(parts, av.token)
+        if body is None:
+            raise VerifyError("bad_seal")
+    else:
+        if not sc.acceptor.check_packet(parts, av.token):
+            raise VerifyError("bad_signature")
+        body = parts.data
     return body[:len(body) - av.pad_length]
 
 
-def protect(sc: SecurityContext, ptype: int, flags: int, call_id: int, prefix: bytes,
+def protect(sc: RpcProtection, ptype: int, flags: int, call_id: int, prefix: bytes,
             stub: bytes) -> bytes:
     """Build one signed (integrity, packet) or sealed (privacy) fragment."""
     pad = (-len(stub)) % _STUB_ALIGN
     body = stub + b"\x00" * pad
     trailer = P.sec_trailer_bytes(sc.auth_type, sc.auth_level, pad, sc.context_id)
-    total = P.HEADER_SIZE + len(prefix) + len(body) + P.SEC_TRAILER_SIZE + NTLM_SIGNATURE_SIZE
-    head = P.header_bytes(ptype, flags, total, NTLM_SIGNATURE_SIZE, call_id) + prefix
-    plain_pdu = head + body + trailer
+    sig_size = sc.acceptor.sig_size()
+    total = P.HEADER_SIZE + len(prefix) + len(body) + P.SEC_TRAILER_SIZE + sig_size
+    head = P.header_bytes(ptype, flags, total, sig_size, call_id) + prefix
+    parts = PacketParts(head, body, trailer, sc.header_signing)
     if sc.auth_level == LEVEL_PRIVACY:
-        # MS-NLMP 3.4.3: seal first, then sign the plaintext message; the RC4 stream is shared.
-        sealed = sc.acceptor.seal(body)
-        signature = sc.acceptor.sign(plain_pdu if sc.whole_pdu else body)
+        sealed, signature = sc.acceptor.seal_packet(parts)
         return head + sealed + trailer + signature
-    signature = sc.acceptor.sign(plain_pdu if sc.whole_pdu else body)
-    return plain_pdu + signature
+    return head + body + trailer + sc.acceptor.sign_packet(parts)
 
 
-def overhead(sc: SecurityContext | None, signed: bool) -> int:
+def overhead(sc: RpcProtection | None, signed: bool) -> int:
     """Bytes a fragment spends on verifier and worst-case padding."""
     if sc is None or not signed:
         return 0
-    return P.SEC_TRAILER_SIZE + NTLM_SIGNATURE_SIZE + _STUB_ALIGN - 1
+    return P.SEC_TRAILER_SIZE + sc.acceptor.sig_size() + _STUB_ALIGN - 1

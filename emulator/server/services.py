@@ -16,7 +16,7 @@ from ..identity import ANONYMOUS, Identity
 from ..interfaces import EMSMDB_UUID, EPM_UUID, SRVSVC_UUID, default_interfaces
 from ..interfaces.emsmdb import EmsmdbInterface
 from ..interfaces.epm import Endpoint
-from ..ntlm import AuthFactory
+from ..auth import AuthFactory
 from ..rpc.connection import RpcConnection
 from ..smb.connection import SmbConnection
 from ..smb.pipe import PipeFactory

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..config import LabConfig
 from ..events import Event, event, limit, malformed
+from ..auth.context import authenticated_identity
 from ..identity import ANONYMOUS, SMB_SESSION, Identity
 from ..sansio import ProtocolError
 from .pipe import Pipe, PipeFactory
@@ -349,9 +350,9 @@ class Smb1Engine:
 
         anonymous = result is None or result.user is None or result.ntlm_version == "anonymous"
         guest = not anonymous and result.ntlm_version == "guest"
-        session.identity = ANONYMOUS if anonymous else session.acceptor.identity(SMB_SESSION)
+        session.identity = ANONYMOUS if anonymous else authenticated_identity(result, SMB_SESSION)
         # Anonymous and guest logons have no session key to sign with (MS-SMB 3.3.5.3).
-        key = b"" if anonymous or guest else bytes(getattr(session.acceptor, "exported_session_key", b"") or b"")
+        key = b"" if anonymous or guest else session.acceptor.session_key
         wants_signing = self._signing_required or bool(ctx.header.flags2 & w.FLAGS2_SMB_SECURITY_SIGNATURE)
         if self._signing_key is None and wants_signing and key:
             self._signing_key = key

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..events import Event, event, limit, malformed
+from ..auth.context import authenticated_identity
 from ..identity import ANONYMOUS, SMB_SESSION, Identity
 from ..sansio import ProtocolError
 from . import ntstatus as st
@@ -460,7 +461,7 @@ class Smb2Engine:
 
         anonymous = result.user is None or result.ntlm_version == "anonymous"
         guest = result.ntlm_version == "guest"
-        session.identity = ANONYMOUS if anonymous else session.acceptor.identity(SMB_SESSION)
+        session.identity = ANONYMOUS if anonymous else authenticated_identity(result, SMB_SESSION)
         session.label = session.identity.qualified
         session.valid = True
         flags = w.SESSION_FLAG_IS_NULL if anonymous else (w.SESSION_FLAG_IS_GUEST if guest else 0)
@@ -468,7 +469,7 @@ class Smb2Engine:
         if anonymous or guest:
             session.signing_required = False
         else:
-            key = session_key_16(session.acceptor.exported_session_key)
+            key = session_key_16(session.acceptor.session_key)
             session.signer = Signer(self.dialect, signing_key(self.dialect, key, session.preauth),
                                     self._signing_algorithm if self.dialect == w.DIALECT_311 else None)
             # MS-SMB2 3.3.5.5.3: 3.x always signs the final response; 2.x when signing is required.

@@ -17,6 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+from emulator.auth.context import authenticated_identity
 from emulator.capture import analyse
 from emulator.capture.pcapread import CaptureError
 from emulator.config import default_config
@@ -25,7 +26,7 @@ from emulator.directory import Directory
 from emulator.identity import RPC_AUTH, Identity
 from emulator.interfaces import emsmdb as E
 from emulator.interfaces.epm import EpmInterface, TowerError, parse_tower
-from emulator.ntlm import AuthFactory
+from emulator.auth import AuthFactory
 from emulator.rpc import pdu as P
 from emulator.rpc.interface import CallContext, RpcFault
 from emulator.sansio import ProtocolError
@@ -296,7 +297,7 @@ def ntlm_feed(data: bytes) -> str:
     if stage == 1:
         acceptor.step(NTLM_TYPE1)
     outcome = _step_outcome(acceptor.step(token))
-    acceptor.identity(RPC_AUTH)
+    authenticated_identity(acceptor.result, RPC_AUTH)
     if acceptor.complete and acceptor.result is not None and acceptor.result.ok:
         acceptor.verify(b"message", b"\x01" + bytes(15))
     return outcome
@@ -308,7 +309,7 @@ def spnego_feed(data: bytes) -> str:
     if stage == 1:
         acceptor.step(SPNEGO_INIT)
     outcome = _step_outcome(acceptor.step(token))
-    acceptor.identity(RPC_AUTH)
+    authenticated_identity(acceptor.result, RPC_AUTH)
     return outcome
 
 

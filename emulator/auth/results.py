@@ -17,6 +17,10 @@ REASONS = (
     "bad_state", "expired", "unsupported_mech",
 )
 
+# What `AuthResult.mech` names: the mechanism that proved the identity, in the vocabulary of the
+# `mechanism` field of explain and of the events.
+MECHANISMS = ("ntlm", "spnego-ntlm", "kerberos", "spnego-kerberos", "schannel")
+
 
 @dataclass(frozen=True)
 class AuthResult:
@@ -26,8 +30,15 @@ class AuthResult:
     domain: str
     workstation: str
     ntlm_version: str         # "NTLMv2" | "NTLMv1" | "LM" | "anonymous" | "guest" | "" (not reached)
-    mech: str                 # "ntlm" | "spnego"
+    mech: str                 # "ntlm" | "spnego" (NTLM inside SPNEGO) | "kerberos" | ...
     mic: bool = False         # the AUTHENTICATE carried an NTLM MIC
+    principal: str = ""       # Kerberos: the ticket's client principal (user@REALM)
+
+    @property
+    def flavour(self) -> str:
+        """How the logon was proven, as the identity's auth_layer names it: the NTLM version,
+        or the mechanism for anything that is not NTLM."""
+        return self.ntlm_version or self.mech
 
 
 @dataclass(frozen=True)

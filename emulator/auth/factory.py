@@ -1,39 +1,22 @@
-"""One place that hands out fresh security contexts for the SMB and DCE/RPC engines."""
+"""One place that hands out fresh mechanisms for the SMB and DCE/RPC engines' security contexts."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 from ..config import Policy, ServerConfig
 from ..directory import Directory
-from ..identity import Identity
-from .acceptor import NtlmAcceptor
-from .results import AuthResult, StepResult
-from .spnego import SpnegoAcceptor, neg_token_init2
+from ..ntlm.acceptor import NtlmAcceptor
+from ..ntlm.spnego import SpnegoAcceptor, neg_token_init2
+from .acceptor import SecurityAcceptor
 
 # MS-RPCE 2.2.1.1.7 security provider identifiers.
 RPC_C_AUTHN_GSS_NEGOTIATE = 9
 RPC_C_AUTHN_WINNT = 10
 RPC_C_AUTHN_GSS_KERBEROS = 16
 
-
-
-class SecurityAcceptor(Protocol):
-    """What the SMB and DCE/RPC engines may rely on; NtlmAcceptor and SpnegoAcceptor both
-    provide it. sign/seal/unseal raise KeyUnavailable unless the context authenticated a user."""
-
-    @property
-    def result(self) -> AuthResult | None: ...
-    @property
-    def exported_session_key(self) -> bytes: ...
-    def step(self, token: bytes) -> StepResult: ...
-    def identity(self, source: str, auth_layer: str | None = None) -> Identity: ...
-    def sign(self, message: bytes) -> bytes: ...
-    def verify(self, message: bytes, signature: bytes) -> bool: ...
-    def seal(self, plaintext: bytes) -> bytes: ...
-    def unseal(self, ciphertext: bytes) -> bytes: ...
 
 
 class AuthFactory:
