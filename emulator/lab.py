@@ -121,7 +121,8 @@ class Lab:
         return self
 
     async def _run_in_thread(self) -> None:
-        assert self._stopped is not None
+        if self._stopped is None:
+            raise RuntimeError("the lab thread started before its stop event was made")
         await self.start_async()
         self._ready.set()
         try:

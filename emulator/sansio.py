@@ -8,6 +8,7 @@ the connection when `close` is set.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .events import Event
 
@@ -30,3 +31,18 @@ class ProtocolError(Exception):
     def __init__(self, layer: str, reason: str) -> None:
         super().__init__(f"{layer}: {reason}")
         self.layer, self.reason = layer, reason
+
+
+class Engine(Protocol):
+    """What a listener drives: the SMB connection and the DCE/RPC connection both are one."""
+
+    def receive(self, data: bytes) -> Output: ...
+
+    def close(self) -> list[Event]:
+        """Release what the connection holds; returns the events that releases."""
+        ...
+
+    @property
+    def has_partial_input(self) -> bool:
+        """Bytes of an unfinished message are buffered (the slow-client timer runs)."""
+        ...

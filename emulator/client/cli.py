@@ -82,7 +82,8 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
             if seq == "ncacn_np" and ep:
                 pipe = ep
     logged_on = _creds(args.logged_on, lab, domain)
-    assert logged_on is not None
+    if logged_on is None:
+        raise SystemExit("rpcauth client: --logged-on names nobody")
     return Profile(
         mailbox_dn=args.mailbox, logged_on=logged_on, binding_order=order,
         use_network_security=args.network_security == "on",

@@ -107,7 +107,8 @@ def _port_via_epm(profile: Profile) -> int:
 
 def _over_named_pipe(profile: Profile, attempt: Attempt, report: ClientReport) -> tuple[int | None, str]:
     creds = attempt.smb_credentials
-    assert creds is not None
+    if creds is None:
+        raise ValueError("a named-pipe attempt needs the credentials of an SMB session")
     try:
         smb = SMBConnection(profile.server.host, profile.server.host, sess_port=profile.server.smb_port,
                             timeout=profile.timeout)

@@ -102,6 +102,11 @@ class RpcConnection:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def has_partial_input(self) -> bool:
+        # A fragment cut short, or a call whose last fragment has not come yet.
+        return self._frames.pending > 0 or self._partial is not None
+
     def receive(self, data: bytes) -> Output:
         if self._closed:
             return Output(close=True)

@@ -10,11 +10,10 @@ one, when it bites, is reported as a `limit` event carrying `limit`, `listener`,
 - idle_timeout: no byte from the client for this long.
 - slow_client_timeout: a message that has started must complete within this long, so a client
   cannot hold a connection open by trickling one byte at a time (each byte would reset the
-  idle timer). "Started" is asked of the engine through `has_partial_input` when it offers
-  that property. Otherwise it is inferred: a read after which the engine produced neither
-  bytes nor events left a message unfinished, and the deadline runs from that read until the
-  engine next answers. A multi-fragment RPC call is one message by this rule, which is the
-  intent: the whole call must arrive in time.
+  idle timer). "Started" is the engine's `has_partial_input`: bytes of an unfinished message
+  are buffered, or (DCE/RPC) a call's last fragment has not come yet, so a multi-fragment call
+  is one message and the whole call must arrive in time. A message the engine answers with
+  nothing (AUTH3) has not started anything.
 - handshake_timeout: an NTLM CHALLENGE was sent and no AUTHENTICATE came back in time. The
   acceptor also refuses a late AUTHENTICATE itself (result "expired", MS-NLMP 3.2.5.1.2 leaves
   the bound to the server); the listener reports that as the same limit and, for a client
@@ -36,6 +35,7 @@ from typing import Any, Callable
 
 from ..config import Limits
 from ..events import Event, EventLog, event, limit, malformed
+from ..sansio import Engine
 
 # Connection ids are unique across all listeners of a process: c1, c2, ...
 _conn_ids = itertools.count(1)
@@ -65,11 +65,9 @@ class _Deadlines:
         when, which = min(candidates)
         return max(0.0, when - now), which
 
-    def after_receive(self, engine: Any, produced: bool, events: list[Event], now: float) -> None:
+    def after_receive(self, engine: Engine, events: list[Event], now: float) -> None:
         self.last_read = now
-        partial = getattr(engine, "has_partial_input", None)
-        unfinished = bool(partial) if partial is not None else not produced
-        if not unfinished:
+        if not engine.has_partial_input:
             self.message_since = None
         elif self.message_since is None:
             self.message_since = now
@@ -81,7 +79,7 @@ class _Deadlines:
 
 
 class Listener:
-    def __init__(self, name: str, host: str, port: int, engine_factory: Callable[[dict[str, Any]], Any],
+    def __init__(self, name: str, host: str, port: int, engine_factory: Callable[[dict[str, Any]], Engine],
                  log: EventLog, limits: Limits, *, capture: Any = None, capture_port: int | None = None,
                  layer: str = "tcp") -> None:
         self.name = name
@@ -132,7 +130,8 @@ class Listener:
             writer.close()
             return
         task = asyncio.current_task()
-        assert task is not None
+        if task is None:
+            raise RuntimeError("a connection handler runs outside a task")
         self._tasks.add(task)
         try:
             await self._serve(reader, writer)
@@ -211,7 +210,7 @@ class Listener:
                     self._log.emit(conn, self._stamp(ev, peer))
                     if ev.kind == "ntlm.authenticate" and ev.fields.get("result") == "expired":
                         self._limit(conn, "handshake_timeout", peer, self._limits.handshake_timeout)
-                deadlines.after_receive(engine, bool(out.data or out.events), out.events, loop.time())
+                deadlines.after_receive(engine, out.events, loop.time())
                 if out.data:
                     if stream is not None:
                         stream.server_data(out.data)

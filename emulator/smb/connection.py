@@ -53,6 +53,10 @@ class SmbConnection:
         self.closed = False
 
     @property
+    def has_partial_input(self) -> bool:
+        return bool(self._buffer)
+
+    @property
     def protocol(self) -> str | None:
         if self._engine is None:
             return None
