@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
 from emulator.lab import Lab
-
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "captures", "reference")
-
-
-def dn(user: str) -> str:
-    return f"/o=Corp/ou=Site/cn=Recipients/cn={user}"
-
-
-def need_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (scripts/bootstrap.sh installs it)")
-    return path
-
+from harness.cast import REFERENCE, dn, need_tool  # noqa: F401  (the names tests import)
 
 @pytest.fixture(scope="module")
 def lab():

@@ -21,7 +21,7 @@ from emulator.interfaces import emsmdb_wire as wire
 from emulator.interfaces.ndr import decode_call, dos_string
 from emulator.rpc.interface import NCA_S_FAULT_NDR, RpcFault
 
-from test_interfaces import mapi_connect_stub_from_pcap
+from harness.captures import mapi_connect_stub_from_pcap
 
 DN = "/o=Corp/ou=Site/cn=Recipients/cn="
 

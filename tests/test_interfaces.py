@@ -28,10 +28,8 @@ from emulator.interfaces.srvsvc import SrvsvcInterface
 from emulator.rpc.interface import (NCA_S_FAULT_CONTEXT_MISMATCH, NCA_S_FAULT_NDR,
                                     NCA_S_OP_RNG_ERROR, CallContext, RpcFault)
 
-from conftest import REFERENCE as _REFERENCE  # noqa: E402
+from harness.captures import mapi_connect_stub_from_pcap
 
-REFERENCE = Path(_REFERENCE).resolve()
-MAPI_PCAP = REFERENCE / "mapi.pcap"
 DN = "/o=Corp/ou=Site/cn=Recipients/cn="
 ALICE = Identity("alice", "CORP", SMB_SESSION, "smb_session_setup")
 BOB = Identity("bob", "CORP", RPC_AUTH, "rpc_bind")
@@ -81,22 +79,6 @@ def disconnect_stub(handle):
     req = em.EcDoDisconnect()
     req.fields["pcxh"]["Data"] = handle
     return req.getData()
-
-
-def mapi_connect_stub_from_pcap() -> bytes:
-    """The EcDoConnect request stub a real Outlook sent (frame 715 of mapi.pcap)."""
-    if not MAPI_PCAP.exists():
-        pytest.skip(f"reference capture absent: {MAPI_PCAP}")
-    if shutil.which("tshark") is None:
-        pytest.skip("tshark not installed")
-    out = subprocess.run(["tshark", "-r", str(MAPI_PCAP), "-Y", "mapi.opnum==0 && dcerpc.pkt_type==0",
-                          "-T", "fields", "-e", "tcp.payload"], capture_output=True, text=True,
-                         timeout=60, check=True).stdout.split()
-    pdu = bytes.fromhex(out[0])
-    frag_len, auth_len = struct.unpack_from("<HH", pdu, 8)
-    trailer = frag_len - auth_len - 8          # sec_trailer start (MS-RPCE 2.2.2.11)
-    pad = pdu[trailer + 2] if auth_len else 0
-    return pdu[24: trailer - pad] if auth_len else pdu[24:frag_len]
 
 
 # ------------------------------------------------------------------ EcDoConnect(Ex) decisions

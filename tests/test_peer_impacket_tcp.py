@@ -10,7 +10,7 @@ from impacket.uuid import uuidtup_to_bin
 
 from emulator.interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect, hEcDoConnectEx, hEcDoDisconnect
 
-from conftest import dn
+from harness.cast import dn
 
 EMSMDB = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
 LEVEL_NAMES = {2: "connect", 4: "packet", 5: "integrity", 6: "privacy"}

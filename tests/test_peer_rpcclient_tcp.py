@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import need_tool
+from harness.cast import need_tool
 
 from emulator.interfaces.emsmdb import EMSMDB_UUID
 from emulator.lab import Lab

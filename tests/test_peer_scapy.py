@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from conftest import dn
+from harness.cast import dn
 from impacket import ntlm as imp_ntlm
 from impacket.dcerpc.v5.rpcrt import DCERPCException
 from scapy.config import conf

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import socketserver
 import struct
-import threading
 
 import pytest
 from impacket.dcerpc.v5 import rpcrt, transport
@@ -22,6 +20,7 @@ from emulator.rpc import pdu as P
 from emulator.rpc.connection import RpcConnection
 from emulator.auth.context import SecurityContext
 from emulator.rpc.interface import NCA_S_OP_RNG_ERROR, RpcFault, RpcInterface
+from harness.engine_server import EngineServer
 
 ECHO_UUID = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
 NDR = ("8a885d04-1ceb-11c9-9fe8-08002b104860", "2.0")
@@ -77,57 +76,14 @@ def make_conn(*, transport_name="ncacn_ip_tcp", identity=ANONYMOUS, pol=None, in
                          info=info or {"peer": "test", "local_port": 6001})
 
 
-class EngineServer:
-    """A few lines of socket glue feeding RpcConnection, as the real listener does."""
-
-    def __init__(self, byte_at_a_time=False, **conn_kwargs):
-        self.events = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                conn = make_conn(**conn_kwargs)
-                try:
-                    while True:
-                        data = self.request.recv(65536)
-                        if not data:
-                            break
-                        pieces = [data[i:i + 1] for i in range(len(data))] if byte_at_a_time else [data]
-                        closing = False
-                        for piece in pieces:
-                            out = conn.receive(piece)
-                            with outer.lock:
-                                outer.events.extend(out.events)
-                            if out.data:
-                                self.request.sendall(out.data)
-                            if out.close:
-                                closing = True
-                                break
-                        if closing:
-                            break
-                finally:
-                    with outer.lock:
-                        outer.events.extend(conn.close())
-
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def kinds(self, kind, **match):
-        with self.lock:
-            return [e for e in self.events if e.kind == kind and all(e.get(k) == v for k, v in match.items())]
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+def engine_server(byte_at_a_time=False, **conn_kwargs) -> EngineServer:
+    """The RPC engine with the echo interfaces on a loopback socket."""
+    return EngineServer(lambda: make_conn(**conn_kwargs), byte_at_a_time=byte_at_a_time)
 
 
 @pytest.fixture
 def server():
-    s = EngineServer()
+    s = engine_server()
     yield s
     s.stop()
 
@@ -216,7 +172,7 @@ def test_policy_exempt_interface_answers_anonymously(server):
 
 def test_pipe_keeps_the_smb_identity_unless_the_bind_authenticates():
     alice = Identity("alice", "CORP", SMB_SESSION, "smb_session_setup/NTLMv2")
-    s = EngineServer(transport_name="ncacn_np", identity=alice, info={"pipe": "emsmdb"})
+    s = engine_server(transport_name="ncacn_np", identity=alice, info={"pipe": "emsmdb"})
     try:
         dce = dce_for(s.port)
         assert call(dce, 1) == b"CORP\\alice|smb_session|1"
@@ -240,7 +196,7 @@ def test_identity_rule_in_isolation():
 def test_packet_level_without_verifiers_counts_as_connect():
     """impacket sends no verifier at packet level: fine under a connect minimum, refused
     when the policy asks for packet level."""
-    s = EngineServer(pol=policy(ncacn_ip_tcp=4))
+    s = engine_server(pol=policy(ncacn_ip_tcp=4))
     try:
         dce = dce_for(s.port, "bob", BOB_PW, rpcrt.RPC_C_AUTHN_LEVEL_PKT)
         with pytest.raises(DCERPCException):
@@ -296,7 +252,7 @@ def test_multi_fragment_request_sealed(server):
 def test_request_over_max_pdu_size_is_a_limit():
     small = dataclasses.replace(CONFIG.policy, min_auth_level={"ncacn_ip_tcp": 1, "ncacn_np": 1},
                                 limits=dataclasses.replace(CONFIG.policy.limits, max_pdu_size=3000))
-    s = EngineServer(pol=small)
+    s = engine_server(pol=small)
     try:
         dce = dce_for(s.port, frag=1000)
         with pytest.raises(Exception):
@@ -307,7 +263,7 @@ def test_request_over_max_pdu_size_is_a_limit():
 
 
 def test_engine_fed_one_byte_at_a_time():
-    s = EngineServer(byte_at_a_time=True)
+    s = engine_server(byte_at_a_time=True)
     try:
         dce = dce_for(s.port, "bob", BOB_PW, 6, frag=300)
         payload = b"byte by byte " * 100

@@ -30,7 +30,7 @@ from emulator.config import default_config
 from emulator.interfaces.emsmdb import EMSMDB_UUID
 from emulator.lab import Lab
 
-from conftest import dn
+from harness.cast import dn
 
 CONFIG = default_config()
 DOMAIN = CONFIG.server.domain

@@ -23,7 +23,7 @@ from impacket.uuid import uuidtup_to_bin
 from emulator.config import default_config
 from emulator.interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect, hEcDoDisconnect
 
-from conftest import dn, need_tool
+from harness.cast import dn, need_tool
 
 EMSMDB = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
 PASSWORDS = {u.name: u.password for u in default_config().users if u.password}

@@ -20,7 +20,7 @@ from emulator.auth import AuthFactory
 from emulator.ntlm import NtlmAcceptor, SpnegoAcceptor
 from emulator.ntlm import der
 from emulator.ntlm.spnego import NTLMSSP_OID
-from test_ntlm import PASSWORDS, authenticate_with_mic
+from harness.ntlm_messages import PASSWORDS, authenticate_with_mic
 
 CFG = default_config()
 DIRECTORY = Directory(CFG)
