@@ -74,7 +74,8 @@ class ConversationReplay:
         self.rows: list[Row] = []
         self.parted_at: int | None = None
         self.first_difference: int | None = None
-        self.why: list[str] = []
+        self.why: list[str] = []                      # our server's refusals where they parted
+        self.wire: tuple[str, str] | None = None      # (original, ours) at the first difference
 
     # ------------------------------------------------------------------ per message
 
@@ -168,9 +169,8 @@ class ConversationReplay:
         return list(self.smb.notes) if self.smb is not None else []
 
     def _why(self, cause: Row, first: Row) -> list[str]:
-        out = []
-        for ev in cause.failures:
-            out.append(explain_event(ev, cause))
+        """Our server's refusals at the parting message, in words; the first difference on
+        the wire goes to `self.wire`."""
         original = "; ".join(s.label for s in first.original if s.final) or "no answer"
         if first.outcome in ("timeout", "closed"):
             ours = {"timeout": "no answer in time", "closed": "our server closed the connection"}[first.outcome]
@@ -178,8 +178,8 @@ class ConversationReplay:
             ours = "not sent (our server had closed the connection)"
         else:
             ours = "; ".join(s.label for s in first.ours if s.final) or "no answer"
-        out.append(f"frame {first.frame} ({first.sent}): original: {original}; emulator: {ours}")
-        return out
+        self.wire = (original, ours)
+        return [explain_event(ev, cause) for ev in cause.failures]
 
 
 def explain_event(ev: dict[str, Any], row: Row) -> str:

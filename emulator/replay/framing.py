@@ -39,7 +39,7 @@ class Exchange:
 def kind_of(stream: CapturedStream) -> str | None:
     """SMB, RPC, or None for anything else. Decided by the first client bytes: the server
     port alone would send SMB on an odd port, or RPC on 445, to the wrong cutter."""
-    first = next((c.data for c in stream.chunks if c.from_client and c.data), b"")
+    first = first_bytes(stream, True)
     if len(first) >= 8 and first[0] == NB_SESSION_MESSAGE and first[4:8] in (b"\xffSMB", b"\xfeSMB"):
         return SMB
     if first[:1] in (bytes([NB_SESSION_REQUEST]),) and stream.server[1] in SMB_PORTS:
@@ -47,6 +47,36 @@ def kind_of(stream: CapturedStream) -> str | None:
     if len(first) >= P.HEADER_SIZE and first[0] == 5 and first[1] in (0, 1) and first[2] in P.PTYPE_NAMES:
         return RPC
     return None
+
+
+def starts_conversation(kind: str, first: bytes) -> bool:
+    """Whether a client's first message opens a conversation (so a capture that missed the
+    TCP handshake still holds all of it): an RPC bind; an SMB NEGOTIATE (SMB1 or SMB2) or a
+    NetBIOS session request."""
+    if kind == RPC:
+        return len(first) > 2 and first[0] == 5 and first[2] == P.BIND
+    if first[:1] == bytes([NB_SESSION_REQUEST]):
+        return True
+    if len(first) >= 18 and first[0] == NB_SESSION_MESSAGE:
+        if first[4:8] == b"\xffSMB":
+            return first[8] == 0x72
+        if first[4:8] == b"\xfeSMB":
+            return first[16:18] == b"\x00\x00"
+    return False
+
+
+def first_bytes(stream: CapturedStream, from_client: bool) -> bytes:
+    return next((c.data for c in stream.chunks if c.from_client == from_client and c.data), b"")
+
+
+def flipped(stream: CapturedStream) -> CapturedStream:
+    """The stream with its sides swapped: for captures that missed the handshake and saw the
+    server speak first."""
+    from .source import Chunk
+
+    return CapturedStream(stream.number, stream.server, stream.client, stream.saw_syn, stream.partial,
+                          stream.gap_frame, [Chunk(not c.from_client, c.data, c.frame) for c in stream.chunks],
+                          stream.size)
 
 
 class Cutter:

@@ -18,11 +18,11 @@ FORMATS = ("text", "json", "html")
 
 SEED_WARNING = (
     "WARNING: DETERMINISTIC LAB. Our server's NTLM challenge is the very one in the capture, so the "
-    "captured AUTHENTICATE verifies and the replayed logon succeeds. That only happens against a lab "
-    "started with --seed N (challenges drawn from a seeded stream, emulator/determinism.py) that sees "
-    "the same conversations in the same order as the one that was recorded. A lab without a seed draws "
-    "a fresh challenge for every exchange and refuses every replayed logon. Never serve real users "
-    "from a seeded lab.")
+    "captured AUTHENTICATE can verify: it does when the lab also repeats the CHALLENGE's timestamp, "
+    "that is when it was started with the same --seed N (challenges and clock drawn from a seeded "
+    "stream, emulator/determinism.py) and sees the same conversations in the same order as the lab "
+    "that recorded the capture. A lab without a seed draws a fresh challenge for every exchange and "
+    "refuses every replayed logon. Never serve real users from a seeded lab.")
 LOOPBACK_NOTE = "Every conversation went to loopback, whatever addresses the capture holds."
 SIGNING_NOTE = ("SMB signing and RPC verifiers in replayed messages are the capture's: computed with "
                 "the capture's session key, they cannot be valid for our server. Replay re-signs only "
@@ -87,18 +87,14 @@ def transport(c: ConversationResult) -> str:
     return "SMB" if c.kind == "smb" else "DCE/RPC over TCP"
 
 
-def status(c: ConversationResult) -> str:
-    return "identical" if c.replay.first_difference is None and not c.replay.why else "parted"
-
-
 def short_verdict(c: ConversationResult) -> str:
     e = c.replay
-    if e.first_difference is None and not e.why:
+    if e.first_difference is None:
+        if not e.rows:
+            return "nothing was sent"
         return f"identical to the end ({len(e.rows)} client message(s))"
-    if e.parted_at is None:
-        return e.why[0] if e.why else "not replayed"
-    cause = e.rows[e.parted_at]
-    head = f"identical up to frame {e.rows[e.parted_at - 1].frame}, " if e.parted_at else ""
+    cause = e.rows[e.parted_at if e.parted_at is not None else e.first_difference]
+    head = f"identical up to frame {e.rows[cause.index - 1].frame}, " if cause.index else ""
     return f"{head}parted ways at frame {cause.frame} ({cause.sent})"
 
 
@@ -106,28 +102,23 @@ def verdict(c: ConversationResult) -> list[str]:
     """The conversation's outcome in sentences: where the servers parted and why."""
     e = c.replay
     rows = e.rows
-    out = []
-    if e.first_difference is None and not e.why:
-        out.append(f"Identical to the end: the same answers to all {len(rows)} client message(s).")
-    elif e.parted_at is None:
-        out.append(e.why[0] if e.why else "Not replayed.")
+    text = short_verdict(c)
+    text = text[0].upper() + text[1:]
+    if e.first_difference is None:
+        out = [text + ("." if text.endswith(")") else ": the same answers to every client message.")]
     else:
-        cause = rows[e.parted_at]
-        text = short_verdict(c)
-        text = text[0].upper() + text[1:]
-        reasons = e.why[:-1]
-        wire = e.why[-1]
-        if reasons:
-            text += ": " + "; ".join(reasons)
+        cause = rows[e.parted_at if e.parted_at is not None else e.first_difference]
+        if e.why:
+            text += ": " + "; ".join(e.why)
         else:
             said = [t for t in (event_text(ev) for ev in cause.events) if t]
             if said:
                 text += ". Our server's events there: " + "; ".join(said)
-        out.append(text + ".")
-        if e.first_difference is not None and e.first_difference != e.parted_at:
-            out.append(f"First difference on the wire at {wire}.")
-        else:
-            out.append(f"On the wire: {wire.split(': ', 1)[1]}.")
+        out = [text + "."]
+        original, ours = e.wire or ("?", "?")
+        first = rows[e.first_difference]
+        where = "" if first is cause else f"First difference on the wire at frame {first.frame} ({first.sent}): "
+        out.append(f"{where or 'On the wire: '}original: {original}; emulator: {ours}.")
     reauthored = [r for r in rows if r.reauthored]
     if reauthored:
         out.append(f"Replay re-authored {len(reauthored)} message(s) (marked R): "
@@ -137,6 +128,10 @@ def verdict(c: ConversationResult) -> list[str]:
     if c.partial_note:
         out.append(f"({c.partial_note})")
     return out
+
+
+def status(c: ConversationResult) -> str:
+    return "identical" if c.replay.first_difference is None else "parted"
 
 
 def _signing_caveat(run: ReplayRun) -> bool:
@@ -220,7 +215,9 @@ def conversation_json(c: ConversationResult) -> dict[str, Any]:
         "replayed_to": f"127.0.0.1:{c.port}", "listener": c.listener, "local": c.local,
         "server_conn": c.conn, "route": c.route, "status": status(c),
         "parted_at": _frame_of(e, e.parted_at), "first_difference": _frame_of(e, e.first_difference),
-        "why": list(e.why), "verdict": verdict(c), "deterministic": e.deterministic,
+        "why": list(e.why),
+        "wire": {"original": e.wire[0], "emulator": e.wire[1]} if e.wire else None,
+        "verdict": verdict(c), "deterministic": e.deterministic,
         "challenges": [{"captured": a.hex() if a else None, "ours": b.hex() if b else None}
                        for a, b in e.challenges() if a or b],
         "reauthored": [{"frame": r.frame, "what": r.reauthored} for r in e.rows if r.reauthored],
@@ -336,7 +333,8 @@ def to_html(run: ReplayRun) -> str:
                         f"<td>{escape(_answers(r.original, 'no answer due' if not r.original else 'answered'))}</td>"
                         f'<td class="{cls}">{escape(_answers(r.ours, r.outcome))}</td><td>{events}</td></tr>')
         body.append("</table>")
-        for title, conns in (("The capture", original.get(c.stream, [])), ("The replay", ours.get(i - 1, []))):
+        for title, conns in (("The capture", original.get(c.stream, [])),
+                             ("The replay (frames of the replay's own capture)", ours.get(i - 1, []))):
             for conn in conns:
                 pipe = f", pipe \\{escape(conn.pipes[0])}" if conn.pipes else ""
                 body.append(f"<h3>{title}: {escape(conn.transport)}{pipe}</h3>")

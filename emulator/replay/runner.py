@@ -20,7 +20,8 @@ from ..capture.unseal import Keyring
 from ..rpc import pdu as P
 from ..sansio import ProtocolError
 from .engine import ConversationReplay
-from .framing import RPC, SMB, Conversation, Cutter, conversation, kind_of
+from .framing import (RPC, SMB, Conversation, Cutter, conversation, first_bytes, flipped, kind_of,
+                      starts_conversation)
 from .source import CapturedStream, read_streams
 from .state import Learned
 from .target import Target, connect
@@ -122,13 +123,21 @@ def pick(streams: list[CapturedStream], selected: bool) -> tuple[list[Conversati
                 skipped.append(Skipped(cs.number, _endpoints(cs), "carries no payload"))
             continue
         kind = kind_of(cs)
+        if not cs.saw_syn:
+            # No handshake in the capture: the side whose first message opens a conversation
+            # is the client; a stream picked up in the middle cannot be followed by any server.
+            other = flipped(cs)
+            other_kind = kind_of(other)
+            if not (kind and starts_conversation(kind, first_bytes(cs, True))) and other_kind and \
+                    starts_conversation(other_kind, first_bytes(other, True)):
+                cs, kind = other, other_kind
+            if kind is not None and not starts_conversation(kind, first_bytes(cs, True)):
+                skipped.append(Skipped(cs.number, _endpoints(cs),
+                                       "began before the capture: its session setup or bind is missing, "
+                                       "so no server could follow it"))
+                continue
         if kind is None:
             skipped.append(Skipped(cs.number, _endpoints(cs), "neither SMB nor DCE/RPC"))
-            continue
-        if not cs.saw_syn:
-            skipped.append(Skipped(cs.number, _endpoints(cs),
-                                   "began before the capture: its session setup or bind is missing, so no "
-                                   "server could follow it"))
             continue
         conv = conversation(cs, kind)
         if not conv.exchanges:
@@ -174,6 +183,7 @@ def _run_one(result: ConversationResult, target: Target, timeout: float) -> None
         for ex in engine.conv.exchanges:
             row, _out = engine.prepare(ex)
             row.outcome = "not sent"
+        engine.conclude([])
         engine.why = [f"cannot connect to {target.host}:{result.port}: {exc.strerror or exc}"]
         return
     result.local = f"{target.host}:{sock.getsockname()[1]}"

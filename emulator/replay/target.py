@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -100,8 +102,17 @@ class EmbeddedTarget(Target):
     def __init__(self, config: Any = None, seed: int | None = None, config_name: str | None = None) -> None:
         from ..lab import Lab
 
-        self.lab = Lab(config, seed=seed)
-        self.lab.start()
+        # A seeded lab's clock advances with every event and every frame it records, and its
+        # NTLM CHALLENGE carries that clock. Seeded labs are run to record reproducible
+        # captures, so this one records too (into a scratch directory): then a capture made by
+        # such a lab meets the same challenge *and* the same timestamp here.
+        self._scratch = tempfile.mkdtemp(prefix="rpcauth-replay-") if seed is not None else None
+        self.lab = Lab(config, seed=seed, captures=self._scratch)
+        try:
+            self.lab.start()
+        except BaseException:
+            self._drop_scratch()
+            raise
         self.ports = dict(self.lab.ports)
         self.host = loopback_host(self.lab.host)
         self.seed = seed
@@ -113,6 +124,12 @@ class EmbeddedTarget(Target):
 
     def close(self) -> None:
         self.lab.stop()
+        self._drop_scratch()
+
+    def _drop_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 class ServedTarget(Target):
