@@ -10,13 +10,23 @@ The edge (`runner.py`) owns the socket and the clock.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..sansio import ProtocolError
 from .framing import RPC, Conversation, Exchange
 from .rpcside import Outgoing, RpcChannel, Said
 from .smbside import SmbSide
 from .state import Learned
+
+# What decoding foreign bytes may raise; anything else is a bug and should surface.
+BAD_INPUT = (ProtocolError, struct.error, IndexError, ValueError, KeyError, UnicodeError)
+
+
+def _reason(exc: Exception) -> str:
+    return exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
+
 
 # Server events that say a request was refused or broken, and the short text for each.
 AUTH_KINDS = ("ntlm.authenticate", "spnego.accept", "smb.session_setup")
@@ -80,13 +90,15 @@ class ConversationReplay:
     # ------------------------------------------------------------------ per message
 
     def prepare(self, ex: Exchange) -> tuple[Row, Outgoing]:
-        if self.rpc is not None:
-            out = self.rpc.client_pdu(ex.sent.data)
-            original = [self.rpc.original_answer(m.data) for m in ex.answers]
-        else:
-            assert self.smb is not None
-            out = self.smb.client_message(ex.sent.data)
-            original = [s for m in ex.answers for s in self.smb.original_answer(m.data)]
+        try:
+            out = self.rpc.client_pdu(ex.sent.data) if self.rpc is not None else \
+                self._smb().client_message(ex.sent.data)
+        except BAD_INPUT as exc:
+            # Captures come from anywhere: a message replay cannot read goes out as captured,
+            # and our server's answer (or silence) is the report.
+            out = Outgoing(ex.sent.data, f"unreadable message ({_reason(exc)}), sent as captured",
+                           expects_answer=True)
+        original = [s for m in ex.answers for s in self._answers(m.data, ours=False)]
         row = Row(len(self.rows), ex.sent.frame, out.label, out.auth, out.reauthored, list(out.notes), original)
         self.rows.append(row)
         return row, out
@@ -98,13 +110,22 @@ class ConversationReplay:
 
     def answer(self, row: Row, raw: bytes) -> int:
         """Take one answer message of ours; returns how many final answers it held."""
-        if self.rpc is not None:
-            saids = [self.rpc.our_answer(raw)]
-        else:
-            assert self.smb is not None
-            saids = self.smb.our_answer(raw)
+        saids = self._answers(raw, ours=True)
         row.ours.extend(saids)
         return sum(1 for s in saids if s.final)
+
+    def _smb(self) -> SmbSide:
+        if self.smb is None:
+            raise ValueError("not an SMB conversation")
+        return self.smb
+
+    def _answers(self, raw: bytes, ours: bool) -> list[Said]:
+        try:
+            if self.rpc is not None:
+                return [self.rpc.our_answer(raw) if ours else self.rpc.original_answer(raw)]
+            return self._smb().our_answer(raw) if ours else self._smb().original_answer(raw)
+        except BAD_INPUT as exc:
+            return [Said(f"unreadable answer ({_reason(exc)})", ("unreadable",))]
 
     # ------------------------------------------------------------------ verdict
 

@@ -238,7 +238,7 @@ def _run_one(result: ConversationResult, target: Target, timeout: float) -> None
                 continue
             if row.outcome == "pending":
                 row.outcome = "answered" if need else "no answer due"
-            if need == 0 and out.auth:
+            if need == 0 and out.auth and conn is not None:
                 _settle(target, conn, row.event_mark)
     finally:
         sock.close()

@@ -48,7 +48,7 @@ def _nb(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(3, "big") + message
 
 
-@dataclass
+@dataclass(eq=False)      # identity: one object per exchange, kept in several tables
 class _Setup:
     """One session setup exchange, as captured and as replayed."""
     negotiate: bytes | None = None
@@ -689,13 +689,15 @@ class SmbSide:
 
     # ------------------------------------------------------------------ for the report
 
+    def _all_setups(self) -> list[_Setup]:
+        setups = list(self._setups.values()) + ([self._smb1_setup] if self._smb1_setup else [])
+        return list(dict.fromkeys(setups))
+
     def challenges(self) -> list[tuple[bytes | None, bytes | None]]:
-        setups = list(dict.fromkeys(list(self._setups.values()) + ([self._smb1_setup] if self._smb1_setup else [])))
-        return [self._challenges(s) for s in setups]
+        return [self._challenges(s) for s in self._all_setups()]
 
     def authored(self) -> list[Authored]:
-        setups = list(self._setups.values()) + ([self._smb1_setup] if self._smb1_setup else [])
-        return [s.authored for s in dict.fromkeys(setups) if s.authored is not None]
+        return [s.authored for s in self._all_setups() if s.authored is not None]
 
 
 def _dialect(d: int) -> str:

@@ -64,9 +64,13 @@ class Target:
     def records(self) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    has_events = True
+
     def conn_for(self, local_port: int, wait: float = 2.0) -> str | None:
         """The server's id for our connection from local port `local_port` (its conn.open
         names us as peer), waiting up to `wait` seconds for the event to be written."""
+        if not self.has_events:
+            return None
         want = {f"{self.host}:{local_port}", f"[{self.host}]:{local_port}"}
         deadline = time.monotonic() + wait
         while True:
@@ -157,6 +161,7 @@ class ServedTarget(Target):
         if not self.ports:
             raise TargetError(f"ready file {ready_file} names no listener")
         self.events_file = events_file
+        self.has_events = events_file is not None
         self._lines: list[dict[str, Any]] = []
         self._offset = 0
         self.description = f"the lab served on {self.host} (ready file {ready_file})"
