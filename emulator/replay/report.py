@@ -115,6 +115,9 @@ def verdict(c: ConversationResult) -> list[str]:
             if said:
                 text += ". Our server's events there: " + "; ".join(said)
         out = [text + "."]
+        if c.conn is None:
+            out.append("Our server's reasons are not known here: give --events with the served lab's "
+                       "events file (rpcauth serve --events FILE).")
         original, ours = e.wire or ("?", "?")
         first = rows[e.first_difference]
         where = "" if first is cause else f"First difference on the wire at frame {first.frame} ({first.sent}): "
