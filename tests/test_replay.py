@@ -17,7 +17,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import REFERENCE, dn
 
 from emulator.capture.unseal import Keyring
@@ -200,7 +199,10 @@ def _record(path, config=None, **kw):
 
 def test_sealed_rpc_is_unsealed_with_the_captures_keys_and_sealed_again_with_ours(tmp_path):
     from impacket.dcerpc.v5 import transport
-    from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_LEVEL_PKT_PRIVACY, RPC_C_AUTHN_WINNT
+    from impacket.dcerpc.v5.rpcrt import (
+        RPC_C_AUTHN_LEVEL_PKT_PRIVACY,
+        RPC_C_AUTHN_WINNT,
+    )
 
     from emulator.client.runner import EMSMDB_IF
     from emulator.interfaces.emsmdb import hEcDoConnect, hEcDoDisconnect
@@ -257,7 +259,8 @@ def test_smb1_named_pipe_capture_replays_with_ids_and_signatures_of_our_server(t
         dce.disconnect()
         conn.logoff()
     lab_file = tmp_path / "lab.yaml"
-    merged = yaml.safe_load(open(DEFAULT_LAB, encoding="utf-8"))
+    with open(DEFAULT_LAB, encoding="utf-8") as fh:
+        merged = yaml.safe_load(fh)
     merged.setdefault("policy", {})["smb_signing_required"] = signing
     lab_file.write_text(yaml.safe_dump(merged))
     r = run_cli(str(cap), "--lab", str(lab_file), "--format", "json")
@@ -453,7 +456,8 @@ def test_hostile_capture_gets_a_report_and_the_served_lab_keeps_serving(served, 
 def test_mutated_client_bytes_never_break_replay_or_the_lab(served, tmp_path):
     """Bounded: 12 mutations of a real conversation's client side, from a fixed seed."""
     from emulator.capture.recorder import CaptureWriter
-    from emulator.replay.framing import conversation as conv_of, kind_of
+    from emulator.replay.framing import conversation as conv_of
+    from emulator.replay.framing import kind_of
     from emulator.replay.source import read_streams
 
     ready, events = served
@@ -481,7 +485,8 @@ def test_mutated_client_bytes_never_break_replay_or_the_lab(served, tmp_path):
 
 @needs_ref
 def test_truncated_capture_is_a_clear_error(tmp_path):
-    data = open(MAPI, "rb").read()
+    with open(MAPI, "rb") as fh:
+        data = fh.read()
     cut = tmp_path / "cut.pcap"
     cut.write_bytes(data[:len(data) // 2 + 7])
     r = run_cli(str(cut))
@@ -558,3 +563,21 @@ def test_replace_auth_value_keeps_everything_but_the_token():
     assert (a.call_id, a.auth.auth_type, a.auth.auth_level, a.auth.context_id, a.auth.pad_length) == \
         (b.call_id, b.auth.auth_type, b.auth.auth_level, b.auth.context_id, b.auth.pad_length)
     assert new[:8] == frag[:8] and b.header.frag_length == len(new)
+
+
+def test_reports_carry_no_password_nor_nt_hash():
+    import base64
+
+    config = default_config()
+    secrets = []
+    for user in config.users:
+        if user.password:
+            secrets.append(user.password)
+        secrets += [bytes(user.nt_hash).hex(), bytes(user.nt_hash).hex().upper(),
+                    base64.b64encode(bytes(user.nt_hash)).decode()]
+    for path in ("tcp-uns-off.pcap", "np-uns-off.pcap"):
+        for fmt in ("text", "json", "html"):
+            r = run_cli(os.path.join(CAPTURES, path), "--lab", DEFAULT_LAB, "--format", fmt)
+            assert r.returncode == 0, r.stderr
+            leaked = [s for s in secrets if s and (s in r.stdout or s in r.stderr)]
+            assert not leaked, f"{path} {fmt}"

@@ -176,8 +176,7 @@ class ConversationReplay:
     def channels(self) -> list[RpcChannel]:
         if self.rpc is not None:
             return [self.rpc]
-        assert self.smb is not None
-        return list(self.smb.channels.values())
+        return list(self._smb().channels.values())
 
     @property
     def deterministic(self) -> bool:

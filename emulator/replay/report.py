@@ -158,8 +158,8 @@ def to_text(run: ReplayRun) -> str:
     for i, c in enumerate(run.conversations, 1):
         e = c.replay
         lines += ["", f"Conversation {i}: tcp.stream {c.stream}, {transport(c)}, {c.client} -> {c.server}",
-                  f"  replayed to our {c.listener} listener at 127.0.0.1:{c.port} from {c.local or '-'}"
-                  f" (server connection {c.conn or 'unknown'}); {c.route}",
+                  (f"  replayed to our {c.listener} listener at 127.0.0.1:{c.port} from {c.local or '-'}"
+                   f" (server connection {c.conn or 'unknown'}); {c.route}"),
                   "   mark  frame  message"]
         not_sent = [r for r in e.rows if r.outcome == "not sent"]
         for r in e.rows:
@@ -187,8 +187,8 @@ def to_text(run: ReplayRun) -> str:
             lines.append(f"  Note: {note}")
         for v in verdict(c):
             lines.append(f"  Verdict: {v}")
-    lines += ["", f"Summary: {len(run.conversations)} conversation(s) replayed, "
-                  f"{len(run.skipped)} TCP stream(s) not replayed."]
+    lines += ["", (f"Summary: {len(run.conversations)} conversation(s) replayed, "
+                   f"{len(run.skipped)} TCP stream(s) not replayed.")]
     for c in run.conversations:
         lines.append(f"  tcp.stream {c.stream}: {short_verdict(c)}")
     if run.skipped:

@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..capture.authtokens import TokenInfo, inspect_token
-from ..capture.model import AUTH_LEVEL_NAMES, AUTH_TYPE_NAMES, EMSMDB_CALLS, EMSMDB_UUID, INTERFACE_NAMES
+from ..capture.model import (
+    AUTH_LEVEL_NAMES,
+    AUTH_TYPE_NAMES,
+    EMSMDB_CALLS,
+    EMSMDB_UUID,
+    INTERFACE_NAMES,
+)
 from ..capture.rpcconn import FAULT_NAMES, read_user_dn
 from ..capture.unseal import Unsealer, derive
 from ..directory import status_name
@@ -84,7 +89,7 @@ class _ClientKeys:
         return self._sec.unseal(ciphertext)
 
 
-def _token_label(info: TokenInfo, auth_type: int) -> str:
+def token_label(info: TokenInfo, auth_type: int) -> str:
     if info.mechanism == "kerberos" or auth_type == 16:
         return "Kerberos token"
     if info.mechanism != "ntlm" or info.message is None:
@@ -213,7 +218,7 @@ class RpcChannel:
         if av is None:
             return out
         info = inspect_token(av.token)
-        out.label += f": {_token_label(info, av.auth_type)}"
+        out.label += f": {token_label(info, av.auth_type)}"
         out.auth = "kerberos" if info.mechanism == "kerberos" or av.auth_type == 16 else (info.message or "token")
         if self.auth_params is None or info.message == "negotiate":
             self.auth_params = (av.auth_type, av.auth_level, av.context_id)
@@ -356,7 +361,7 @@ class RpcChannel:
         if pdu.auth is not None:
             info = inspect_token(pdu.auth.token)
             token_kind = info.message or info.mechanism
-            label += f": {_token_label(info, pdu.auth.auth_type)}"
+            label += f": {token_label(info, pdu.auth.auth_type)}"
             if info.message == "challenge":
                 if ours:
                     self.our_challenge = pdu.auth.token
@@ -464,11 +469,3 @@ class RpcChannel:
         except (TowerError, ValueError):
             return
         self._map_iface[pdu.call_id] = tower.interface
-
-    def summary(self) -> dict[str, Any]:
-        captured, ours = self.challenges
-        return {"interfaces": [INTERFACE_NAMES.get(i, i) for i in self.interfaces],
-                "captured_challenge": captured.hex() if captured else None,
-                "our_challenge": ours.hex() if ours else None,
-                "reauthored_as": f"{self.authored.domain}\\{self.authored.user}" if self.authored else None,
-                "deterministic": self.deterministic}

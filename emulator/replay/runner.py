@@ -9,7 +9,6 @@ our endpoint mapper hands out are known before a conversation needs one.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,8 +19,16 @@ from ..capture.unseal import Keyring
 from ..rpc import pdu as P
 from ..sansio import ProtocolError
 from .engine import ConversationReplay
-from .framing import (RPC, SMB, Conversation, Cutter, conversation, first_bytes, flipped, kind_of,
-                      starts_conversation)
+from .framing import (
+    SMB,
+    Conversation,
+    Cutter,
+    conversation,
+    first_bytes,
+    flipped,
+    kind_of,
+    starts_conversation,
+)
 from .source import CapturedStream, read_streams
 from .state import Learned
 from .target import Target, connect
@@ -219,7 +226,7 @@ def _run_one(result: ConversationResult, target: Target, timeout: float) -> None
                 sock.settimeout(remaining)
                 try:
                     data = sock.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     row.outcome = "timeout"
                     break
                 except OSError:

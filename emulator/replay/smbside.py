@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..capture.authtokens import inspect_token
+from ..sansio import ProtocolError
 from ..smb import ntstatus
 from ..smb import smb1_wire as w1
 from ..smb import smb2_wire as w2
 from ..smb.smb2_signing import Signer, session_key_16, signing_key
-from ..sansio import ProtocolError
 from .framing import NB_KEEPALIVE, NB_SESSION_REQUEST
-from .rpcside import Outgoing, RpcChannel, Said, _token_label
+from .rpcside import Outgoing, RpcChannel, Said, token_label
 from .standin import Authored, Unauthorable, reauthor, server_challenge
 from .state import Learned
 
@@ -70,15 +70,13 @@ class _Pending:
     setup: _Setup | None = None
 
 
-@dataclass
 class SmbSide:
-    learned: Learned
-    dialect: int | None = None
-    smb1: bool = False
-    notes: list[str] = field(default_factory=list)
-    deterministic: bool = False
-
-    def __post_init__(self) -> None:
+    def __init__(self, learned: Learned) -> None:
+        self.learned = learned
+        self.dialect: int | None = None
+        self.smb1 = False
+        self.notes: list[str] = []             # caveats for the whole connection (signing)
+        self.deterministic = False             # our CHALLENGE repeated the captured one
         # SMB2
         self._available = {0}
         self._next_grant = 1
@@ -123,8 +121,8 @@ class SmbSide:
                 return self._smb1_request(msg)
             if msg[:4] == w2.TRANSFORM_PROTOCOL_ID:
                 return Outgoing(raw, "SMB3 encrypted message", expects_answer=True,
-                                notes=["encrypted with the capture's session key: replay cannot "
-                                       "read or re-encrypt it"])
+                                notes=[("encrypted with the capture's session key: replay cannot "
+                                        "read or re-encrypt it")])
         except ProtocolError as exc:
             return Outgoing(raw, f"undecodable SMB message ({exc.reason})", expects_answer=True)
         return Outgoing(raw, "not an SMB message", expects_answer=True)
@@ -252,7 +250,7 @@ class SmbSide:
         setup = self._setups[h.session_id]
         pending.setup = setup
         info = inspect_token(req.token)
-        label = f"session_setup: {_token_label(info, 9)}"
+        label = f"session_setup: {token_label(info, 9)}"
         if info.message == "negotiate" or (info.mechanism == "ntlm" and setup.negotiate is None
                                            and info.message != "authenticate"):
             setup.negotiate = req.token
@@ -460,7 +458,7 @@ class SmbSide:
         self._smb1_setup = setup
         pending.setup = setup
         info = inspect_token(blob)
-        label = f"session_setup_andx: {_token_label(info, 9)}"
+        label = f"session_setup_andx: {token_label(info, 9)}"
         if info.message == "negotiate":
             setup.negotiate = blob
         if info.mechanism == "kerberos":
@@ -588,7 +586,7 @@ class SmbSide:
         if token:
             info = inspect_token(token)
             if info.message:
-                label += f": {_token_label(info, 9)}"
+                label += f": {token_label(info, 9)}"
                 key += (info.message,)
             if setup is not None and info.message == "challenge":
                 if ours:
@@ -658,7 +656,7 @@ class SmbSide:
             setup = pending.setup
             info = inspect_token(blob) if blob else None
             if info is not None and info.message:
-                label += f": {_token_label(info, 9)}"
+                label += f": {token_label(info, 9)}"
                 key += (info.message,)
                 if setup is not None and info.message == "challenge":
                     if ours:
@@ -695,9 +693,6 @@ class SmbSide:
 
     def challenges(self) -> list[tuple[bytes | None, bytes | None]]:
         return [self._challenges(s) for s in self._all_setups()]
-
-    def authored(self) -> list[Authored]:
-        return [s.authored for s in self._all_setups() if s.authored is not None]
 
 
 def _dialect(d: int) -> str:

@@ -82,12 +82,17 @@ def reauthor(captured_auth: bytes, captured_negotiate: bytes | None, our_challen
         # No NEGOTIATE in the capture (a connectionless-style exchange): take the flags the
         # AUTHENTICATE itself announces.
         captured = imp.NTLMAuthChallengeResponse()
-        captured.fromString(ntlm_part(captured_auth) or b"")
+        try:
+            captured.fromString(ntlm_part(captured_auth) or b"")
+        except Exception as exc:  # impacket's structures raise bare errors on odd buffers
+            raise Unauthorable(f"the captured AUTHENTICATE does not parse ({type(exc).__name__})") from None
         negotiate["flags"] = captured["flags"]
     v2 = info.ntlm_version != "v1"
-    auth, exported = imp.getNTLMSSPType3(negotiate, challenge, info.user, "", info.domain or "",
-                                         lmhash="", nthash=nt_hash,
-                                         use_ntlmv2=v2)
+    try:
+        auth, exported = imp.getNTLMSSPType3(negotiate, challenge, info.user, "", info.domain or "",
+                                             lmhash="", nthash=nt_hash, use_ntlmv2=v2)
+    except Exception as exc:  # a CHALLENGE impacket cannot read
+        raise Unauthorable(f"impacket could not answer our CHALLENGE ({type(exc).__name__})") from None
     message = auth.getData()
     if captured_auth.startswith(NTLMSSP_SIGNATURE):
         token = message
