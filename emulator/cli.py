@@ -1,4 +1,4 @@
-"""rpcauth: serve | client | matrix | explain | compare | report."""
+"""rpcauth: serve | client | matrix | explain | compare | replay | report."""
 
 from __future__ import annotations
 
@@ -156,6 +156,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if result.same else 1
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay.cli import run
+
+    return run(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .matrix import report_command
 
@@ -207,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("a")
     k.add_argument("b")
     k.set_defaults(func=cmd_compare)
+
+    from .replay.cli import add_arguments as add_replay_arguments
+
+    rp = sub.add_parser("replay", help="send a capture's client side to the emulator, compare the answers")
+    add_replay_arguments(rp)
+    rp.set_defaults(func=cmd_replay)
 
     r = sub.add_parser("report", help="HTML teaching report for a matrix run directory")
     r.add_argument("directory")

@@ -506,3 +506,19 @@ def fault_body(status: int, context_id: int = 0) -> bytes:
 
 def response_prefix(alloc_hint: int, context_id: int) -> bytes:
     return struct.pack("<IHBB", alloc_hint, context_id, 0, 0)
+
+
+def replace_auth_value(fragment: bytes, token: bytes) -> bytes:
+    """`fragment` with its auth_value replaced by `token`: header, body, auth padding and
+    sec_trailer kept as they are, frag_length and auth_length set for the new token
+    (MS-RPCE 2.2.2.11). Used by replay to put a re-authored NTLM leg into a captured PDU."""
+    h = decode_header(fragment)
+    if h.auth_length == 0:
+        raise _fail("the PDU carries no auth verifier")
+    keep = h.frag_length - h.auth_length
+    if keep < HEADER_SIZE + SEC_TRAILER_SIZE:
+        raise _fail(f"auth_length {h.auth_length} overruns the fragment")
+    e = "<" if h.little_endian else ">"
+    head = bytearray(fragment[:keep])
+    struct.pack_into(e + "HH", head, 8, keep + len(token), len(token))
+    return bytes(head) + token

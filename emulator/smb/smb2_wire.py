@@ -247,6 +247,32 @@ def build_negotiate_response(*, security_mode: int, dialect: int, server_guid: b
     return fixed + (body_tail or b"\x00")
 
 
+@dataclass
+class NegotiateResponse:
+    security_mode: int
+    dialect: int
+    contexts: list[NegotiateContext]
+
+
+def parse_negotiate_response(msg: bytes) -> NegotiateResponse:
+    """A NEGOTIATE response as a client reads it: the dialect and, for 3.1.1, the negotiate
+    contexts (MS-SMB2 2.2.4). Used by replay to sign as the server will verify."""
+    b = Body(msg, 65, NEGOTIATE_RESP)
+    (_, sec_mode, dialect, ctx_count, _, _, _, _, _, _, _, _, _, ctx_off) = b.values
+    contexts: list[NegotiateContext] = []
+    if dialect == DIALECT_311 and ctx_count:
+        _need(ctx_count <= 32, "too many negotiate contexts")
+        pos = ctx_off
+        for _ in range(ctx_count):
+            _need(pos + 8 <= len(msg), "negotiate context beyond the message")
+            ctype, dlen = struct.unpack_from("<HH", msg, pos)
+            _need(pos + 8 + dlen <= len(msg), "negotiate context data beyond the message")
+            contexts.append(NegotiateContext(ctype, msg[pos + 8:pos + 8 + dlen]))
+            pos += 8 + dlen
+            pos += -pos % 8
+    return NegotiateResponse(sec_mode, dialect, contexts)
+
+
 # ---------------------------------------------------------------- SESSION_SETUP
 
 SESSION_SETUP_REQ = struct.Struct("<HBBIIHHQ")            # 24 bytes
@@ -264,6 +290,18 @@ def parse_session_setup(msg: bytes) -> SessionSetupRequest:
     b = Body(msg, 25, SESSION_SETUP_REQ)
     _, flags, sec_mode, _, _, off, length, prev = b.values
     return SessionSetupRequest(flags, sec_mode, prev, b.buffer(off, length, "security buffer"))
+
+
+def parse_session_setup_response(msg: bytes) -> tuple[int, bytes]:
+    """(SessionFlags, security buffer) of a SESSION_SETUP response (MS-SMB2 2.2.6), as a client
+    reads it. An error response (StructureSize 9 too) has no buffer."""
+    _need(len(msg) >= HEADER_SIZE + 8, "session setup response shorter than its body")
+    size, flags, off, length = struct.unpack_from("<HHHH", msg, HEADER_SIZE)
+    _need(size == 9, f"bad StructureSize {size} (want 9)")
+    if length == 0:
+        return flags, b""
+    _need(off >= HEADER_SIZE and off + length <= len(msg), "security buffer beyond the message")
+    return flags, msg[off:off + length]
 
 
 def build_session_setup_response(session_flags: int, token: bytes) -> bytes:
