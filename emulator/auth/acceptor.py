@@ -35,7 +35,29 @@ class PacketParts:
     header_signing: bool = False
 
 
-class SecurityAcceptor(Protocol):
+class PacketProtection(Protocol):
+    """Signing and sealing of DCE/RPC fragments with an established context's keys. A whole
+    acceptor provides it; so does a bare NTLM SessionSecurity (a client's or a capture
+    reader's side of the same keys)."""
+
+    def sig_size(self) -> int:
+        """Bytes of the auth_value of a signed or sealed fragment."""
+        ...
+
+    def sign_packet(self, parts: PacketParts) -> bytes: ...
+
+    def check_packet(self, parts: PacketParts, signature: bytes) -> bool: ...
+
+    def seal_packet(self, parts: PacketParts) -> tuple[bytes, bytes]:
+        """(sealed data, signature)."""
+        ...
+
+    def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
+        """The plaintext data, or None when the seal or signature does not verify."""
+        ...
+
+
+class SecurityAcceptor(PacketProtection, Protocol):
     """The server side of one security context of one mechanism.
 
     `step` never raises on bad input: it completes the context with a failure. Packet
@@ -57,19 +79,3 @@ class SecurityAcceptor(Protocol):
         ...
 
     def step(self, token: bytes) -> StepResult: ...
-
-    def sig_size(self) -> int:
-        """Bytes of the auth_value of a signed or sealed fragment."""
-        ...
-
-    def sign_packet(self, parts: PacketParts) -> bytes: ...
-
-    def check_packet(self, parts: PacketParts, signature: bytes) -> bool: ...
-
-    def seal_packet(self, parts: PacketParts) -> tuple[bytes, bytes]:
-        """(sealed data, signature)."""
-        ...
-
-    def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
-        """The plaintext data, or None when the seal or signature does not verify."""
-        ...

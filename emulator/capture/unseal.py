@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 
-from ..auth.acceptor import KeyUnavailable, PacketParts
 from ..rpc import pdu as P
 from ..rpc.verifier import RpcProtection, VerifyError, unprotect
 
@@ -63,8 +62,8 @@ class Keyring:
 
 
 class _Reader:
-    """SessionSecurity seen from the receiving side of one direction: what the RPC verifier
-    asks of a mechanism to check and open a fragment."""
+    """SessionSecurity seen from the receiving side of one direction, and how to start it
+    afresh at the first protected fragment."""
 
     def __init__(self, exported: bytes, flags: int, receiver: str) -> None:
         self._exported, self._flags, self._receiver = exported, flags, receiver
@@ -82,21 +81,6 @@ class _Reader:
             r.sec.verify(b"", b"\x00" * 16)
             r.sec.reset_incoming_rc4()
         return r
-
-    def sig_size(self) -> int:
-        return 16
-
-    def check_packet(self, parts: PacketParts, signature: bytes) -> bool:
-        return self.sec.check_packet(parts, signature)
-
-    def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
-        return self.sec.unseal_packet(parts, signature)
-
-    def sign_packet(self, parts: PacketParts) -> bytes:
-        raise KeyUnavailable("a capture reader only checks what it reads")
-
-    def seal_packet(self, parts: PacketParts) -> tuple[bytes, bytes]:
-        raise KeyUnavailable("a capture reader only checks what it reads")
 
 
 @dataclass
@@ -167,13 +151,13 @@ class Unsealer:
             level = pdu.auth.auth_level
         live = self._live[from_client]
         if live is not None:
-            sc = RpcProtection(live, auth_type, level, ctx)
+            sc = RpcProtection(live.sec, auth_type, level, ctx)
             return unprotect(sc, pdu)
         last: VerifyError | None = None
         for after_mic in (False, True):
             candidate = self._base[from_client].fresh(after_mic)
             try:
-                stub = unprotect(RpcProtection(candidate, auth_type, level, ctx), pdu)
+                stub = unprotect(RpcProtection(candidate.sec, auth_type, level, ctx), pdu)
             except VerifyError as exc:
                 last = exc
                 continue

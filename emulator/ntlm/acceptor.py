@@ -119,7 +119,7 @@ class NtlmAcceptor:
     # ---- DCE/RPC packet protection (MS-NLMP 3.4, MS-RPCE 2.2.2.11)
 
     def sig_size(self) -> int:
-        return SIGNATURE_LEN
+        return SIGNATURE_LEN   # fixed by MS-NLMP 2.2.2.9, with or without keys
 
     def sign_packet(self, parts: PacketParts) -> bytes:
         return self._keys().sign_packet(parts)

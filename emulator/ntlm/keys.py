@@ -174,6 +174,9 @@ class SessionSecurity:
 
     # ---- DCE/RPC packet protection (MS-RPCE 2.2.2.11 over MS-NLMP 3.4)
 
+    def sig_size(self) -> int:
+        return SIGNATURE_LEN
+
     def _signed(self, parts: PacketParts) -> bytes:
         # MS-NLMP 3.4.4: with extended session security the MAC is an HMAC over whatever the
         # caller passes, and Windows and Samba pass the whole PDU, header signing or not;

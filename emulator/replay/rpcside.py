@@ -32,7 +32,8 @@ from ..capture.rpcconn import FAULT_NAMES, read_user_dn
 from ..capture.unseal import Unsealer, derive
 from ..directory import status_name
 from ..rpc import pdu as P
-from ..rpc.verifier import SecurityContext, VerifyError, protect, unprotect
+from ..rpc.verifier import RpcProtection, VerifyError, protect, unprotect
+from ..ntlm.keys import SessionSecurity
 from ..sansio import ProtocolError
 from .standin import Authored, Unauthorable, ntlm_part, reauthor, server_challenge
 from .state import HANDLE_LEN, Learned
@@ -63,30 +64,6 @@ class Outgoing:
     reauthored: str | None = None   # what replay computed instead of the captured bytes
     auth: str | None = None         # "negotiate" | "authenticate" | "kerberos": a security leg
     notes: list[str] = field(default_factory=list)
-
-
-class _ClientKeys:
-    """The client's side of our re-authored context, in the shape the RPC verifier code asks
-    of a security context (sign/verify/seal/unseal and the negotiated flags)."""
-
-    def __init__(self, authored: Authored) -> None:
-        self._sec = authored.client_security()
-        self.negotiated_flags = authored.flags
-
-    def __repr__(self) -> str:
-        return "<replay client keys>"
-
-    def sign(self, message: bytes) -> bytes:
-        return self._sec.sign(message)
-
-    def verify(self, message: bytes, signature: bytes) -> bool:
-        return self._sec.verify(message, signature)
-
-    def seal(self, plaintext: bytes) -> bytes:
-        return self._sec.seal(plaintext)
-
-    def unseal(self, ciphertext: bytes) -> bytes:
-        return self._sec.unseal(ciphertext)
 
 
 def token_label(info: TokenInfo, auth_type: int) -> str:
@@ -141,7 +118,7 @@ class RpcChannel:
         self.our_challenge: bytes | None = None
         self.authored: Authored | None = None
         self.captured_user: str | None = None
-        self._ours: _ClientKeys | None = None
+        self._ours: SessionSecurity | None = None   # our re-authored context, client side
         self._orig_unsealer: Unsealer | None = None
         self._orig_stubs: dict[int, bytes] = {}
         self._stubs: dict[tuple[str, int], bytes] = {}    # ("sent"|"original"|"ours", call id)
@@ -242,7 +219,7 @@ class RpcChannel:
                 out.notes.append(f"not re-authored: {exc}")
             else:
                 self.authored = authored
-                self._ours = _ClientKeys(authored)
+                self._ours = authored.client_security()
                 out.data = P.replace_auth_value(out.data, authored.token)
                 out.reauthored = (f"NTLM{authored.ntlm_version} AUTHENTICATE recomputed as "
                                   f"{authored.domain}\\{authored.user} for our server's challenge")
@@ -294,7 +271,7 @@ class RpcChannel:
         if protected:
             if stub is not None and self._ours is not None and self.auth_params is not None:
                 stub = self.learned.swap_handles(stub)
-                sc = SecurityContext(self._ours, pdu.auth.auth_type, pdu.auth.auth_level, pdu.auth.context_id)
+                sc = RpcProtection(self._ours, pdu.auth.auth_type, pdu.auth.auth_level, pdu.auth.context_id)
                 prefix = raw[P.HEADER_SIZE:pdu.stub_offset]
                 out.data = protect(sc, P.REQUEST, flags, pdu.call_id, prefix, stub)
                 out.reauthored = ("sealed again with our session's keys" if pdu.auth.auth_level == 6
@@ -411,7 +388,7 @@ class RpcChannel:
         if ours:
             if self._ours is None or self.auth_params is None:
                 return None if pdu.auth.auth_level == 6 else pdu.stub
-            sc = SecurityContext(self._ours, pdu.auth.auth_type, pdu.auth.auth_level, pdu.auth.context_id)
+            sc = RpcProtection(self._ours, pdu.auth.auth_type, pdu.auth.auth_level, pdu.auth.context_id)
             try:
                 return unprotect(sc, pdu)
             except VerifyError:

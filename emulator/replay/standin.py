@@ -14,9 +14,13 @@ and sealing; neither has a repr that shows them, and neither reaches an event or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..capture.authtokens import NTLMSSP_SIGNATURE, TokenInfo, inspect_token
 from ..capture.unseal import Keyring
+
+if TYPE_CHECKING:  # imported when keys are used: impacket is slow to import
+    from ..ntlm.keys import SessionSecurity
 
 NTLMSSP_NEGOTIATE_EXTENDED_SESSIONSECURITY = 0x00080000
 
@@ -43,7 +47,7 @@ class Authored:
     flags: int
     exported_session_key: bytes = field(repr=False)
 
-    def client_security(self):
+    def client_security(self) -> "SessionSecurity":
         """Sign/seal state of the new context, as the client holds it (MS-NLMP 3.4)."""
         from ..ntlm.keys import SessionSecurity
         return SessionSecurity(self.exported_session_key, self.flags, "client")

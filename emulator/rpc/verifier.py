@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..auth.acceptor import PacketParts, SecurityAcceptor
+from ..auth.acceptor import PacketParts, PacketProtection
 from . import pdu as P
 
 LEVEL_CONNECT, LEVEL_CALL, LEVEL_PACKET, LEVEL_INTEGRITY, LEVEL_PRIVACY = 2, 3, 4, 5, 6
@@ -32,7 +32,7 @@ class VerifyError(Exception):
 class RpcProtection:
     """How an association's calls are protected once its security context is established (one
     per connection: we do not implement security context multiplexing)."""
-    acceptor: SecurityAcceptor
+    acceptor: PacketProtection
     auth_type: int
     auth_level: int
     context_id: int
