@@ -20,6 +20,7 @@ from impacket.dcerpc.v5.ndr import NDRUniConformantVaryingArray
 from ..events import Event, event
 from ..rpc.interface import (NCA_S_FAULT_ACCESS_DENIED, NCA_S_OP_RNG_ERROR, CallContext,
                              RpcFault, RpcInterface)
+from . import ndr
 from .ndr import decode_call
 
 EPM_UUID = "e1af8308-5d1f-11c9-91a4-08002b14a0fa"
@@ -155,6 +156,18 @@ def _set_towers(array: NDRUniConformantVaryingArray, towers: list[bytes], maximu
     array.fields["MaximumCount"] = max(maximum, len(items))
 
 
+# [in] parameters of the calls the mapper reads, for big-endian callers (ndr.py). The
+# registration calls are refused whatever they carry, so their stubs are never read.
+_TWR = ndr.struct_of(ndr.U32, ndr.conf_array(ndr.U8))        # twr_t: length, octets
+_RPC_IF_ID = ndr.struct_of(ndr.UUID, ndr.U16, ndr.U16)
+REQUESTS: dict[int, ndr.Layout] = {
+    OP_EPT_MAP: ndr.params(ndr.ptr(ndr.UUID), ndr.ptr(_TWR), ndr.HANDLE, ndr.U32),
+    OP_EPT_LOOKUP: ndr.params(ndr.U32, ndr.ptr(ndr.UUID), ndr.ptr(_RPC_IF_ID), ndr.U32,
+                              ndr.HANDLE, ndr.U32),
+    OP_EPT_LOOKUP_HANDLE_FREE: ndr.params(ndr.HANDLE),
+}
+
+
 class EpmInterface(RpcInterface):
     uuid = EPM_UUID
     version = EPM_VERSION
@@ -165,6 +178,7 @@ class EpmInterface(RpcInterface):
         self._endpoints = endpoints
 
     def call(self, opnum: int, stub: bytes, ctx: CallContext) -> bytes:
+        stub = ndr.in_little_endian(ctx, REQUESTS.get(opnum), stub, "epm")
         if opnum == OP_EPT_MAP:
             return self._map(decode_call(_epm.ept_map, stub), ctx)
         if opnum == OP_EPT_LOOKUP:
@@ -248,15 +262,19 @@ class EpmInterface(RpcInterface):
 
         resp = _epm.ept_lookupResponse()
         table.pop(handle, None)
-        if not batch:
-            # The walk is over: Windows and Samba answer "no more entries" with a null handle.
+        exhausted = end >= len(endpoints)
+        if exhausted and len(batch) < max_ents:
+            # A short batch ends the walk: the entries come with "no more entries" and a null
+            # handle. Samba's smbtorture (rpc.epmapper Lookup_simple, Map_simple) reads a
+            # batch shorter than it asked for as the last one and then requires this status;
+            # impacket's hept_lookup stops on the null handle.
             status, next_handle = EPT_S_NOT_REGISTERED, NULL_HANDLE
-        elif len(batch) < max_ents:
-            # A short batch ends the walk at once (impacket stops on the null handle).
-            status, next_handle = EPT_S_OK, NULL_HANDLE
         else:
-            # A full batch: the caller may have more to read (Samba asks one at a time and
-            # stops on "no more entries"), so hand out a handle that remembers the position.
+            # A full batch (or one cut at MAX_TOWERS_PER_REPLY): the caller may have more to
+            # read, so hand out a handle that remembers the position. rpcclient's epmlookup
+            # asks one entry at a time and stops, without printing it, at the first "no more
+            # entries"; a full batch therefore says OK even when it holds the last entry, and
+            # the next call returns none with "no more entries".
             if len(table) >= MAX_LOOKUP_HANDLES:
                 table.clear()
             counter = ctx.conn_state.get(LOOKUP_KEY + "_n", 0) + 1
@@ -282,7 +300,7 @@ class EpmInterface(RpcInterface):
         resp.fields["entries"].fields["MaximumCount"] = max(max_ents, len(entries))
         resp["status"] = status
         ctx.emit(event("epm", "epm.lookup", start=start, returned=len(batch),
-                       result="ok" if batch else "no_more_entries"))
+                       result="ok" if status == EPT_S_OK else "no_more_entries"))
         return resp.getData()
 
     def _filtered(self, req: Any) -> list[Endpoint]:
