@@ -156,11 +156,19 @@ def _set_towers(array: NDRUniConformantVaryingArray, towers: list[bytes], maximu
     array.fields["MaximumCount"] = max(maximum, len(items))
 
 
-# [in] parameters of the calls the mapper reads, for big-endian callers (ndr.py). The
-# registration calls are refused whatever they carry, so their stubs are never read.
+# [in] parameters of the calls the mapper reads, for big-endian callers (ndr.py).
 _TWR = ndr.struct_of(ndr.U32, ndr.conf_array(ndr.U8))        # twr_t: length, octets
 _RPC_IF_ID = ndr.struct_of(ndr.UUID, ndr.U16, ndr.U16)
-REQUESTS: dict[int, ndr.Layout] = {
+# ept_entry_t: object UUID, tower pointer, `[string] char annotation[64]`.
+_ENTRY = ndr.struct_of(ndr.UUID, ndr.ptr(_TWR), ndr.varying_array(ndr.U8, ANNOTATION_MAX))
+# The registration calls, unmarshalled before they are refused (ept_insert, ept_delete,
+# ept_mgmt_delete of C706 appendix O).
+REGISTRATION: dict[int, ndr.Layout] = {
+    OP_EPT_INSERT: ndr.params(ndr.U32, ndr.conf_array(_ENTRY), ndr.U32),
+    OP_EPT_DELETE: ndr.params(ndr.U32, ndr.conf_array(_ENTRY)),
+    OP_EPT_MGMT_DELETE: ndr.params(ndr.U32, ndr.ptr(ndr.UUID), ndr.ptr(_TWR)),
+}
+REQUESTS: dict[int, ndr.Layout] = {**REGISTRATION,
     OP_EPT_MAP: ndr.params(ndr.ptr(ndr.UUID), ndr.ptr(_TWR), ndr.HANDLE, ndr.U32),
     OP_EPT_LOOKUP: ndr.params(ndr.U32, ndr.ptr(ndr.UUID), ndr.ptr(_RPC_IF_ID), ndr.U32,
                               ndr.HANDLE, ndr.U32),
@@ -186,7 +194,10 @@ class EpmInterface(RpcInterface):
         if opnum == OP_EPT_LOOKUP_HANDLE_FREE:
             return self._handle_free(stub, ctx)
         if opnum in (OP_EPT_INSERT, OP_EPT_DELETE, OP_EPT_MGMT_DELETE, OP_EPT_LT_INQ_REPLACE):
-            # Remote registration is refused, as Windows refuses it to network callers.
+            # Remote registration is refused, as Windows refuses it to network callers; a
+            # stub that does not even unmarshal gets the bad-stub fault first.
+            if opnum in REGISTRATION:
+                ndr.check(REGISTRATION[opnum], stub, "epm")
             ctx.emit(event("epm", "epm.refused", opnum=opnum, result="access_denied"))
             raise RpcFault(NCA_S_FAULT_ACCESS_DENIED, f"epm opnum {opnum} is local only")
         if opnum == OP_EPT_INQ_OBJECT:

@@ -147,16 +147,18 @@ class Layout:
 
 
 class _Swapper:
-    """Reads sizes and pointers big-endian from `src` and reverses each scalar in `out`."""
+    """Reads sizes and pointers big-endian from `src` and reverses each scalar in `out`; with
+    `little_endian`, only reads (a walk that checks the stub is well formed)."""
 
-    def __init__(self, src: bytes, what: str) -> None:
+    def __init__(self, src: bytes, what: str, little_endian: bool = False) -> None:
         self.src = src
         self.out = bytearray(src)
         self.pos = 0
         self.what = what
+        self.order = "little" if little_endian else "big"
 
     def truncated(self) -> RpcFault:
-        return bad_stub(f"{self.what}: truncated (big-endian)")
+        return bad_stub(f"{self.what}: truncated")
 
     def align(self, n: int) -> None:
         self.pos += -self.pos % n
@@ -169,9 +171,10 @@ class _Swapper:
         if end > len(self.src):
             raise self.truncated()
         raw = self.src[self.pos:end]
-        self.out[self.pos:end] = raw[::-1]
+        if self.order == "big":
+            self.out[self.pos:end] = raw[::-1]
         self.pos = end
-        return int.from_bytes(raw, "big")
+        return int.from_bytes(raw, self.order)
 
     def skip(self, n: int) -> None:
         if self.pos + n > len(self.src):
@@ -183,7 +186,7 @@ class _Swapper:
         than the stub is a lie; refusing it bounds every walk by the stub's length."""
         n = self.scalar(4)
         if n > len(self.src):
-            raise bad_stub(f"{self.what}: count {n} beyond the stub (big-endian)")
+            raise bad_stub(f"{self.what}: count {n} beyond the stub")
         return n
 
 
@@ -246,7 +249,7 @@ class _ConfArray(Layout):
         if self.varying:
             offset, n = w.count(), w.count()
             if offset + n > size:
-                raise bad_stub(f"{w.what}: array bounds (big-endian)")
+                raise bad_stub(f"{w.what}: array bounds")
         item = self.item
         if item is U8:
             w.skip(n)
@@ -261,6 +264,30 @@ def conf_array(item: Layout) -> Layout:
 
 def conf_varying_array(item: Layout) -> Layout:
     return _ConfArray(item, varying=True)
+
+
+class _VaryingArray(Layout):
+    """A fixed-size [string] or [length_is()] array: offset and actual count, then the
+    elements actually sent (C706 14.3.3.3); `bound` is the declared size."""
+    align = 4
+
+    def __init__(self, item: Layout, bound: int) -> None:
+        self.item = item
+        self.bound = bound
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        offset, n = w.count(), w.count()
+        if offset + n > self.bound:
+            raise bad_stub(f"{w.what}: array bounds")
+        if self.item is U8:
+            w.skip(n)
+            return
+        for _ in range(n):
+            self.item.walk(w, deferred)
+
+
+def varying_array(item: Layout, bound: int) -> Layout:
+    return _VaryingArray(item, bound)
 
 
 class _Struct(Layout):
@@ -316,7 +343,7 @@ class _Union(Layout):
         tag = w.scalar(4)
         arm = self.arms.get(tag)
         if arm is None:
-            raise bad_stub(f"{w.what}: no union arm {tag} (big-endian)")
+            raise bad_stub(f"{w.what}: no union arm {tag}")
         arm.walk(w, deferred)
 
 
@@ -342,6 +369,18 @@ def swap_to_little_endian(layout: Layout, stub: bytes, what: str) -> bytes:
     except RecursionError:
         raise bad_stub(f"{what}: nesting too deep (big-endian)") from None
     return bytes(w.out)
+
+
+def check(layout: Layout, stub: bytes, what: str, *, little_endian: bool = True) -> None:
+    """RpcFault(NCA_S_FAULT_NDR) unless `stub` holds the [in] parameters of `layout`: a call
+    refused whatever it asks is still unmarshalled first, as an NDR engine does, so bad stub
+    data gets the bad-stub fault rather than the refusal."""
+    if len(stub) > MAX_STUB:
+        raise bad_stub(f"{what}: stub of {len(stub)} bytes is too large")
+    try:
+        layout.whole(_Swapper(bytes(stub), what, little_endian))
+    except RecursionError:
+        raise bad_stub(f"{what}: nesting too deep") from None
 
 
 def in_little_endian(ctx: CallContext, layout: Layout | None, stub: bytes, what: str) -> bytes:
