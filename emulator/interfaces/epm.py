@@ -273,19 +273,21 @@ class EpmInterface(RpcInterface):
 
         resp = _epm.ept_lookupResponse()
         table.pop(handle, None)
-        exhausted = end >= len(endpoints)
-        if exhausted and len(batch) < max_ents:
-            # A short batch ends the walk: the entries come with "no more entries" and a null
-            # handle. Samba's smbtorture (rpc.epmapper Lookup_simple, Map_simple) reads a
-            # batch shorter than it asked for as the last one and then requires this status;
-            # impacket's hept_lookup stops on the null handle.
+        if not batch:
+            # Nothing left: "no more entries" with a null handle (rpcclient's epmlookup, which
+            # asks one entry at a time, stops here; so does Windows, as its output shows).
             status, next_handle = EPT_S_NOT_REGISTERED, NULL_HANDLE
+        elif len(batch) < max_ents and end >= len(endpoints):
+            # A short batch ends the walk at once, with status 0 and a null handle: what Windows
+            # answers (impacket's hept_lookup and rpcdump.py raise on any other status, and
+            # impacket pull request 1849 records that Windows never sends one here). Samba
+            # sends "no more entries" with the last batch instead, and its smbtorture
+            # rpc.epmapper Lookup_simple expects that (docs/conformance.md).
+            status, next_handle = EPT_S_OK, NULL_HANDLE
         else:
             # A full batch (or one cut at MAX_TOWERS_PER_REPLY): the caller may have more to
-            # read, so hand out a handle that remembers the position. rpcclient's epmlookup
-            # asks one entry at a time and stops, without printing it, at the first "no more
-            # entries"; a full batch therefore says OK even when it holds the last entry, and
-            # the next call returns none with "no more entries".
+            # read, so hand out a handle that remembers the position (a Windows Server 2016
+            # answers max_ents=1 this way).
             if len(table) >= MAX_LOOKUP_HANDLES:
                 table.clear()
             counter = ctx.conn_state.get(LOOKUP_KEY + "_n", 0) + 1
@@ -311,7 +313,7 @@ class EpmInterface(RpcInterface):
         resp.fields["entries"].fields["MaximumCount"] = max(max_ents, len(entries))
         resp["status"] = status
         ctx.emit(event("epm", "epm.lookup", start=start, returned=len(batch),
-                       result="ok" if status == EPT_S_OK else "no_more_entries"))
+                       result="ok" if batch else "no_more_entries"))
         return resp.getData()
 
     def _filtered(self, req: Any) -> list[Endpoint]:
