@@ -47,10 +47,12 @@ PRINCIPALS = {AUTH_TYPE_SPNEGO: "", AUTH_TYPE_NTLM: ""}
 
 _REFERENT = 0x00020000
 
-# Request layouts for big-endian callers (ndr.swap_to_little_endian): inq_stats and
-# inq_princ_name take two unsigned longs; the other calls have no [in] parameters.
+# Request layouts for big-endian callers (ndr.swap_to_little_endian); inq_if_ids,
+# is_server_listening and stop_server_listening have no [in] parameters.
 REQUESTS: dict[int, ndr.Layout] = {
-    OP_INQ_STATS: ndr.params(ndr.U32, ndr.U32),
+    # Samba's IDL sends a second, unused unsigned long after max_count; C706's (and
+    # impacket's) sends the count alone. Only the count is read.
+    OP_INQ_STATS: ndr.params(ndr.U32),
     OP_INQ_PRINC_NAME: ndr.params(ndr.U32, ndr.U32),
 }
 
@@ -104,12 +106,12 @@ class MgmtInterface(RpcInterface):
         ctx.emit(event("mgmt", "mgmt.call", op="inq_if_ids", count=n, result="ok"))
         return b"".join(out)
 
-    # -- inq_stats (opnum 1): [in] max_count, [in] unknown, [out, ref] mgmt_statistics *
+    # -- inq_stats (opnum 1): [in] max_count, [out] the count and that many counters
 
     def _inq_stats(self, stub: bytes, ctx: CallContext) -> bytes:
-        if len(stub) < 8:
+        if len(stub) < 4:
             raise ndr.bad_stub("mgmt_inq_stats: truncated")
-        max_count, _unknown = struct.unpack_from("<II", stub)
+        (max_count,) = struct.unpack_from("<I", stub)
         count = min(max_count, STATS_ARRAY_MAX_SIZE)
         # The lab keeps no runtime-wide call and packet counters; it reports zeros, which is
         # also what Samba's runtime reports.
