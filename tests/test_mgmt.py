@@ -184,3 +184,36 @@ def test_malformed_registration_gets_bad_stub_before_access_denied():
     with pytest.raises(RpcFault) as exc:
         _call(iface, 0, struct.pack("<III", 0, 0, 0))   # well formed: refused
     assert exc.value.status == 5
+
+
+def _connect_ex(e: str, dn: str) -> bytes:
+    """EcDoConnectEx's [in] parameters written by hand in byte order `e` (MS-OXCRPC 3.1.4.11):
+    the DN as a conformant varying string, seven longs, four shorts, the timestamp, an empty
+    rgbAuxIn, cbAuxIn and *pcbAuxOut."""
+    text = dn.encode("ascii") + b"\0"
+    s = struct.pack(e + "III", len(text), 0, len(text)) + text
+    s += b"\0" * (-len(s) % 4)
+    s += struct.pack(e + "7I4HI", 0, 0, 0, 1252, 1033, 1033, 0xFFFFFFFF, 1, 5, 3144, 0, 0)
+    return s + struct.pack(e + "III", 0, 0, 0x1008)
+
+
+def test_big_endian_ec_do_connect_ex_is_read_and_answered_alike():
+    from emulator.config import default_config
+    from emulator.directory import Directory
+    from emulator.identity import Identity
+    from emulator.interfaces.emsmdb import REQUESTS as EMSMDB_REQUESTS
+    from emulator.interfaces.emsmdb import EmsmdbInterface
+    dn = "/o=Corp/ou=Site/cn=Recipients/cn=alice"
+    assert ndr.swap_to_little_endian(EMSMDB_REQUESTS[10], _connect_ex(">", dn), "emsmdb") == \
+        _connect_ex("<", dn)
+    cfg = default_config()
+    answers = []
+    for little in (True, False):
+        iface = EmsmdbInterface(Directory(cfg), cfg.policy, cfg.server, random_bytes=lambda n: b"\x42" * n)
+        events = []
+        ctx = CallContext(identity=Identity("alice", "CORP", "rpc_auth"), transport="ncacn_ip_tcp",
+                          auth_type=10, auth_level=6, conn_state={}, emit=events.append,
+                          little_endian=little)
+        answers.append(iface.call(10, _connect_ex("<" if little else ">", dn), ctx))
+        assert [e.fields["status_name"] for e in events if e.kind == "emsmdb.connect"] == ["ecSuccess"]
+    assert answers[0] == answers[1]                 # replies are little-endian either way
