@@ -201,9 +201,9 @@ def catalogue() -> list[Run]:
 # Tests of the families tried that are not run, and why.
 LEFT_OUT: list[tuple[str, str]] = [
     ("rpc.srvsvc.srvsvc (admin access).* (all but NetSrvGetInfo)",
-     "expects an administrator (share levels 2/501/502, NetSessEnum, NetFileEnum, NetConnEnum, "
-     "NetDiskEnum, NetTransportEnum, NetRemoteTOD, NetCharDev*): the lab has none and its "
-     "SRVSVC serves share listing as Windows serves it to a non-administrator"),
+     ("expects an administrator (share levels 2/501/502, NetSessEnum, NetFileEnum, NetConnEnum, "
+      "NetDiskEnum, NetTransportEnum, NetRemoteTOD, NetCharDev*): the lab has none and its "
+      "SRVSVC serves share listing as Windows serves it to a non-administrator")),
     ("rpc.srvsvc.srvsvc (admin access).NetShareAddSetDel", "needs a disk share to create (dangerous test)"),
     ("rpc.samba3.bind, getusername, sessionkey, lsa, lsa_over_netlogon, getaliasmembership-0",
      "need lsarpc (and samr / a domain join for sessionkey)"),
@@ -211,15 +211,19 @@ LEFT_OUT: list[tuple[str, str]] = [
     ("rpc.samba3.spoolss, wkssvc, winreg, regconfig, sharesec, srvsvc",
      "need spoolss / wkssvc / winreg / a disk share"),
     ("rpc.samba3.pipes_supported_interfaces", "needs the winreg and svcctl pipes"),
-    ("smb2.ioctl.* (all but bug14788.VALIDATE_NEGOTIATE)", "need a disk share (files, copy-chunk, "
-     "sparse, compression, shadow copies, resume keys)"),
-    ("smb2.ioctl.bug14788.NETWORK_INTERFACE, network_interface_info", "multichannel interface "
-     "discovery: not served (the emulator has no multichannel)"),
+    ("smb2.ioctl.* (all but bug14788.VALIDATE_NEGOTIATE)",
+     ("need a disk share (files, copy-chunk, "
+      "sparse, compression, shadow copies, resume keys)")),
+    ("smb2.ioctl.bug14788.NETWORK_INTERFACE, network_interface_info",
+     ("multichannel interface "
+      "discovery: not served (the emulator has no multichannel)")),
     ("rpc.secleak", "does not exist in smbtorture 4.17; base.secleak (SMB1 session setups) is run"),
-    ("rpc.countcalls over every interface", "run per served interface with countcalls:interface; "
-     "the full scan binds ~80 interfaces the emulator does not serve"),
-    ("rpc.mgmt on the EMSMDB endpoints", "Samba's interface list has no EMSMDB, so smbtorture "
-     "never maps it; tests/test_mgmt.py checks it there with impacket"),
+    ("rpc.countcalls over every interface",
+     ("run per served interface with countcalls:interface; "
+      "the full scan binds ~80 interfaces the emulator does not serve")),
+    ("rpc.mgmt on the EMSMDB endpoints",
+     ("Samba's interface list has no EMSMDB, so smbtorture "
+      "never maps it; tests/test_mgmt.py checks it there with impacket")),
     ("rpc.lsa, rpc.samr, rpc.netlogon, rpc.spoolss, rpc.winreg, rpc.wkssvc, rpc.svcctl, ...",
      "interfaces the emulator does not serve"),
     ("smb2.* / base.* / raw.* other than the above", "need a disk share"),
@@ -469,13 +473,21 @@ def samba_conf(text: str, overrides: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bench_peers():
+    """bench/peers.py, which starts the bench's private Samba."""
+    bench = os.path.join(ROOT, "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import peers
+    return peers
+
+
 @contextmanager
 def samba() -> Iterator[Server]:
     """smbd and samba-dcerpcd from a private config on loopback (root only): the bench's
     Samba peer (bench/peers.py) with the emulator's dialect range. samba-dcerpcd's endpoint
     mapper listens on TCP 135, its well-known port, so that port must be free."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import peers  # bench/peers.py
+    peers = _bench_peers()
     original = peers.SMB_CONF
     peers.SMB_CONF = samba_conf(original, SAMBA_OVERRIDES)
     try:
@@ -522,8 +534,8 @@ def _seconds(result: RunResult | str | None) -> str:
 
 
 def runs_table(runs: list[Run], emu: dict[str, RunResult | str], sam: dict[str, RunResult | str] | None) -> str:
-    out = ["| run | smbtorture tests | transport | binding options | SMB dialect (signing required) | lab | "
-           "emulator s | Samba s |", "|---|---|---|---|---|---|---|---|"]
+    out = [("| run | smbtorture tests | transport | binding options | SMB dialect (signing required) | lab | "
+            "emulator s | Samba s |"), "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         where = {"tcp": "ncacn_ip_tcp" + (" (port 135)" if run.needs_135 else ""),
                  "np": f"ncacn_np \\pipe\\{run.endpoint}", "unc": "SMB, IPC$"}[run.transport]
@@ -605,20 +617,20 @@ def render(runs: list[Run], emu: dict[str, RunResult | str], sam: dict[str, RunR
 def smbtorture_version() -> str:
     try:
         return subprocess.run([SMBTORTURE, "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.strip().splitlines()[-1]
+                              timeout=10, check=False).stdout.strip().splitlines()[-1]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return "?"
 
 
 def samba_version() -> str:
-    try:
-        return subprocess.run(["smbd", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
+    return _bench_peers().samba_version()
 
 
 def write_into(path: str, block: str) -> None:
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    text = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     if MARK_BEGIN in text and MARK_END in text:
         head, rest = text.split(MARK_BEGIN, 1)
         tail = rest.split(MARK_END, 1)[1]
@@ -639,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         print("smbtorture is not installed (Debian package samba-testsuite)", file=sys.stderr)
         return 2
     runs = [r for r in catalogue() if not args.only or r.id.startswith(args.only)]
-    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    log = lambda s: print(s, file=sys.stderr)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     emu = run_on_emulator(runs, log)
     sam = run_on_samba(runs, log) if args.samba else None

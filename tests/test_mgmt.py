@@ -16,8 +16,8 @@ from impacket.uuid import uuidtup_to_bin
 from emulator.identity import ANONYMOUS
 from emulator.interfaces import ndr
 from emulator.interfaces.emsmdb import EMSMDB_UUID
-from emulator.interfaces.epm import REQUESTS as EPM_REQUESTS
 from emulator.interfaces.epm import EPM_UUID, Endpoint, EpmInterface
+from emulator.interfaces.epm import REQUESTS as EPM_REQUESTS
 from emulator.interfaces.mgmt import MgmtInterface
 from emulator.interfaces.srvsvc import REQUESTS as SRVSVC_REQUESTS
 from emulator.rpc.interface import NCA_S_FAULT_NDR, CallContext, RpcFault
@@ -98,7 +98,7 @@ def test_inq_princ_name_sizes(proto, name_ok):
 
 
 def test_inq_if_ids_layout_matches_impackets_decoder():
-    served = [EpmInterface(lambda: []), MgmtInterface()]
+    served = [EpmInterface(list), MgmtInterface()]
     stub = _call(MgmtInterface().on_endpoint(served), 0, b"")
     resp = mgmt.inq_if_idsResponse(stub)
     assert _ids(resp) == {f"{EPM_UUID}/3.0"}         # the management interface lists not itself

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
-import conformance as C  # noqa: E402
+import conformance as C
 
 pytestmark = pytest.mark.skipif(not C.have_smbtorture(),
                                 reason="smbtorture is not installed (Debian package samba-testsuite; "
