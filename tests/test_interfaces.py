@@ -493,13 +493,17 @@ def test_server_get_info_invalid_level(config):
     req["Level"] = 999
     assert iface.call(21, req.getData(), ctx)[-4:] == struct.pack("<I", 124)
     with pytest.raises(RpcFault) as exc:
-        iface.call(16, b"", ctx)
+        iface.call(16, b"", ctx)                      # NetrShareGetInfo without its parameters
+    assert exc.value.status == 0x6F7
+    with pytest.raises(RpcFault) as exc:
+        iface.call(17, b"", ctx)                      # NetrShareSetInfo: not served
     assert exc.value.status == NCA_S_OP_RNG_ERROR
 
 
 def test_default_interfaces(config):
     ifaces = default_interfaces(config, lambda: ENDPOINTS)
-    assert set(ifaces) == {em.EMSMDB_UUID, EPM_UUID, "4b324fc8-1670-01d3-1278-5a47bf6ee188"}
+    assert set(ifaces) == {em.EMSMDB_UUID, EPM_UUID, "4b324fc8-1670-01d3-1278-5a47bf6ee188",
+                           "afa8bd80-7d8a-11c9-bef4-08002b102989"}
     assert ifaces[EPM_UUID].version == (3, 0) and ifaces[em.EMSMDB_UUID].version == (0, 81)
 
 

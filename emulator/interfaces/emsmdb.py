@@ -32,6 +32,7 @@ from ..rpc.interface import (NCA_S_FAULT_CONTEXT_MISMATCH, NCA_S_FAULT_REMOTE_NO
                              NCA_S_OP_RNG_ERROR,
                              CallContext, RpcFault, RpcInterface)
 from . import emsmdb_wire as wire
+from . import ndr
 from .ndr import bad_stub, decode_call
 
 EMSMDB_UUID = "a4f1db00-ca47-1067-b31f-00dd010662da"
@@ -245,6 +246,20 @@ def _conformance(array: Any) -> int:
     return int(m) if m else len(_array_bytes(array))
 
 
+# [in] parameters of each call, for big-endian callers (ndr.py). The ROP and auxiliary
+# buffers are byte arrays whose content MS-OXCRPC defines little-endian: never swapped.
+_U32, _U16 = ndr.U32, ndr.U16
+_CONNECT = (ndr.CSTRING, *[_U32] * 7, *[_U16] * 4, _U32)
+REQUESTS: dict[int, ndr.Layout] = {
+    OP_EC_DO_CONNECT: ndr.params(*_CONNECT),
+    OP_EC_DO_CONNECT_EX: ndr.params(*_CONNECT, ndr.conf_array(ndr.U8), _U32, _U32),
+    OP_EC_DO_DISCONNECT: ndr.params(ndr.HANDLE),
+    OP_EC_DO_RPC: ndr.params(ndr.HANDLE, ndr.conf_varying_array(ndr.U8), _U16, _U16),
+    OP_EC_DO_RPC_EXT2: ndr.params(ndr.HANDLE, _U32, ndr.conf_array(ndr.U8), _U32, _U32,
+                                  ndr.conf_array(ndr.U8), _U32, _U32),
+}
+
+
 # ------------------------------------------------------------------ the interface
 
 class EmsmdbInterface(RpcInterface):
@@ -264,6 +279,7 @@ class EmsmdbInterface(RpcInterface):
     # -- dispatch
 
     def call(self, opnum: int, stub: bytes, ctx: CallContext) -> bytes:
+        stub = ndr.in_little_endian(ctx, REQUESTS.get(opnum), stub, "emsmdb")
         # The logon calls go through the hand-written codec (emsmdb_wire): they run on every
         # logon, and impacket's generic NDR objects were the largest cost of a TCP logon.
         if opnum == OP_EC_DO_CONNECT:

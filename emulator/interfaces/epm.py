@@ -20,6 +20,7 @@ from impacket.dcerpc.v5.ndr import NDRUniConformantVaryingArray
 from ..events import Event, event
 from ..rpc.interface import (NCA_S_FAULT_ACCESS_DENIED, NCA_S_OP_RNG_ERROR, CallContext,
                              RpcFault, RpcInterface)
+from . import ndr
 from .ndr import decode_call
 
 EPM_UUID = "e1af8308-5d1f-11c9-91a4-08002b14a0fa"
@@ -155,6 +156,26 @@ def _set_towers(array: NDRUniConformantVaryingArray, towers: list[bytes], maximu
     array.fields["MaximumCount"] = max(maximum, len(items))
 
 
+# [in] parameters of the calls the mapper reads, for big-endian callers (ndr.py).
+_TWR = ndr.struct_of(ndr.U32, ndr.conf_array(ndr.U8))        # twr_t: length, octets
+_RPC_IF_ID = ndr.struct_of(ndr.UUID, ndr.U16, ndr.U16)
+# ept_entry_t: object UUID, tower pointer, `[string] char annotation[64]`.
+_ENTRY = ndr.struct_of(ndr.UUID, ndr.ptr(_TWR), ndr.varying_array(ndr.U8, ANNOTATION_MAX))
+# The registration calls, unmarshalled before they are refused (ept_insert, ept_delete,
+# ept_mgmt_delete of C706 appendix O).
+REGISTRATION: dict[int, ndr.Layout] = {
+    OP_EPT_INSERT: ndr.params(ndr.U32, ndr.conf_array(_ENTRY), ndr.U32),
+    OP_EPT_DELETE: ndr.params(ndr.U32, ndr.conf_array(_ENTRY)),
+    OP_EPT_MGMT_DELETE: ndr.params(ndr.U32, ndr.ptr(ndr.UUID), ndr.ptr(_TWR)),
+}
+REQUESTS: dict[int, ndr.Layout] = {**REGISTRATION,
+    OP_EPT_MAP: ndr.params(ndr.ptr(ndr.UUID), ndr.ptr(_TWR), ndr.HANDLE, ndr.U32),
+    OP_EPT_LOOKUP: ndr.params(ndr.U32, ndr.ptr(ndr.UUID), ndr.ptr(_RPC_IF_ID), ndr.U32,
+                              ndr.HANDLE, ndr.U32),
+    OP_EPT_LOOKUP_HANDLE_FREE: ndr.params(ndr.HANDLE),
+}
+
+
 class EpmInterface(RpcInterface):
     uuid = EPM_UUID
     version = EPM_VERSION
@@ -165,6 +186,7 @@ class EpmInterface(RpcInterface):
         self._endpoints = endpoints
 
     def call(self, opnum: int, stub: bytes, ctx: CallContext) -> bytes:
+        stub = ndr.in_little_endian(ctx, REQUESTS.get(opnum), stub, "epm")
         if opnum == OP_EPT_MAP:
             return self._map(decode_call(_epm.ept_map, stub), ctx)
         if opnum == OP_EPT_LOOKUP:
@@ -172,7 +194,10 @@ class EpmInterface(RpcInterface):
         if opnum == OP_EPT_LOOKUP_HANDLE_FREE:
             return self._handle_free(stub, ctx)
         if opnum in (OP_EPT_INSERT, OP_EPT_DELETE, OP_EPT_MGMT_DELETE, OP_EPT_LT_INQ_REPLACE):
-            # Remote registration is refused, as Windows refuses it to network callers.
+            # Remote registration is refused, as Windows refuses it to network callers; a
+            # stub that does not even unmarshal gets the bad-stub fault first.
+            if opnum in REGISTRATION:
+                ndr.check(REGISTRATION[opnum], stub, "epm")
             ctx.emit(event("epm", "epm.refused", opnum=opnum, result="access_denied"))
             raise RpcFault(NCA_S_FAULT_ACCESS_DENIED, f"epm opnum {opnum} is local only")
         if opnum == OP_EPT_INQ_OBJECT:
@@ -249,14 +274,20 @@ class EpmInterface(RpcInterface):
         resp = _epm.ept_lookupResponse()
         table.pop(handle, None)
         if not batch:
-            # The walk is over: Windows and Samba answer "no more entries" with a null handle.
+            # Nothing left: "no more entries" with a null handle (rpcclient's epmlookup, which
+            # asks one entry at a time, stops here; so does Windows, as its output shows).
             status, next_handle = EPT_S_NOT_REGISTERED, NULL_HANDLE
-        elif len(batch) < max_ents:
-            # A short batch ends the walk at once (impacket stops on the null handle).
+        elif len(batch) < max_ents and end >= len(endpoints):
+            # A short batch ends the walk at once, with status 0 and a null handle: what Windows
+            # answers (impacket's hept_lookup and rpcdump.py raise on any other status, and
+            # impacket pull request 1849 records that Windows never sends one here). Samba
+            # sends "no more entries" with the last batch instead, and its smbtorture
+            # rpc.epmapper Lookup_simple expects that (docs/conformance.md).
             status, next_handle = EPT_S_OK, NULL_HANDLE
         else:
-            # A full batch: the caller may have more to read (Samba asks one at a time and
-            # stops on "no more entries"), so hand out a handle that remembers the position.
+            # A full batch (or one cut at MAX_TOWERS_PER_REPLY): the caller may have more to
+            # read, so hand out a handle that remembers the position (a Windows Server 2016
+            # answers max_ents=1 this way).
             if len(table) >= MAX_LOOKUP_HANDLES:
                 table.clear()
             counter = ctx.conn_state.get(LOOKUP_KEY + "_n", 0) + 1

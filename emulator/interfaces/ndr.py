@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from impacket import LOG as _IMPACKET_LOG
 from impacket.dcerpc.v5.ndr import NDRCALL
 
-from ..rpc.interface import NCA_S_FAULT_NDR, RpcFault
+from ..rpc.interface import NCA_S_FAULT_NDR, CallContext, RpcFault
 
 T = TypeVar("T", bound=NDRCALL)
 
@@ -108,3 +108,285 @@ def wide_string(value: object, what: str, *, max_len: int = 1024) -> str:
     if len(text) > max_len:
         raise bad_stub(f"{what}: string longer than {max_len}")
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Big-endian callers.
+#
+# The format label of a PDU (C706 14.1) says in which byte order its NDR stub is written, and
+# C706's rule is "receiver makes it right": a server must read a big-endian stub (Windows' NDR
+# engine converts it, rpcndr.h NDR_BIG_ENDIAN; Samba's smbtorture binding option `bigendian`
+# sends one). NDR aligns every item on its own size counted from the start of the stub
+# (C706 14.2.2), so a big-endian stub and the little-endian stub of the same values have the
+# same length and every item sits at the same offset; only the bytes inside each multi-byte
+# scalar are reversed. Converting one into the other therefore means walking the stub with the
+# call's type layout and reversing each scalar in place. The interfaces then decode the result
+# with the little-endian decoders they already have. Replies always go out little-endian with
+# a little-endian format label, as Windows sends them; the receiver makes them right.
+
+
+Deferred = list[Callable[[], None]]
+
+
+class Layout:
+    """The NDR type of one [in] parameter or a part of one. `walk` covers the flat part and
+    queues in `deferred` what embedded pointers point to: NDR writes those referents after the
+    flat part of the item that contains them, in pointer order (C706 14.3.12.3)."""
+
+    align = 1
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        raise NotImplementedError
+
+    def whole(self, w: _Swapper) -> None:
+        """The item and then its referents (each referent's own referents right after it)."""
+        deferred: Deferred = []
+        self.walk(w, deferred)
+        for step in deferred:
+            step()
+
+
+class _Swapper:
+    """Reads sizes and pointers big-endian from `src` and reverses each scalar in `out`; with
+    `little_endian`, only reads (a walk that checks the stub is well formed)."""
+
+    def __init__(self, src: bytes, what: str, little_endian: bool = False) -> None:
+        self.src = src
+        self.out = bytearray(src)
+        self.pos = 0
+        self.what = what
+        self.order = "little" if little_endian else "big"
+
+    def truncated(self) -> RpcFault:
+        return bad_stub(f"{self.what}: truncated")
+
+    def align(self, n: int) -> None:
+        self.pos += -self.pos % n
+        if self.pos > len(self.src):
+            raise self.truncated()
+
+    def scalar(self, size: int) -> int:
+        self.align(size)
+        end = self.pos + size
+        if end > len(self.src):
+            raise self.truncated()
+        raw = self.src[self.pos:end]
+        if self.order == "big":
+            self.out[self.pos:end] = raw[::-1]
+        self.pos = end
+        return int.from_bytes(raw, self.order)
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > len(self.src):
+            raise self.truncated()
+        self.pos += n
+
+    def count(self) -> int:
+        """A size, offset or length. Every element takes at least one byte, so a count larger
+        than the stub is a lie; refusing it bounds every walk by the stub's length."""
+        n = self.scalar(4)
+        if n > len(self.src):
+            raise bad_stub(f"{self.what}: count {n} beyond the stub")
+        return n
+
+
+class _Prim(Layout):
+    def __init__(self, size: int) -> None:
+        self.align = size
+        self.size = size
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        w.scalar(self.size)
+
+
+U8, U16, U32, U64 = _Prim(1), _Prim(2), _Prim(4), _Prim(8)
+
+
+class _Uuid(Layout):
+    """GUID: an unsigned long, two unsigned shorts, eight bytes (C706 appendix A)."""
+    align = 4
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        w.scalar(4)
+        w.scalar(2)
+        w.scalar(2)
+        w.skip(8)
+
+
+UUID = _Uuid()
+
+
+class _Params(Layout):
+    """A call's [in] parameters: each one whole, referents included, before the next (a
+    top-level pointer's referent follows its referent id at once)."""
+
+    def __init__(self, items: tuple[Layout, ...]) -> None:
+        self.items = items
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        for item in self.items:
+            item.whole(w)
+
+
+def params(*items: Layout) -> Layout:
+    return _Params(items)
+
+
+class _ConfArray(Layout):
+    """[size_is()] T a[]: the size, then the elements; `varying` adds the offset and the
+    actual count ([length_is()] or [string]). Inside a structure the size is hoisted to the
+    structure's start and handed in."""
+    align = 4
+
+    def __init__(self, item: Layout, varying: bool) -> None:
+        self.item = item
+        self.varying = varying
+
+    def walk(self, w: _Swapper, deferred: Deferred, size: int | None = None) -> None:
+        if size is None:
+            size = w.count()
+        n = size
+        if self.varying:
+            offset, n = w.count(), w.count()
+            if offset + n > size:
+                raise bad_stub(f"{w.what}: array bounds")
+        item = self.item
+        if item is U8:
+            w.skip(n)
+            return
+        for _ in range(n):
+            item.walk(w, deferred)
+
+
+def conf_array(item: Layout) -> Layout:
+    return _ConfArray(item, varying=False)
+
+
+def conf_varying_array(item: Layout) -> Layout:
+    return _ConfArray(item, varying=True)
+
+
+class _VaryingArray(Layout):
+    """A fixed-size [string] or [length_is()] array: offset and actual count, then the
+    elements actually sent (C706 14.3.3.3); `bound` is the declared size."""
+    align = 4
+
+    def __init__(self, item: Layout, bound: int) -> None:
+        self.item = item
+        self.bound = bound
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        offset, n = w.count(), w.count()
+        if offset + n > self.bound:
+            raise bad_stub(f"{w.what}: array bounds")
+        if self.item is U8:
+            w.skip(n)
+            return
+        for _ in range(n):
+            self.item.walk(w, deferred)
+
+
+def varying_array(item: Layout, bound: int) -> Layout:
+    return _VaryingArray(item, bound)
+
+
+class _Struct(Layout):
+    """A structure, aligned on its largest member; a conformant one (ending in a conformant
+    array) starts with that array's size (C706 14.3.7.1)."""
+
+    def __init__(self, members: tuple[Layout, ...]) -> None:
+        self.members = members
+        last = members[-1] if members else None
+        self.tail = last if isinstance(last, _ConfArray) else None
+        self.align = max([4 if self.tail else 1] + [m.align for m in members])
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        w.align(self.align)
+        size = w.count() if self.tail is not None else None
+        for m in self.members:
+            if m is self.tail:
+                self.tail.walk(w, deferred, size)
+            else:
+                m.walk(w, deferred)
+
+
+def struct_of(*members: Layout) -> Layout:
+    return _Struct(members)
+
+
+class _Ptr(Layout):
+    """An embedded unique or full pointer: its referent id here, its referent deferred."""
+    align = 4
+
+    def __init__(self, target: Layout) -> None:
+        self.target = target
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        if w.scalar(4) != 0:
+            deferred.append(lambda: self.target.whole(w))
+
+
+def ptr(target: Layout) -> Layout:
+    return _Ptr(target)
+
+
+class _Union(Layout):
+    """A non-encapsulated union in a structure ([switch_is()]): the discriminant, an unsigned
+    long, then the arm it selects (C706 14.3.8)."""
+
+    def __init__(self, arms: dict[int, Layout]) -> None:
+        self.arms = arms
+        self.align = max([4] + [a.align for a in arms.values()])
+
+    def walk(self, w: _Swapper, deferred: Deferred) -> None:
+        w.align(self.align)
+        tag = w.scalar(4)
+        arm = self.arms.get(tag)
+        if arm is None:
+            raise bad_stub(f"{w.what}: no union arm {tag}")
+        arm.walk(w, deferred)
+
+
+def union_of(arms: dict[int, Layout]) -> Layout:
+    return _Union(arms)
+
+
+# [string] char * and [string] wchar_t *: conformant varying arrays of bytes or of shorts.
+CSTRING = conf_varying_array(U8)
+WSTRING = conf_varying_array(U16)
+# A context handle: attributes and a UUID (C706 appendix N; MS-RPCE 2.2.4.4 ndr_context_handle).
+HANDLE = struct_of(U32, UUID)
+
+
+def swap_to_little_endian(layout: Layout, stub: bytes, what: str) -> bytes:
+    """The little-endian stub with the values of the big-endian `stub` of type `layout`, or
+    RpcFault(NCA_S_FAULT_NDR). Bytes after the last parameter are copied as they are."""
+    if len(stub) > MAX_STUB:
+        raise bad_stub(f"{what}: stub of {len(stub)} bytes is too large")
+    w = _Swapper(bytes(stub), what)
+    try:
+        layout.whole(w)
+    except RecursionError:
+        raise bad_stub(f"{what}: nesting too deep (big-endian)") from None
+    return bytes(w.out)
+
+
+def check(layout: Layout, stub: bytes, what: str, *, little_endian: bool = True) -> None:
+    """RpcFault(NCA_S_FAULT_NDR) unless `stub` holds the [in] parameters of `layout`: a call
+    refused whatever it asks is still unmarshalled first, as an NDR engine does, so bad stub
+    data gets the bad-stub fault rather than the refusal."""
+    if len(stub) > MAX_STUB:
+        raise bad_stub(f"{what}: stub of {len(stub)} bytes is too large")
+    try:
+        layout.whole(_Swapper(bytes(stub), what, little_endian))
+    except RecursionError:
+        raise bad_stub(f"{what}: nesting too deep") from None
+
+
+def in_little_endian(ctx: CallContext, layout: Layout | None, stub: bytes, what: str) -> bytes:
+    """The request stub as the interface's little-endian decoders read it. `layout` is None
+    for an opnum whose stub the interface never reads (no [in] parameters, or a call refused
+    whatever it carries); such a stub is passed on untouched."""
+    if ctx.little_endian or layout is None:
+        return stub
+    return swap_to_little_endian(layout, stub, what)

@@ -53,6 +53,7 @@ class _PartialCall:
     context_id: int
     opnum: int
     level: int                  # the effective level the fragments actually arrived at
+    little_endian: bool         # the stub's integer byte order (the first fragment's drep)
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
 
@@ -191,9 +192,10 @@ class RpcConnection:
                 call_id = struct.unpack_from("<I", frag, 12)[0]
                 out.extend(self._fault(call_id, NCA_S_PROTO_ERROR, "malformed"))
             return self._close(out)
-        if not pdu.header.little_endian:
-            # Our interfaces decode little-endian NDR only; refuse rather than misread.
-            out = Output(events=[self._malformed("big_endian_drep_unsupported")])
+        if not pdu.header.ascii_ieee:
+            # Big-endian integers are read (the interfaces convert such stubs, C706 14.1:
+            # the receiver makes it right); EBCDIC characters and non-IEEE floats are not.
+            out = Output(events=[self._malformed("drep_unsupported", drep=pdu.header.drep.hex())])
             return self._close(out)
         if isinstance(pdu, P.AlterContext):
             return self._on_alter(pdu)
@@ -499,7 +501,8 @@ class RpcConnection:
                 out = Output(events=[self._malformed("new call before the last fragment", call_id=r.call_id)])
                 out.extend(self._fault(r.call_id, NCA_S_PROTO_ERROR, "interleaved_fragments"))
                 return self._close(out)
-            self._partial = _PartialCall(r.call_id, r.context_id, r.opnum, level)
+            self._partial = _PartialCall(r.call_id, r.context_id, r.opnum, level,
+                                         r.header.little_endian)
         elif self._partial is None or self._partial.call_id != r.call_id:
             out = Output(events=[self._malformed("fragment without a first fragment", call_id=r.call_id)])
             out.extend(self._fault(r.call_id, NCA_S_PROTO_ERROR, "orphan_fragment"))
@@ -538,7 +541,8 @@ class RpcConnection:
                           auth_type=self._sc.auth_type if self._sc else AUTH_TYPE_NONE,
                           auth_level=call.level,
                           conn_state=self._state.setdefault(iface.name, {}),
-                          emit=out.events.append, info=dict(self._info))
+                          emit=out.events.append, info=dict(self._info),
+                          little_endian=call.little_endian)
         try:
             result = iface.call(call.opnum, stub, ctx)
         except RpcFault as f:

@@ -39,6 +39,9 @@ class CallContext:
     conn_state: dict[str, Any]       # per RPC connection: context handles live here
     emit: Callable[[Event], None]    # interfaces report e.g. emsmdb.connect through this
     ndr64: bool = False
+    # The byte order of the request's NDR stub, from the PDU's format label (C706 14.1):
+    # interfaces convert a big-endian stub before decoding it (interfaces/ndr.py).
+    little_endian: bool = True
     # Extra facts the transport knows (peer address, pipe name); informational only.
     info: dict[str, Any] = field(default_factory=dict)
 

@@ -87,6 +87,11 @@ class Header:
     def little_endian(self) -> bool:
         return bool(self.drep[0] & 0x10)
 
+    @property
+    def ascii_ieee(self) -> bool:
+        """ASCII characters and IEEE floats (C706 14.1: low nibble of octet 0, octet 1)."""
+        return self.drep[0] & 0x0F == 0 and self.drep[1] == 0
+
 
 @dataclass(frozen=True)
 class AuthVerifier:
@@ -313,10 +318,10 @@ class _Reader:
 
     def syntax(self, what: str) -> SyntaxId:
         u = self.uuid(what)
-        # p_syntax_id_t.if_version: major in the low 16 bits, minor in the high 16 bits.
-        major = self.u16(what)
-        minor = self.u16(what)
-        return SyntaxId(u, (major, minor))
+        # p_syntax_id_t.if_version is one u_int32, major in the low 16 bits and minor in the
+        # high 16 bits (C706 12.6.3.1): read as a whole, so a big-endian sender's order works.
+        version = self.u32(what)
+        return SyntaxId(u, (version & 0xFFFF, version >> 16))
 
     def align(self, n: int) -> None:
         self.pos = min(self.end, (self.pos + n - 1) // n * n)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from ..config import LabConfig
 from ..directory import Directory
 from ..identity import ANONYMOUS, Identity
-from ..interfaces import EMSMDB_UUID, EPM_UUID, SRVSVC_UUID, default_interfaces
+from ..interfaces import EMSMDB_UUID, EPM_UUID, MGMT_UUID, SRVSVC_UUID, default_interfaces
 from ..interfaces.emsmdb import EmsmdbInterface
 from ..interfaces.epm import Endpoint
 from ..auth import AuthFactory
@@ -38,25 +38,40 @@ class LabServices:
         self.emsmdb = interfaces[EMSMDB_UUID]
         self.epm = interfaces[EPM_UUID]
         self.srvsvc = interfaces[SRVSVC_UUID]
+        # Every endpoint also answers the remote management interface, as an RPC runtime does.
+        mgmt = interfaces[MGMT_UUID]
+        self._epm_ifaces = [self.epm, mgmt.on_endpoint([self.epm])]
+        self._emsmdb_ifaces = [self.emsmdb, mgmt.on_endpoint([self.emsmdb])]
         # Filled in by the lab once listeners are bound (port 0 means "ask the kernel").
         self.bound_ports: dict[str, int] = {}
         self.emsmdb_pipe = config.transports.smb.pipes.get("emsmdb", "emsmdb")
         self.pipes = PipeFactory({
-            self.emsmdb_pipe: self._pipe_builder([self.emsmdb]),
-            EPM_PIPE: self._pipe_builder([self.epm]),
-            SRVSVC_PIPE: self._pipe_builder([self.srvsvc]),
+            self.emsmdb_pipe: self._pipe_builder(self._emsmdb_ifaces),
+            EPM_PIPE: self._pipe_builder(self._epm_ifaces),
+            SRVSVC_PIPE: self._pipe_builder([self.srvsvc, mgmt.on_endpoint([self.srvsvc])]),
         })
 
     # ------------------------------------------------------------------ endpoint map
     def endpoints(self) -> list[Endpoint]:
+        """What the endpoint mapper lists: EMSMDB on both transports first, then the mapper's
+        own endpoints and SRVSVC's pipe (Windows and Samba list those too)."""
         out = []
         version = EmsmdbInterface.version
+        nb = self.config.server.netbios_name
         if "emsmdb" in self.bound_ports:
             out.append(Endpoint(EMSMDB_UUID, version, "ncacn_ip_tcp", str(self.bound_ports["emsmdb"]),
                                 self.host, "Exchange EMSMDB (rpcauth-emulator)"))
         if "smb" in self.bound_ports:
             out.append(Endpoint(EMSMDB_UUID, version, "ncacn_np", f"\\PIPE\\{self.emsmdb_pipe}",
-                                self.config.server.netbios_name, "Exchange EMSMDB (rpcauth-emulator)"))
+                                nb, "Exchange EMSMDB (rpcauth-emulator)"))
+        if "epm" in self.bound_ports:
+            out.append(Endpoint(EPM_UUID, self.epm.version, "ncacn_ip_tcp", str(self.bound_ports["epm"]),
+                                self.host, "Endpoint mapper"))
+        if "smb" in self.bound_ports:
+            out.append(Endpoint(EPM_UUID, self.epm.version, "ncacn_np", f"\\PIPE\\{EPM_PIPE}", nb,
+                                "Endpoint mapper"))
+            out.append(Endpoint(SRVSVC_UUID, self.srvsvc.version, "ncacn_np", f"\\PIPE\\{SRVSVC_PIPE}",
+                                nb, "Server service"))
         return out
 
     # ------------------------------------------------------------------ engine factories
@@ -75,7 +90,7 @@ class LabServices:
                              random_bytes=self.random_bytes, now=self.now)
 
     def epm_engine(self, info: dict[str, Any]) -> RpcConnection:
-        return self._rpc("ncacn_ip_tcp", ANONYMOUS, [self.epm], info)
+        return self._rpc("ncacn_ip_tcp", ANONYMOUS, self._epm_ifaces, info)
 
     def emsmdb_engine(self, info: dict[str, Any]) -> RpcConnection:
-        return self._rpc("ncacn_ip_tcp", ANONYMOUS, [self.emsmdb], info)
+        return self._rpc("ncacn_ip_tcp", ANONYMOUS, self._emsmdb_ifaces, info)
