@@ -9,7 +9,7 @@ from emulator.client import Credentials, Profile, run_client
 from emulator.client.profile import Endpoint
 from emulator.lab import Lab
 
-from conftest import dn, need_tool
+from harness.cast import dn, need_tool
 
 
 def _tshark_fields(path: str, *fields: str) -> list[str]:

@@ -17,7 +17,8 @@ from scapy.utils import PcapNgWriter, wrpcap
 from emulator.capture import CaptureError, analyse
 from emulator.capture.pcapread import parse_tcp, read_packets
 
-from conftest import REFERENCE
+from harness.cast import REFERENCE
+from harness.recording import record_tcp_path
 
 REF = os.path.normpath(REFERENCE)
 TSHARK = shutil.which("tshark")
@@ -158,8 +159,6 @@ def _skeleton(path: str):
 @pytest.fixture(scope="module")
 def tcp_capture(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cap") / "tcp.pcap")
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_capture_recorder import record_tcp_path  # noqa: E402
     assert record_tcp_path(path) == 0
     return path
 

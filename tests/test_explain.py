@@ -14,10 +14,8 @@ import pytest
 
 from emulator.capture import compare, explain, write_report
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_capture_recorder import record_pipe_path, record_tcp_path  # noqa: E402
-
-from conftest import REFERENCE  # noqa: E402
+from harness.cast import REFERENCE
+from harness.recording import CONFIG, record_pipe_path, record_tcp_path
 
 REF = os.path.normpath(REFERENCE)
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF),
@@ -262,7 +260,6 @@ def test_privacy_stubs_stay_sealed_without_a_key(sealed):
 
 
 def test_password_unseals_and_verifies(sealed):
-    from test_capture_recorder import CONFIG
     bob_pw = CONFIG.user("bob").password
     doc = explain(sealed, "json", passwords={"bob": bob_pw}, progress=False)
     c = _conn(doc)
@@ -283,7 +280,6 @@ def test_wrong_password_reads_nothing(sealed):
 
 
 def test_tampered_sealed_stub_fails_verification(sealed, tmp_path):
-    from test_capture_recorder import CONFIG
     from emulator.capture.pcapread import parse_tcp, read_packets
     data = bytearray(open(sealed, "rb").read())
     # Find the EcDoConnect request (the first request PDU) and flip one sealed stub byte.

@@ -13,7 +13,7 @@ from scapy.utils import RawPcapReader
 from emulator.capture import analyse
 from emulator.matrix import kb_scenarios, run_matrix
 
-from conftest import need_tool
+from harness.cast import need_tool
 
 CAPTURES = os.path.join(os.path.dirname(__file__), "..", "captures")
 ROWS = kb_scenarios()
