@@ -31,6 +31,7 @@ from emulator.sansio import Output
 from emulator.smb import smb1_wire as w
 from emulator.smb.pipe import PipeFactory
 from emulator.smb.smb1 import Smb1Engine
+from harness.smb_raw import exchange
 
 CONFIG = default_config()
 ALICE_PW = CONFIG.user("alice").password
@@ -70,7 +71,7 @@ def _srvsvc_builder(config, auth):
 
 
 def make_engine(config=CONFIG, seed: int | None = None, echo_engines: list | None = None,
-                now=None) -> Smb1Engine:
+                now=None, pipes: PipeFactory | None = None) -> Smb1Engine:
     rng = random.Random(seed) if seed is not None else None
     rb = (lambda n: bytes(rng.getrandbits(8) for _ in range(n))) if rng else None
     kwargs = {"random_bytes": rb} if rb else {}
@@ -86,7 +87,7 @@ def make_engine(config=CONFIG, seed: int | None = None, echo_engines: list | Non
         return e
     builders["echo"] = echo
     builders["srvsvc"] = _srvsvc_builder(config, auth)
-    return Smb1Engine(config=config, auth=auth, pipes=PipeFactory(builders), info={"transport": "ncacn_np"},
+    return Smb1Engine(config=config, auth=auth, pipes=pipes or PipeFactory(builders), info={"transport": "ncacn_np"},
                       **kwargs)
 
 
@@ -136,7 +137,7 @@ class Smb1Server:
                 if head[0] == 0x81:
                     conn.sendall(b"\x82\x00\x00\x00")
                     continue
-                responses, events, close = engine.handle(body)
+                responses, events, close = exchange(engine, body)
                 with self._lock:
                     self.events.extend(events)
                 for r in responses:
@@ -428,7 +429,7 @@ class EngineClient(RawClient):
         self.engine, self.mid, self.events, self.extra = engine, 1, [], []
 
     def send_raw(self, message: bytes) -> bytes | None:
-        responses, events, close = self.engine.handle(message)
+        responses, events, close = exchange(self.engine, message)
         self.events.extend(events)
         self.extra = responses[1:]
         return responses[0] if responses else None
@@ -523,7 +524,7 @@ def test_session_limit_gives_insufficient_resources():
     engine = make_engine(replace(CONFIG, policy=policy), seed=3)
     raw = RawClient.__new__(RawClient)
     raw.mid = 1
-    engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    exchange(engine, raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
     p = smb.SMBSessionSetupAndX_Extended_Parameters()
     p["MaxBufferSize"], p["MaxMpxCount"], p["VcNumber"], p["SessionKey"], p["Capabilities"] = 61440, 2, 1, 0, 0
     blob = _spnego_negotiate()
@@ -531,9 +532,9 @@ def test_session_limit_gives_insufficient_resources():
     d = smb.SMBSessionSetupAndX_Extended_Data()
     d["SecurityBlob"], d["NativeOS"], d["NativeLanMan"] = blob, "", ""
     req = raw.packet(smb.SMB.SMB_COM_SESSION_SETUP_ANDX, p.getData(), d.getData())
-    [first], _, _ = engine.handle(req)
+    [first], _, _ = exchange(engine, req)
     assert _status(first) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED
-    [second], events, close = engine.handle(req)
+    [second], events, close = exchange(engine, req)
     assert _status(second) == nt_errors.STATUS_INSUFFICIENT_RESOURCES and not close
     assert [e.get("limit") for e in events if e.kind == "limit"] == ["max_sessions_per_connection"]
 
@@ -544,7 +545,7 @@ def _negotiated_engine(seed=1) -> tuple[Smb1Engine, RawClient]:
     engine = make_engine(seed=seed)
     raw = RawClient.__new__(RawClient)
     raw.mid = 1
-    [reply], _, _ = engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    [reply], _, _ = exchange(engine, raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
     assert _status(reply) == 0
     return engine, raw
 
@@ -555,7 +556,7 @@ def _negotiated_engine(seed=1) -> tuple[Smb1Engine, RawClient]:
 ])
 def test_broken_header_closes_with_malformed_event(message):
     engine = make_engine(seed=2)
-    responses, events, close = engine.handle(message)
+    responses, events, close = exchange(engine, message)
     assert close and responses == []
     assert [e.kind for e in events] == ["malformed"]
 
@@ -565,12 +566,12 @@ def test_lying_counts_and_offsets_get_invalid_smb_or_parameter():
     good = raw.packet(smb.SMB.SMB_COM_ECHO, struct.pack("<H", 1), b"x")
     # WordCount claims more words than the message holds.
     lying_wc = good[:32] + b"\x40" + good[33:]
-    [reply], events, close = engine.handle(lying_wc)
+    [reply], events, close = exchange(engine, lying_wc)
     assert _status(reply) == w.STATUS_INVALID_SMB and not close
     assert events[0].kind == "malformed"
     # ByteCount claims more bytes than the message holds.
     lying_bc = good[:35] + struct.pack("<H", 5000) + good[37:]
-    [reply], events, _ = engine.handle(lying_bc)
+    [reply], events, _ = exchange(engine, lying_bc)
     assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "byte_count_exceeds_message"
     # An AndX offset that points backwards (a loop) or past the end.
     params = smb.SMBTreeConnectAndX_Parameters()
@@ -578,7 +579,7 @@ def test_lying_counts_and_offsets_get_invalid_smb_or_parameter():
     tc = bytearray(raw.packet(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, params.getData(), _tree_connect_data()))
     for cmd, off in ((0x75, 10), (0x75, 32), (0xA2, 60000)):
         struct.pack_into("<BBH", tc, 33, cmd, 0, off)
-        [reply], events, close = engine.handle(bytes(tc))
+        [reply], events, close = exchange(engine, bytes(tc))
         assert _status(reply) == w.STATUS_INVALID_SMB and not close
         assert events[0].kind == "malformed"
 
@@ -587,7 +588,7 @@ def test_transaction_offsets_out_of_range_are_invalid_parameter():
     engine, raw = _negotiated_engine(seed=4)
     words = struct.pack("<HHHHBBHIHHHHHBB2H", 0, 4, 0, 1024, 0, 0, 0, 0, 0, 0, 0, 4, 0xFFF0, 2, 0, 0x26, 1)
     # Session checks come after the offset check, so no logon is needed to reach it.
-    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_TRANSACTION, words, b"\\PIPE\\\x00abcd"))
+    [reply], events, close = exchange(engine, raw.packet(smb.SMB.SMB_COM_TRANSACTION, words, b"\\PIPE\\\x00abcd"))
     assert _status(reply) == w.STATUS_INVALID_PARAMETER and not close
     assert events[0].get("reason") == "transaction_offset_out_of_range"
 
@@ -596,10 +597,10 @@ def test_command_before_negotiate_and_second_negotiate_are_errors():
     engine = make_engine(seed=5)
     raw = RawClient.__new__(RawClient)
     raw.mid = 1
-    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_TREE_DISCONNECT, b"", b""))
+    [reply], events, close = exchange(engine, raw.packet(smb.SMB.SMB_COM_TREE_DISCONNECT, b"", b""))
     assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "command_before_negotiate"
-    engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
-    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    exchange(engine, raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    [reply], events, close = exchange(engine, raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
     assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "second_negotiate"
 
 
@@ -620,7 +621,7 @@ def test_seeded_engine_is_deterministic():
 def test_fuzzed_messages_never_raise(tail, command):
     engine, raw = _negotiated_engine(seed=6)
     message = b"\xffSMB" + bytes([command]) + tail
-    responses, events, close = engine.handle(message)
+    responses, events, close = exchange(engine, message)
     assert close or responses or command == w.COM_NT_CANCEL
     if close:
         assert any(e.kind == "malformed" for e in events)
@@ -633,7 +634,7 @@ def test_fuzzed_command_blocks_never_raise(command, wc, words, data):
     engine, raw = _negotiated_engine(seed=7)
     words = (words + b"\x00" * 80)[:2 * wc]
     message = raw.packet(command, b"", b"")[:32] + bytes([wc]) + words + struct.pack("<H", len(data)) + data
-    responses, events, close = engine.handle(message)
+    responses, events, close = exchange(engine, message)
     assert not close
     assert responses or (command == w.COM_ECHO and words[:2] == b"\x00\x00")   # ECHO with EchoCount 0
     assert all(r.startswith(b"\xffSMB") for r in responses)
@@ -730,8 +731,7 @@ def test_read_andx_overflow_and_logoff_closes_pipes():
             closed.append(self)
             return [Event("rpc", "rpc.test_closed", {})]
 
-    engine = make_engine(seed=13)
-    engine._pipes = PipeFactory({"echo": Closing})
+    engine = make_engine(seed=13, pipes=PipeFactory({"echo": Closing}))
     raw = EngineClient(engine)
     uid = raw.login()
     tid = raw.tree_connect(uid)
