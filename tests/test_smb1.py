@@ -802,3 +802,39 @@ def test_failed_reauthentication_destroys_the_session_and_its_pipes():
     reply = raw.send(smb.SMB.SMB_COM_WRITE_ANDX, wp.getData(), b"\x00x", uid=uid, tid=tid)
     assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
     assert engines[0].writes == []
+
+
+# ---------------------------------------------------------------- re-authentication (MS-SMB 3.3.5.3)
+
+def test_reauthentication_keeps_the_session_and_its_pipes(lab):
+    """The same policy as SMB2 (session_core.py): the session and the pipes opened on it stay;
+    a pipe keeps the identity it was opened with, a pipe opened afterwards gets the new one."""
+    from harness.smb_peers import EC_LOGIN_PERM, EC_SUCCESS, conn_of, emsmdb_pipe, impacket_login, mailbox_answers
+    conn = impacket_login(lab, "alice", "SMB1")
+    cid = conn_of(lab, conn)
+    before = emsmdb_pipe(lab, conn)
+    conn.login("bob", lab.password("bob"), "CORP")          # SESSION_SETUP_ANDX on the same Uid
+    assert mailbox_answers(before, "alice", "bob") == [EC_SUCCESS, EC_LOGIN_PERM]
+    after = emsmdb_pipe(lab, conn)
+    assert mailbox_answers(after, "alice", "bob") == [EC_LOGIN_PERM, EC_SUCCESS]
+    setups = lab.records("smb.session_setup", conn=cid)
+    assert [(s["user"], s.get("reauth", False), s["uid"]) for s in setups] == [
+        ("alice", False, setups[0]["uid"]), ("bob", True, setups[0]["uid"])]
+    assert not lab.records("smb.close", conn=cid)
+    conn.close()
+
+
+def test_failed_reauthentication_with_impacket_ends_the_session(lab):
+    from harness.smb_peers import EC_SUCCESS, conn_of, emsmdb_pipe, impacket_login, mailbox_answers
+    conn = impacket_login(lab, "alice", "SMB1")
+    cid = conn_of(lab, conn)
+    pipe = emsmdb_pipe(lab, conn)
+    assert mailbox_answers(pipe, "alice") == [EC_SUCCESS]
+    with pytest.raises(SessionError) as failed:
+        conn.login("bob", "not-bobs", "CORP")
+    assert failed.value.getErrorCode() == nt_errors.STATUS_LOGON_FAILURE
+    with pytest.raises(SessionError) as gone:
+        mailbox_answers(pipe, "alice")
+    assert gone.value.getErrorCode() == nt_errors.STATUS_USER_SESSION_DELETED
+    assert [c["reason"] for c in lab.records("smb.close", conn=cid)] == ["logon_failed"]
+    conn.close()

@@ -456,7 +456,10 @@ class Smb2Engine:
         if logon is None:
             reply = Reply(st.STATUS_MORE_PROCESSING_REQUIRED,
                           w.build_session_setup_response(0, step.token), session_id=sid)
-            if self.dialect == w.DIALECT_311 and not session.established:
+            if session.established:
+                # A re-authentication runs on a session that signs: answered like any request.
+                return self._finish(h, session, reply)
+            if self.dialect == w.DIALECT_311:
                 def after(data: bytes, k: Keys = keys) -> None:
                     k.preauth = hashlib.sha512(k.preauth + data).digest()
                 reply.on_sent = after
@@ -464,6 +467,11 @@ class Smb2Engine:
 
         flags = {"anonymous": w.SESSION_FLAG_IS_NULL, "guest": w.SESSION_FLAG_IS_GUEST}.get(logon.kind, 0)
         reply = Reply(st.STATUS_SUCCESS, w.build_session_setup_response(flags, step.token), session_id=sid)
+        if logon.reauth:
+            # The session keeps its keys and its signing (MS-SMB2 3.3.5.5.2).
+            events.append(self.core.setup_event(
+                session, signing=keys.signing_required and keys.signer is not None))
+            return self._finish(h, session, reply)
         if logon.kind != "user":
             # No key to sign with: Windows and Samba serve such sessions unsigned
             # (docs/security.md, "Signing, anonymous and guest").
