@@ -1,18 +1,15 @@
 """SMB1 (NT LM 0.12, extended security) engine: real peers over loopback, and hostile bytes.
 
-A small threaded TCP server in this file does the NetBIOS framing (4-byte header) and feeds
-each SMB1 message to `Smb1Engine.handle`, so impacket's SMB1 client and Samba's smbclient talk
-to the engine itself.
+The loopback server (tests/harness: EngineServer feeding SmbConnection) hands each SMB1 client
+to the SMB1 engine, so impacket's SMB1 client and Samba's smbclient talk to the engine itself.
 """
 
 from __future__ import annotations
 
-import random
 import shutil
 import socket
 import struct
 import subprocess
-import threading
 from dataclasses import replace
 
 import pytest
@@ -22,160 +19,20 @@ from impacket import nt_errors, smb
 from impacket.dcerpc.v5 import srvs, transport
 from impacket.smbconnection import SessionError, SMBConnection
 
-from emulator.config import default_config
-from emulator.directory import Directory
 from emulator.events import Event
-from emulator.auth import AuthFactory
-from emulator.rpc.connection import RpcConnection
-from emulator.sansio import Output
 from emulator.smb import smb1_wire as w
 from emulator.smb.pipe import PipeFactory
+from harness.smb_engines import ALICE_PW, CONFIG, EchoRpc, SmbServer, smb1_engine
 from emulator.smb.smb1 import Smb1Engine
-
-CONFIG = default_config()
-ALICE_PW = CONFIG.user("alice").password
-
-
-# ---------------------------------------------------------------- pipe engines behind the SMB seam
-
-class EchoRpc:
-    """A stand-in RPC engine: answers every write with a fixed, recognisable reply."""
-
-    REPLY = b"REPLY:" + bytes(range(200))
-
-    def __init__(self, identity, info):
-        self.identity, self.info, self.writes = identity, info, []
-
-    def receive(self, data: bytes) -> Output:
-        self.writes.append(data)
-        return Output(self.REPLY, [Event("rpc", "rpc.test_write", {"size": len(data)})], False)
-
-    def close(self) -> list[Event]:
-        return []
-
-
-def _srvsvc_interface(config):
-    from emulator.interfaces.srvsvc import SrvsvcInterface
-
-    return SrvsvcInterface(config.server)
-
-
-def _srvsvc_builder(config, auth):
-    """The real DCE/RPC connection engine behind \\srvsvc, with the session identity."""
-
-    def build(identity, info):
-        return RpcConnection(transport="ncacn_np", transport_identity=identity,
-                             interfaces=[_srvsvc_interface(config)], auth=auth, policy=config.policy, info=info)
-    return build
-
-
-def make_engine(config=CONFIG, seed: int | None = None, echo_engines: list | None = None,
-                now=None) -> Smb1Engine:
-    rng = random.Random(seed) if seed is not None else None
-    rb = (lambda n: bytes(rng.getrandbits(8) for _ in range(n))) if rng else None
-    kwargs = {"random_bytes": rb} if rb else {}
-    if now is not None:
-        kwargs["now"] = now
-    auth = AuthFactory(Directory(config), config.policy, config.server, **kwargs)
-    builders = {}
-
-    def echo(identity, info):
-        e = EchoRpc(identity, info)
-        if echo_engines is not None:
-            echo_engines.append(e)
-        return e
-    builders["echo"] = echo
-    builders["srvsvc"] = _srvsvc_builder(config, auth)
-    return Smb1Engine(config=config, auth=auth, pipes=PipeFactory(builders), info={"transport": "ncacn_np"},
-                      **kwargs)
-
-
-# ---------------------------------------------------------------- a tiny NetBIOS-framing server
-
-class Smb1Server:
-    def __init__(self, config=CONFIG):
-        self.config = config
-        self.events: list[Event] = []
-        self.errors: list[BaseException] = []
-        self.echo_engines: list = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self.port = self._sock.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._stop = False
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def _accept(self):
-        while not self._stop:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _serve(self, conn: socket.socket):
-        engine = make_engine(self.config, echo_engines=self.echo_engines)
-        conn.settimeout(10)
-        try:
-            while True:
-                head = _recv_exact(conn, 4)
-                if head is None:
-                    break
-                length = int.from_bytes(head[1:], "big")
-                body = _recv_exact(conn, length) if length else b""
-                if body is None:
-                    break
-                if head[0] == 0x85:
-                    continue
-                if head[0] == 0x81:
-                    conn.sendall(b"\x82\x00\x00\x00")
-                    continue
-                responses, events, close = engine.handle(body)
-                with self._lock:
-                    self.events.extend(events)
-                for r in responses:
-                    conn.sendall(b"\x00" + len(r).to_bytes(3, "big") + r)
-                if close:
-                    break
-        except (OSError, socket.timeout):
-            pass
-        except BaseException as e:  # an engine exception is a test failure, reported below
-            self.errors.append(e)
-        finally:
-            with self._lock:
-                self.events.extend(engine.close())
-            conn.close()
-
-    def kinds(self, kind: str) -> list[Event]:
-        with self._lock:
-            return [e for e in self.events if e.kind == kind]
-
-    def close(self):
-        self._stop = True
-        self._sock.close()
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
-    buf = b""
-    while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
+from harness.smb_raw import (EngineClient, RawClient, exchange, spnego_authenticate,
+                             spnego_negotiate, status_of, tree_connect_data, tree_connect_params, uid_of)
 
 
 @pytest.fixture
 def server():
-    s = Smb1Server()
+    s = SmbServer(CONFIG)
     yield s
-    s.close()
+    s.stop()
     assert not s.errors, s.errors
 
 
@@ -269,15 +126,15 @@ def test_ids_from_another_connection_do_not_exist_here(server):
     # A second raw connection that negotiates but never logs on replays the first one's ids.
     with RawClient(server.port) as raw:
         raw.negotiate()
-        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(),
+        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, tree_connect_params(), tree_connect_data(),
                          uid=uid)
-        assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
+        assert status_of(reply) == nt_errors.STATUS_USER_SESSION_DELETED
     assert [e.get("result") for e in server.kinds("smb.tree_connect")] == ["ok"]
 
 
 def test_signing_required_by_policy_signs_and_verifies():
     config = replace(CONFIG, policy=replace(CONFIG.policy, smb_signing_required=True))
-    srv = Smb1Server(config)
+    srv = SmbServer(config)
     try:
         conn = _login(srv.port)
         assert conn.getSMBServer()._SignatureEnabled
@@ -296,7 +153,7 @@ def test_signing_required_by_policy_signs_and_verifies():
         assert err.value.get_error_code() == nt_errors.STATUS_ACCESS_DENIED
         assert [e.get("result") for e in srv.kinds("smb.signature")] == ["bad_signature"]
     finally:
-        srv.close()
+        srv.stop()
     assert not srv.errors
 
 
@@ -328,171 +185,43 @@ def test_samba_smbclient_wrong_password_fails(server):
 
 # ---------------------------------------------------------------- raw packets over a plain socket
 
-class RawClient:
-    """Builds SMB1 requests with impacket's NewSMBPacket and sends them over a plain socket."""
-
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.mid = 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sock.close()
-
-    def send_raw(self, message: bytes) -> bytes | None:
-        self.sock.sendall(b"\x00" + len(message).to_bytes(3, "big") + message)
-        head = _recv_exact(self.sock, 4)
-        if head is None:
-            return None
-        return _recv_exact(self.sock, int.from_bytes(head[1:], "big"))
-
-    def packet(self, command: int, params: bytes, data: bytes, *, uid=0, tid=0, flags2=None):
-        pkt = smb.NewSMBPacket()
-        pkt["Flags1"] = smb.SMB.FLAGS1_PATHCASELESS
-        pkt["Flags2"] = (smb.SMB.FLAGS2_EXTENDED_SECURITY | smb.SMB.FLAGS2_NT_STATUS | smb.SMB.FLAGS2_LONG_NAMES
-                         if flags2 is None else flags2)
-        pkt["Uid"], pkt["Tid"], pkt["Mid"] = uid, tid, self.mid
-        self.mid += 1
-        cmd = smb.SMBCommand(command)
-        cmd["Parameters"] = params
-        cmd["Data"] = data
-        pkt.addCommand(cmd)
-        return pkt.getData()
-
-    def send(self, command: int, params: bytes, data: bytes, **kw) -> bytes | None:
-        return self.send_raw(self.packet(command, params, data, **kw))
-
-    def negotiate(self) -> bytes:
-        reply = self.send(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00")
-        assert _status(reply) == 0
-        return reply
-
-    def session_setup(self, blob: bytes, uid=0) -> bytes:
-        p = smb.SMBSessionSetupAndX_Extended_Parameters()
-        p["MaxBufferSize"], p["MaxMpxCount"], p["VcNumber"], p["SessionKey"] = 61440, 2, 1, 0
-        p["Capabilities"] = smb.SMB.CAP_EXTENDED_SECURITY | smb.SMB.CAP_USE_NT_ERRORS
-        p["SecurityBlobLength"] = len(blob)
-        d = smb.SMBSessionSetupAndX_Extended_Data()
-        d["SecurityBlob"], d["NativeOS"], d["NativeLanMan"] = blob, "Unix", "Samba"
-        return self.send(smb.SMB.SMB_COM_SESSION_SETUP_ANDX, p.getData(), d.getData(), uid=uid)
-
-
-def _status(reply: bytes | None) -> int | None:
-    if reply is None:
-        return None
-    return struct.unpack_from("<I", reply, 5)[0]
-
-
-def _uid(reply: bytes) -> int:
-    return struct.unpack_from("<H", reply, 28)[0]
-
-
-def _tree_connect_params() -> bytes:
-    p = smb.SMBTreeConnectAndX_Parameters()
-    p["PasswordLength"] = 1
-    return p.getData()
-
-
-def _tree_connect_data(path="\\\\127.0.0.1\\IPC$") -> bytes:
-    return b"\x00" + path.encode("ascii") + b"\x00" + b"?????\x00"
-
-
-def _spnego_negotiate() -> bytes:
-    from impacket import ntlm
-    from impacket.spnego import SPNEGO_NegTokenInit, TypesMech
-    blob = SPNEGO_NegTokenInit()
-    blob["MechTypes"] = [TypesMech["NTLMSSP - Microsoft NTLM Security Support Provider"]]
-    blob["MechToken"] = ntlm.getNTLMSSPType1("WS", "CORP").getData()
-    return blob.getData()
-
-
-def _spnego_authenticate(challenge_reply: bytes, password: str) -> bytes:
-    from impacket import ntlm
-    from impacket.spnego import SPNEGO_NegTokenResp
-    body = w.parse_block(challenge_reply, w.HEADER_SIZE, w.COM_SESSION_SETUP_ANDX)
-    blob_len = struct.unpack_from("<H", body.words, 6)[0]
-    resp = SPNEGO_NegTokenResp(body.data[:blob_len])
-    type1 = ntlm.getNTLMSSPType1("WS", "CORP")
-    type3, _ = ntlm.getNTLMSSPType3(type1, resp["ResponseToken"], "alice", password, "CORP")
-    token = SPNEGO_NegTokenResp()
-    token["ResponseToken"] = type3.getData()
-    return token.getData()
-
-
-class EngineClient(RawClient):
-    """The same requests, handed to an engine directly (no socket)."""
-
-    def __init__(self, engine: Smb1Engine):
-        self.engine, self.mid, self.events, self.extra = engine, 1, [], []
-
-    def send_raw(self, message: bytes) -> bytes | None:
-        responses, events, close = self.engine.handle(message)
-        self.events.extend(events)
-        self.extra = responses[1:]
-        return responses[0] if responses else None
-
-    def login(self, password=ALICE_PW) -> int:
-        self.negotiate()
-        challenge = self.session_setup(_spnego_negotiate())
-        ok = self.session_setup(_spnego_authenticate(challenge, password), uid=_uid(challenge))
-        assert _status(ok) == 0
-        return _uid(ok)
-
-    def tree_connect(self, uid: int) -> int:
-        reply = self.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(), uid=uid)
-        assert _status(reply) == 0
-        return struct.unpack_from("<H", reply, 24)[0]
-
-    def open_pipe(self, uid: int, tid: int, name="\\echo") -> int:
-        p = smb.SMBNtCreateAndX_Parameters()
-        p["FileNameLength"], p["AccessMask"], p["ShareAccess"], p["Disposition"] = len(name), 0x2019F, 3, 1
-        p["CreateFlags"], p["CreateOptions"], p["Impersonation"], p["SecurityFlags"] = 0, 0, 2, 0
-        d = smb.SMBNtCreateAndX_Data(flags=0)
-        d["FileName"] = name
-        reply = self.send(smb.SMB.SMB_COM_NT_CREATE_ANDX, p.getData(), d.getData(), uid=uid, tid=tid)
-        assert _status(reply) == 0, hex(_status(reply))
-        return struct.unpack_from("<H", reply, 32 + 1 + 5)[0]
-
-
 def test_failed_session_setup_uid_is_dead_for_tree_connect(server):
     with RawClient(server.port) as raw:
         raw.negotiate()
-        challenge = raw.session_setup(_spnego_negotiate())
-        assert _status(challenge) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED
-        uid = _uid(challenge)
+        challenge = raw.session_setup(spnego_negotiate())
+        assert status_of(challenge) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED
+        uid = uid_of(challenge)
         assert uid != 0
-        failed = raw.session_setup(_spnego_authenticate(challenge, "bad password"), uid=uid)
-        assert _status(failed) == nt_errors.STATUS_LOGON_FAILURE
+        failed = raw.session_setup(spnego_authenticate(challenge, "bad password"), uid=uid)
+        assert status_of(failed) == nt_errors.STATUS_LOGON_FAILURE
         # The Uid of the failed logon is gone: a tree connect on it is refused ...
-        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(), uid=uid)
-        assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
+        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, tree_connect_params(), tree_connect_data(), uid=uid)
+        assert status_of(reply) == nt_errors.STATUS_USER_SESSION_DELETED
         # ... and so is continuing its session setup.
-        again = raw.session_setup(_spnego_authenticate(challenge, ALICE_PW), uid=uid)
-        assert _status(again) == nt_errors.STATUS_USER_SESSION_DELETED
+        again = raw.session_setup(spnego_authenticate(challenge, ALICE_PW), uid=uid)
+        assert status_of(again) == nt_errors.STATUS_USER_SESSION_DELETED
         # A fresh logon on the same connection still works.
-        challenge = raw.session_setup(_spnego_negotiate())
-        ok = raw.session_setup(_spnego_authenticate(challenge, ALICE_PW), uid=_uid(challenge))
-        assert _status(ok) == 0
-        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(),
-                         uid=_uid(ok))
-        assert _status(reply) == 0
+        challenge = raw.session_setup(spnego_negotiate())
+        ok = raw.session_setup(spnego_authenticate(challenge, ALICE_PW), uid=uid_of(challenge))
+        assert status_of(ok) == 0
+        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, tree_connect_params(), tree_connect_data(),
+                         uid=uid_of(ok))
+        assert status_of(reply) == 0
     assert [e.get("result") for e in server.kinds("smb.tree_connect")] == ["ok"]
 
 
 def test_tree_connect_before_session_and_unknown_command(server):
     with RawClient(server.port) as raw:
         raw.negotiate()
-        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data())
-        assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
+        reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, tree_connect_params(), tree_connect_data())
+        assert status_of(reply) == nt_errors.STATUS_USER_SESSION_DELETED
         reply = raw.send(0x32, b"\x00" * 30, b"")   # TRANSACTION2: not served
-        assert _status(reply) == nt_errors.STATUS_NOT_SUPPORTED
+        assert status_of(reply) == nt_errors.STATUS_NOT_SUPPORTED
         reply = raw.send(smb.SMB.SMB_COM_ECHO, struct.pack("<H", 2), b"ping")
-        assert _status(reply) == 0 and reply.endswith(b"ping")
+        assert status_of(reply) == 0 and reply.endswith(b"ping")
         # the second echo reply (SequenceNumber 2) is queued on the socket
-        head = _recv_exact(raw.sock, 4)
-        second = _recv_exact(raw.sock, int.from_bytes(head[1:], "big"))
+        head = raw.recv_exact(4)
+        second = raw.recv_exact(int.from_bytes(head[1:], "big"))
         assert struct.unpack_from("<BH", second, 32) == (1, 2) and second.endswith(b"ping")
 
 
@@ -500,13 +229,13 @@ def test_non_extended_security_session_setup_is_refused(server):
     with RawClient(server.port) as raw:
         neg = raw.send(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00",
                        flags2=smb.SMB.FLAGS2_NT_STATUS)
-        assert _status(neg) == 0
+        assert status_of(neg) == 0
         words = struct.unpack_from("<HBHHIIIIQhB", neg, 33)
         assert words[0] == 0 and words[-1] == 8       # dialect 0, 8-byte challenge
         params = struct.pack("<BBHHHHIHHII", 0xFF, 0, 0, 61440, 2, 1, 0, 24, 24, 0, 0x40)
         reply = raw.send(smb.SMB.SMB_COM_SESSION_SETUP_ANDX, params, b"\x11" * 48 + b"alice\x00CORP\x00",
                          flags2=smb.SMB.FLAGS2_NT_STATUS)
-        assert _status(reply) == nt_errors.STATUS_LOGON_FAILURE
+        assert status_of(reply) == nt_errors.STATUS_LOGON_FAILURE
     [setup] = server.kinds("smb.session_setup")
     assert setup.get("result") == "non_extended_security"
 
@@ -514,38 +243,38 @@ def test_non_extended_security_session_setup_is_refused(server):
 def test_negotiate_without_nt_lm_012_gets_ffff(server):
     with RawClient(server.port) as raw:
         reply = raw.send(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02PC NETWORK PROGRAM 1.0\x00")
-        assert _status(reply) == 0
+        assert status_of(reply) == 0
         assert struct.unpack_from("<BH", reply, 32) == (1, 0xFFFF)
 
 
 def test_session_limit_gives_insufficient_resources():
     policy = replace(CONFIG.policy, limits=replace(CONFIG.policy.limits, max_sessions_per_connection=1))
-    engine = make_engine(replace(CONFIG, policy=policy), seed=3)
+    engine = smb1_engine(replace(CONFIG, policy=policy), seed=3)
     raw = RawClient.__new__(RawClient)
     raw.mid = 1
-    engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    exchange(engine, raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
     p = smb.SMBSessionSetupAndX_Extended_Parameters()
     p["MaxBufferSize"], p["MaxMpxCount"], p["VcNumber"], p["SessionKey"], p["Capabilities"] = 61440, 2, 1, 0, 0
-    blob = _spnego_negotiate()
+    blob = spnego_negotiate()
     p["SecurityBlobLength"] = len(blob)
     d = smb.SMBSessionSetupAndX_Extended_Data()
     d["SecurityBlob"], d["NativeOS"], d["NativeLanMan"] = blob, "", ""
     req = raw.packet(smb.SMB.SMB_COM_SESSION_SETUP_ANDX, p.getData(), d.getData())
-    [first], _, _ = engine.handle(req)
-    assert _status(first) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED
-    [second], events, close = engine.handle(req)
-    assert _status(second) == nt_errors.STATUS_INSUFFICIENT_RESOURCES and not close
+    [first], _, _ = exchange(engine, req)
+    assert status_of(first) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED
+    [second], events, close = exchange(engine, req)
+    assert status_of(second) == nt_errors.STATUS_INSUFFICIENT_RESOURCES and not close
     assert [e.get("limit") for e in events if e.kind == "limit"] == ["max_sessions_per_connection"]
 
 
 # ---------------------------------------------------------------- hostile bytes, no network
 
 def _negotiated_engine(seed=1) -> tuple[Smb1Engine, RawClient]:
-    engine = make_engine(seed=seed)
+    engine = smb1_engine(seed=seed)
     raw = RawClient.__new__(RawClient)
     raw.mid = 1
-    [reply], _, _ = engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
-    assert _status(reply) == 0
+    [reply], _, _ = exchange(engine, raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    assert status_of(reply) == 0
     return engine, raw
 
 
@@ -554,8 +283,8 @@ def _negotiated_engine(seed=1) -> tuple[Smb1Engine, RawClient]:
     b"\xffSMB\x72\x00\x00\x00\x00\x80" + b"\x00" * 30,   # reply flag set in a request
 ])
 def test_broken_header_closes_with_malformed_event(message):
-    engine = make_engine(seed=2)
-    responses, events, close = engine.handle(message)
+    engine = smb1_engine(seed=2)
+    responses, events, close = exchange(engine, message)
     assert close and responses == []
     assert [e.kind for e in events] == ["malformed"]
 
@@ -565,21 +294,21 @@ def test_lying_counts_and_offsets_get_invalid_smb_or_parameter():
     good = raw.packet(smb.SMB.SMB_COM_ECHO, struct.pack("<H", 1), b"x")
     # WordCount claims more words than the message holds.
     lying_wc = good[:32] + b"\x40" + good[33:]
-    [reply], events, close = engine.handle(lying_wc)
-    assert _status(reply) == w.STATUS_INVALID_SMB and not close
+    [reply], events, close = exchange(engine, lying_wc)
+    assert status_of(reply) == w.STATUS_INVALID_SMB and not close
     assert events[0].kind == "malformed"
     # ByteCount claims more bytes than the message holds.
     lying_bc = good[:35] + struct.pack("<H", 5000) + good[37:]
-    [reply], events, _ = engine.handle(lying_bc)
-    assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "byte_count_exceeds_message"
+    [reply], events, _ = exchange(engine, lying_bc)
+    assert status_of(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "byte_count_exceeds_message"
     # An AndX offset that points backwards (a loop) or past the end.
     params = smb.SMBTreeConnectAndX_Parameters()
     params["PasswordLength"] = 1
-    tc = bytearray(raw.packet(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, params.getData(), _tree_connect_data()))
+    tc = bytearray(raw.packet(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, params.getData(), tree_connect_data()))
     for cmd, off in ((0x75, 10), (0x75, 32), (0xA2, 60000)):
         struct.pack_into("<BBH", tc, 33, cmd, 0, off)
-        [reply], events, close = engine.handle(bytes(tc))
-        assert _status(reply) == w.STATUS_INVALID_SMB and not close
+        [reply], events, close = exchange(engine, bytes(tc))
+        assert status_of(reply) == w.STATUS_INVALID_SMB and not close
         assert events[0].kind == "malformed"
 
 
@@ -587,27 +316,27 @@ def test_transaction_offsets_out_of_range_are_invalid_parameter():
     engine, raw = _negotiated_engine(seed=4)
     words = struct.pack("<HHHHBBHIHHHHHBB2H", 0, 4, 0, 1024, 0, 0, 0, 0, 0, 0, 0, 4, 0xFFF0, 2, 0, 0x26, 1)
     # Session checks come after the offset check, so no logon is needed to reach it.
-    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_TRANSACTION, words, b"\\PIPE\\\x00abcd"))
-    assert _status(reply) == w.STATUS_INVALID_PARAMETER and not close
+    [reply], events, close = exchange(engine, raw.packet(smb.SMB.SMB_COM_TRANSACTION, words, b"\\PIPE\\\x00abcd"))
+    assert status_of(reply) == w.STATUS_INVALID_PARAMETER and not close
     assert events[0].get("reason") == "transaction_offset_out_of_range"
 
 
 def test_command_before_negotiate_and_second_negotiate_are_errors():
-    engine = make_engine(seed=5)
+    engine = smb1_engine(seed=5)
     raw = RawClient.__new__(RawClient)
     raw.mid = 1
-    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_TREE_DISCONNECT, b"", b""))
-    assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "command_before_negotiate"
-    engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
-    [reply], events, close = engine.handle(raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
-    assert _status(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "second_negotiate"
+    [reply], events, close = exchange(engine, raw.packet(smb.SMB.SMB_COM_TREE_DISCONNECT, b"", b""))
+    assert status_of(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "command_before_negotiate"
+    exchange(engine, raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    [reply], events, close = exchange(engine, raw.packet(smb.SMB.SMB_COM_NEGOTIATE, b"", b"\x02NT LM 0.12\x00"))
+    assert status_of(reply) == w.STATUS_INVALID_SMB and events[0].get("reason") == "second_negotiate"
 
 
 def test_seeded_engine_is_deterministic():
     def run():
-        engine = make_engine(seed=9, now=lambda: 1_800_000_000.0)
+        engine = smb1_engine(seed=9, now=lambda: 1_800_000_000.0)
         raw = EngineClient(engine)
-        return raw.negotiate(), raw.session_setup(_spnego_negotiate())
+        return raw.negotiate(), raw.session_setup(spnego_negotiate())
     first, second = run(), run()
     assert first == second
     # The negotiate response carries the clock as a FILETIME (MS-CIFS 2.2.4.52.2 SystemTime).
@@ -620,7 +349,7 @@ def test_seeded_engine_is_deterministic():
 def test_fuzzed_messages_never_raise(tail, command):
     engine, raw = _negotiated_engine(seed=6)
     message = b"\xffSMB" + bytes([command]) + tail
-    responses, events, close = engine.handle(message)
+    responses, events, close = exchange(engine, message)
     assert close or responses or command == w.COM_NT_CANCEL
     if close:
         assert any(e.kind == "malformed" for e in events)
@@ -633,7 +362,7 @@ def test_fuzzed_command_blocks_never_raise(command, wc, words, data):
     engine, raw = _negotiated_engine(seed=7)
     words = (words + b"\x00" * 80)[:2 * wc]
     message = raw.packet(command, b"", b"")[:32] + bytes([wc]) + words + struct.pack("<H", len(data)) + data
-    responses, events, close = engine.handle(message)
+    responses, events, close = exchange(engine, message)
     assert not close
     assert responses or (command == w.COM_ECHO and words[:2] == b"\x00\x00")   # ECHO with EchoCount 0
     assert all(r.startswith(b"\xffSMB") for r in responses)
@@ -674,23 +403,23 @@ def _setup_parts(blob: bytes) -> tuple[int, bytes, bytes]:
 
 @pytest.mark.parametrize("password", [ALICE_PW, "wrong"])
 def test_session_setup_chained_with_tree_connect(password):
-    raw = EngineClient(make_engine(seed=11))
+    raw = EngineClient(smb1_engine(seed=11))
     raw.negotiate()
-    challenge = raw.session_setup(_spnego_negotiate())
-    uid = _uid(challenge)
-    reply = _chain(raw, _setup_parts(_spnego_authenticate(challenge, password)),
-                   (smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data()), uid)
+    challenge = raw.session_setup(spnego_negotiate())
+    uid = uid_of(challenge)
+    reply = _chain(raw, _setup_parts(spnego_authenticate(challenge, password)),
+                   (smb.SMB.SMB_COM_TREE_CONNECT_ANDX, tree_connect_params(), tree_connect_data()), uid)
     parsed = smb.NewSMBPacket(data=reply)
     trees = [e for e in raw.events if e.kind == "smb.tree_connect"]
     if password == ALICE_PW:
-        assert _status(reply) == 0
+        assert status_of(reply) == 0
         blocks = w.parse_chain(reply, w.COM_SESSION_SETUP_ANDX)
         assert [b.command for b in blocks] == [w.COM_SESSION_SETUP_ANDX, w.COM_TREE_CONNECT_ANDX]
         assert blocks[1].data.startswith(b"IPC\x00")
         assert parsed["Tid"] not in (0, 0xFFFF) and [t.get("result") for t in trees] == ["ok"]
     else:
         # The chained tree connect never runs on a failed logon.
-        assert _status(reply) == nt_errors.STATUS_LOGON_FAILURE
+        assert status_of(reply) == nt_errors.STATUS_LOGON_FAILURE
         assert trees == [] and parsed["Tid"] == 0xFFFF     # the request's Tid, echoed: no tree
 
 
@@ -700,23 +429,23 @@ def test_anonymous_needs_policy():
     for allowed in (False, True):
         config = replace(CONFIG, policy=replace(CONFIG.policy, anonymous_allowed=allowed))
         engines: list = []
-        raw = EngineClient(make_engine(config, seed=12, echo_engines=engines))
+        raw = EngineClient(smb1_engine(config, seed=12, echo_engines=engines))
         raw.negotiate()
-        challenge = raw.session_setup(_spnego_negotiate())
+        challenge = raw.session_setup(spnego_negotiate())
         type1 = ntlm.getNTLMSSPType1("WS", "")
         body = w.parse_block(challenge, w.HEADER_SIZE, w.COM_SESSION_SETUP_ANDX)
         blob = SPNEGO_NegTokenResp(body.data[:struct.unpack_from("<H", body.words, 6)[0]])
         type3, _ = ntlm.getNTLMSSPType3(type1, blob["ResponseToken"], "", "", "")
         token = SPNEGO_NegTokenResp()
         token["ResponseToken"] = type3.getData()
-        reply = raw.session_setup(token.getData(), uid=_uid(challenge))
+        reply = raw.session_setup(token.getData(), uid=uid_of(challenge))
         if not allowed:
-            assert _status(reply) == nt_errors.STATUS_LOGON_FAILURE
+            assert status_of(reply) == nt_errors.STATUS_LOGON_FAILURE
             continue
-        assert _status(reply) == 0
+        assert status_of(reply) == 0
         [setup] = [e for e in raw.events if e.kind == "smb.session_setup"]
         assert setup.get("session_flags") == "anonymous" and setup.get("signing") is False
-        uid = _uid(reply)
+        uid = uid_of(reply)
         tid = raw.tree_connect(uid)
         raw.open_pipe(uid, tid)
         assert engines[0].identity.user is None     # the pipe runs as nobody
@@ -730,8 +459,7 @@ def test_read_andx_overflow_and_logoff_closes_pipes():
             closed.append(self)
             return [Event("rpc", "rpc.test_closed", {})]
 
-    engine = make_engine(seed=13)
-    engine._pipes = PipeFactory({"echo": Closing})
+    engine = smb1_engine(seed=13, pipes=PipeFactory({"echo": Closing}))
     raw = EngineClient(engine)
     uid = raw.login()
     tid = raw.tree_connect(uid)
@@ -740,7 +468,7 @@ def test_read_andx_overflow_and_logoff_closes_pipes():
     wp["Fid"], wp["Offset"], wp["WriteMode"], wp["Remaining"], wp["DataLength"] = fid, 0, 8, 3, 3
     wp["DataOffset"] = 32 + 1 + 28 + 2 + 1
     reply = raw.send(smb.SMB.SMB_COM_WRITE_ANDX, wp.getData(), b"\x00abc", uid=uid, tid=tid)
-    assert _status(reply) == 0
+    assert status_of(reply) == 0
 
     def read(max_count: int) -> tuple[int, bytes]:
         rp = smb.SMBReadAndX_Parameters()
@@ -748,24 +476,24 @@ def test_read_andx_overflow_and_logoff_closes_pipes():
         r = raw.send(smb.SMB.SMB_COM_READ_ANDX, rp.getData(), b"", uid=uid, tid=tid)
         cmd = smb.SMBCommand(smb.NewSMBPacket(data=r)["Data"][0])
         params = smb.SMBReadAndXResponse_Parameters(cmd["Parameters"])
-        return _status(r), r[params["DataOffset"]:params["DataOffset"] + params["DataCount"]]
+        return status_of(r), r[params["DataOffset"]:params["DataOffset"] + params["DataCount"]]
 
     status, part = read(50)
     assert status == nt_errors.STATUS_BUFFER_OVERFLOW and part == EchoRpc.REPLY[:50]
     status, rest = read(4096)
     assert status == 0 and part + rest == EchoRpc.REPLY
     reply = raw.send(smb.SMB.SMB_COM_LOGOFF_ANDX, smb.SMBLogOffAndX().getData(), b"", uid=uid)
-    assert _status(reply) == 0
+    assert status_of(reply) == 0
     assert len(closed) == 1 and any(e.kind == "rpc.test_closed" for e in raw.events)
     # After logoff, the Uid, its tree and its Fid are gone.
-    status, _ = (_status(raw.send(smb.SMB.SMB_COM_CLOSE, struct.pack("<HI", fid, 0), b"", uid=uid, tid=tid)), None)
+    status, _ = (status_of(raw.send(smb.SMB.SMB_COM_CLOSE, struct.pack("<HI", fid, 0), b"", uid=uid, tid=tid)), None)
     assert status == nt_errors.STATUS_USER_SESSION_DELETED
 
 
 def test_client_without_nt_status_gets_dos_errors():
-    raw = EngineClient(make_engine(seed=14))
+    raw = EngineClient(smb1_engine(seed=14))
     raw.negotiate()
-    reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, _tree_connect_params(), _tree_connect_data(),
+    reply = raw.send(smb.SMB.SMB_COM_TREE_CONNECT_ANDX, tree_connect_params(), tree_connect_data(),
                      flags2=smb.SMB.FLAGS2_EXTENDED_SECURITY)
     # ERRSRV (2) / ERRbaduid (91): class in the first byte, code in the last two (MS-CIFS 2.2.3.1).
     assert reply[5] == 0x02 and struct.unpack_from("<H", reply, 7)[0] == 91
@@ -773,7 +501,7 @@ def test_client_without_nt_status_gets_dos_errors():
 
 def test_pipe_limit_gives_insufficient_resources():
     policy = replace(CONFIG.policy, limits=replace(CONFIG.policy.limits, max_pipes_per_connection=1))
-    raw = EngineClient(make_engine(replace(CONFIG, policy=policy), seed=15))
+    raw = EngineClient(smb1_engine(replace(CONFIG, policy=policy), seed=15))
     uid = raw.login()
     tid = raw.tree_connect(uid)
     raw.open_pipe(uid, tid)
@@ -783,22 +511,58 @@ def test_pipe_limit_gives_insufficient_resources():
     d = smb.SMBNtCreateAndX_Data(flags=0)
     d["FileName"] = name
     reply = raw.send(smb.SMB.SMB_COM_NT_CREATE_ANDX, p.getData(), d.getData(), uid=uid, tid=tid)
-    assert _status(reply) == nt_errors.STATUS_INSUFFICIENT_RESOURCES
+    assert status_of(reply) == nt_errors.STATUS_INSUFFICIENT_RESOURCES
     assert [e.get("limit") for e in raw.events if e.kind == "limit"] == ["max_pipes_per_connection"]
 
 
 def test_failed_reauthentication_destroys_the_session_and_its_pipes():
     engines: list = []
-    raw = EngineClient(make_engine(seed=16, echo_engines=engines))
+    raw = EngineClient(smb1_engine(seed=16, echo_engines=engines))
     uid = raw.login()
     tid = raw.tree_connect(uid)
     fid = raw.open_pipe(uid, tid)
-    challenge = raw.session_setup(_spnego_negotiate(), uid=uid)
-    assert _status(challenge) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED and _uid(challenge) == uid
-    failed = raw.session_setup(_spnego_authenticate(challenge, "wrong"), uid=uid)
-    assert _status(failed) == nt_errors.STATUS_LOGON_FAILURE
+    challenge = raw.session_setup(spnego_negotiate(), uid=uid)
+    assert status_of(challenge) == nt_errors.STATUS_MORE_PROCESSING_REQUIRED and uid_of(challenge) == uid
+    failed = raw.session_setup(spnego_authenticate(challenge, "wrong"), uid=uid)
+    assert status_of(failed) == nt_errors.STATUS_LOGON_FAILURE
     wp = smb.SMBWriteAndX_Parameters()
     wp["Fid"], wp["DataLength"], wp["DataOffset"] = fid, 1, 64
     reply = raw.send(smb.SMB.SMB_COM_WRITE_ANDX, wp.getData(), b"\x00x", uid=uid, tid=tid)
-    assert _status(reply) == nt_errors.STATUS_USER_SESSION_DELETED
+    assert status_of(reply) == nt_errors.STATUS_USER_SESSION_DELETED
     assert engines[0].writes == []
+
+
+# ---------------------------------------------------------------- re-authentication (MS-SMB 3.3.5.3)
+
+def test_reauthentication_keeps_the_session_and_its_pipes(lab):
+    """The same policy as SMB2 (session_core.py): the session and the pipes opened on it stay;
+    a pipe keeps the identity it was opened with, a pipe opened afterwards gets the new one."""
+    from harness.smb_peers import EC_LOGIN_PERM, EC_SUCCESS, conn_of, emsmdb_pipe, impacket_login, mailbox_answers
+    conn = impacket_login(lab, "alice", "SMB1")
+    cid = conn_of(lab, conn)
+    before = emsmdb_pipe(lab, conn)
+    conn.login("bob", lab.password("bob"), "CORP")          # SESSION_SETUP_ANDX on the same Uid
+    assert mailbox_answers(before, "alice", "bob") == [EC_SUCCESS, EC_LOGIN_PERM]
+    after = emsmdb_pipe(lab, conn)
+    assert mailbox_answers(after, "alice", "bob") == [EC_LOGIN_PERM, EC_SUCCESS]
+    setups = lab.records("smb.session_setup", conn=cid)
+    assert [(s["user"], s.get("reauth", False), s["uid"]) for s in setups] == [
+        ("alice", False, setups[0]["uid"]), ("bob", True, setups[0]["uid"])]
+    assert not lab.records("smb.close", conn=cid)
+    conn.close()
+
+
+def test_failed_reauthentication_with_impacket_ends_the_session(lab):
+    from harness.smb_peers import EC_SUCCESS, conn_of, emsmdb_pipe, impacket_login, mailbox_answers
+    conn = impacket_login(lab, "alice", "SMB1")
+    cid = conn_of(lab, conn)
+    pipe = emsmdb_pipe(lab, conn)
+    assert mailbox_answers(pipe, "alice") == [EC_SUCCESS]
+    with pytest.raises(SessionError) as failed:
+        conn.login("bob", "not-bobs", "CORP")
+    assert failed.value.getErrorCode() == nt_errors.STATUS_LOGON_FAILURE
+    with pytest.raises(SessionError) as gone:
+        mailbox_answers(pipe, "alice")
+    assert gone.value.getErrorCode() == nt_errors.STATUS_USER_SESSION_DELETED
+    assert [c["reason"] for c in lab.records("smb.close", conn=cid)] == ["logon_failed"]
+    conn.close()

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
+from ..auth.factory import AuthFactory
+from ..config import LabConfig
 from ..events import Event, limit, malformed
 from ..sansio import Output, ProtocolError
 from . import smb2_wire as w
+from .pipe import PipeFactory
+from .smb1 import Smb1Engine
 from .smb2 import Smb2Engine
 
 LAYER = "smb"
@@ -26,28 +30,15 @@ NB_KEEPALIVE = 0x85
 SMB2_DIALECT_STRINGS = ("SMB 2.002", "SMB 2.???")
 
 
-def _frame(message: bytes) -> bytes:
-    return bytes([NB_SESSION_MESSAGE]) + len(message).to_bytes(3, "big") + message
-
-
-def _load_smb1() -> Any | None:
-    try:
-        from .smb1 import Smb1Engine  # written alongside; absent in some checkouts
-    except ImportError:
-        return None
-    return Smb1Engine
-
-
 class SmbConnection:
-    def __init__(self, *, config: Any, auth: Any, pipes: Any, info: dict | None = None,
+    def __init__(self, *, config: LabConfig, auth: AuthFactory, pipes: PipeFactory, info: dict | None = None,
                  random_bytes: Callable[[int], bytes] = os.urandom,
                  now: Callable[[], float] = time.time) -> None:
         self._config = config
         self._max_message = config.policy.limits.max_pdu_size
-        self._kwargs = dict(config=config, auth=auth, pipes=pipes, info=dict(info or {}),
-                            random_bytes=random_bytes, now=now)
+        self._config_args = (config, auth, pipes, dict(info or {}), random_bytes, now)
         self._buffer = bytearray()
-        self._engine: Any = None          # Smb2Engine or Smb1Engine once the first message decides
+        self._engine: Smb2Engine | Smb1Engine | None = None    # once the first message decides
         self._smb1 = False
         self._engine_closed = False
         self.closed = False
@@ -110,17 +101,15 @@ class SmbConnection:
         if self._engine is None:
             self._first_message(message, out)
             return
-        responses, events, close = self._engine.handle(message)
-        out.data += b"".join(_frame(r) for r in responses)
-        out.events.extend(events)
-        if close:
-            out.close = True
+        result = self._engine.handle(message)
+        out.extend(result)
+        if result.close:
             self.closed = True
 
     def _first_message(self, message: bytes, out: Output) -> None:
         head = message[:4]
         if head == w.PROTOCOL_ID:
-            self._engine = Smb2Engine(**self._kwargs)
+            self._engine = self._smb2()
             self._message(message, out)
             return
         if head != w.SMB1_PROTOCOL_ID:
@@ -138,22 +127,20 @@ class SmbConnection:
             self._shutdown(out)
             return
         if any(d in SMB2_DIALECT_STRINGS for d in dialects):
-            engine = Smb2Engine(**self._kwargs)
+            engine = self._smb2()
             self._engine = engine
-            responses, events, close = engine.negotiate_from_smb1(dialects)
-            out.data += b"".join(_frame(r) for r in responses)
-            out.events.extend(events)
-            if close:
-                self._shutdown(out)
+            out.extend(engine.negotiate_from_smb1(dialects))
             return
-        smb1 = _load_smb1()
-        if smb1 is None:
-            out.events.append(malformed(LAYER, "smb1_not_available", client_dialects=dialects))
-            self._shutdown(out)
-            return
-        self._engine = smb1(**self._kwargs)
+        config, auth, pipes, info, random_bytes, now = self._config_args
+        self._engine = Smb1Engine(config=config, auth=auth, pipes=pipes, info=info,
+                                  random_bytes=random_bytes, now=now)
         self._smb1 = True
         self._message(message, out)
+
+    def _smb2(self) -> Smb2Engine:
+        config, auth, pipes, info, random_bytes, now = self._config_args
+        return Smb2Engine(config=config, auth=auth, pipes=pipes, info=info,
+                          random_bytes=random_bytes, now=now)
 
     def _shutdown(self, out: Output) -> None:
         out.close = True

@@ -1,13 +1,10 @@
 """Sans-IO SMB1 server engine (NT LM 0.12 with extended security) for IPC$ named pipes.
 
-One `Smb1Engine` per TCP connection. The transport strips the NetBIOS header and hands each
-SMB1 message to `handle`, which returns the response messages, the events and whether to close.
-Sessions (Uids), trees (Tids) and opens (Fids) exist only inside this engine, so ids guessed
-from another connection mean nothing here.
-
-Security rules that matter for KB Q146188: a Uid exists for others to use only after its SPNEGO
-exchange completed *successfully*; a failed logon destroys the Uid at once, so no tree connect
-or pipe open can ride on it. The pipe opened on a session runs with that session's identity.
+One `Smb1Engine` per TCP connection: the SMB1 dialect adapter around the shared SessionCore
+(session_core.py), which owns sessions (Uids), trees (Tids) and opens (Fids) and decides who a
+session is. The transport strips the NetBIOS header and hands each SMB1 message to `handle`,
+which returns an `Output`. Ids exist only inside this engine, so ids guessed from another
+connection mean nothing here.
 """
 
 from __future__ import annotations
@@ -18,13 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..auth.factory import AuthFactory
 from ..config import LabConfig
-from ..events import Event, event, limit, malformed
-from ..auth.context import authenticated_identity
-from ..identity import ANONYMOUS, SMB_SESSION, Identity
-from ..sansio import ProtocolError
-from .pipe import Pipe, PipeFactory
+from ..events import Event, event, malformed
+from ..sansio import Output, ProtocolError
+from .pipe import PipeFactory
 from . import smb1_wire as w
+from .session_core import Session, SessionCore, SmbError, Tree, Open, netbios_frame
 from .smb1_wire import Block, Header, Reply
 
 # Server limits advertised in NEGOTIATE (MS-CIFS 2.2.4.52.2).
@@ -50,44 +47,8 @@ WRITE_MSG_START = 0x0008
 TREE_CONNECT_EXTENDED_RESPONSE = 0x0008   # MS-SMB 2.2.4.7.1
 SMB_SUPPORT_SEARCH_BITS = 0x0001
 
-# Names for events: "TREE_CONNECT_ANDX" and "STATUS_SMB_BAD_TID" read better in a log than codes.
+# Names for events: "TREE_CONNECT_ANDX" reads better in a log than a code.
 _COMMAND_NAMES = {v: k[4:] for k, v in vars(w).items() if k.startswith("COM_") and k != "COM_NO_ANDX"}
-_STATUS_NAMES = {v: k for k, v in vars(w).items() if k.startswith("STATUS_")}
-
-
-class _Failure(Exception):
-    """A command failed with an NT status; internal control flow, never leaves the engine."""
-
-    def __init__(self, status: int, *events: Event) -> None:
-        super().__init__(hex(status))
-        self.status = status
-        self.events = list(events)
-
-
-@dataclass
-class _Session:
-    uid: int
-    acceptor: Any = field(repr=False)
-    identity: Identity | None = None     # set only once authentication succeeded
-
-    @property
-    def established(self) -> bool:
-        return self.identity is not None
-
-
-@dataclass
-class _Tree:
-    tid: int
-    uid: int
-    share: str
-
-
-@dataclass
-class _Open:
-    fid: int
-    tid: int
-    uid: int
-    pipe: Pipe
 
 
 @dataclass
@@ -117,25 +78,23 @@ class _Ids:
             self._next = (self._next + 1) & 0xFFFF
             if candidate not in (0, 0xFFFF) and candidate not in in_use:
                 return candidate
-        raise _Failure(w.STATUS_INSUFFICIENT_RESOURCES)
+        raise SmbError(w.STATUS_INSUFFICIENT_RESOURCES)
 
 
 class Smb1Engine:
-    def __init__(self, *, config: LabConfig, auth: Any, pipes: PipeFactory, info: dict | None = None,
+    def __init__(self, *, config: LabConfig, auth: AuthFactory, pipes: PipeFactory, info: dict | None = None,
                  random_bytes: Callable[[int], bytes] = os.urandom, now: Callable[[], float] = time.time) -> None:
         self._config = config
         self._auth = auth
-        self._pipes = pipes
-        self._info = dict(info or {})
         self._random = random_bytes
         self._now = now
         self._limits = config.policy.limits
         self._signing_required = bool(config.policy.smb_signing_required)
         self._negotiated = False
         self._extended_security = True
-        self._sessions: dict[int, _Session] = {}
-        self._trees: dict[int, _Tree] = {}
-        self._opens: dict[int, _Open] = {}
+        self.core: SessionCore[int] = SessionCore(
+            auth=auth, pipes=pipes, policy=config.policy, info=dict(info or {}), dialect=lambda: w.DIALECT,
+            in_progress_status=w.STATUS_ACCESS_DENIED, bad_tree_status=w.STATUS_SMB_BAD_TID)
         self._uids = _Ids(random_bytes)
         self._tids = _Ids(random_bytes)
         self._fids = _Ids(random_bytes)
@@ -144,19 +103,21 @@ class Smb1Engine:
         self._sequence = 0
 
     def __repr__(self) -> str:
-        return (f"Smb1Engine(sessions={len(self._sessions)}, trees={len(self._trees)}, "
-                f"opens={len(self._opens)}, signing={self._signing_key is not None})")
+        return f"Smb1Engine({self.core!r}, signing={self._signing_key is not None})"
 
     # ------------------------------------------------------------------ entry points
 
-    def handle(self, message: bytes) -> tuple[list[bytes], list[Event], bool]:
+    def handle(self, message: bytes) -> Output:
+        """One SMB1 message (without its NetBIOS header); the answer comes NetBIOS-framed."""
         try:
             header = w.parse_header(message)
         except ProtocolError as e:
             # Nothing in a broken header can be trusted, not even the Mid to answer with.
-            return [], [malformed(w.LAYER, e.reason, dialect=w.DIALECT)], True
-
+            return Output(b"", [malformed(w.LAYER, e.reason, dialect=w.DIALECT)], True)
         events: list[Event] = []
+        return Output(b"".join(netbios_frame(m) for m in self._messages(header, message, events)), events)
+
+    def _messages(self, header: Header, message: bytes, events: list[Event]) -> list[bytes]:
         request_seq = self._sequence
         if self._signing_key is not None:
             if header.command == w.COM_NT_CANCEL:
@@ -170,20 +131,20 @@ class Smb1Engine:
                 signed = bool(header.flags2 & w.FLAGS2_SMB_SECURITY_SIGNATURE)
                 events.append(event(w.LAYER, "smb.signature", result="bad_signature" if signed else "unsigned_request",
                                     command=f"0x{header.command:02x}", dialect=w.DIALECT))
-                return [self._finish(self._error_header(header, w.STATUS_ACCESS_DENIED), request_seq)], events, False
+                return [self._finish(self._error_header(header, w.STATUS_ACCESS_DENIED), request_seq)]
 
         if header.command == w.COM_NT_CANCEL:
-            return [], events, False
+            return []
 
         ctx = _Ctx(message, header, header.uid, header.tid, events)
         try:
             blocks = w.parse_chain(message, header.command)
         except ProtocolError as e:
             events.append(malformed(w.LAYER, e.reason, command=f"0x{header.command:02x}"))
-            return [self._finish(self._error_header(header, w.STATUS_INVALID_SMB), request_seq)], events, False
+            return [self._finish(self._error_header(header, w.STATUS_INVALID_SMB), request_seq)]
 
         if header.command == w.COM_ECHO:
-            return self._echo(ctx, blocks[0], request_seq), events, False
+            return self._echo(ctx, blocks[0], request_seq)
 
         replies: list[Reply] = []
         status, failed = w.STATUS_SUCCESS, None
@@ -191,7 +152,7 @@ class Smb1Engine:
             ctx.command = block.command
             try:
                 reply, status = self._dispatch(ctx, block)
-            except _Failure as f:
+            except SmbError as f:
                 ctx.events.extend(f.events)
                 status, failed = f.status, block.command
                 break
@@ -212,15 +173,10 @@ class Smb1Engine:
             # The session setup that starts signing is answered with sequence 1 and the next
             # request carries 2 (MS-CIFS 3.3.5.3).
             request_seq, self._sequence = 0, 2
-        return [self._finish(body, request_seq)], events, False
+        return [self._finish(body, request_seq)]
 
     def close(self) -> list[Event]:
-        events: list[Event] = []
-        for fid in list(self._opens):
-            events.extend(self._close_open(fid, "connection_closed"))
-        self._trees.clear()
-        self._sessions.clear()
-        return events
+        return self.core.close_all()
 
     # ------------------------------------------------------------------ framing helpers
 
@@ -252,7 +208,7 @@ class Smb1Engine:
         if cmd == w.COM_NEGOTIATE:
             return self._negotiate(ctx, block)
         if not self._negotiated:
-            raise _Failure(w.STATUS_INVALID_SMB, malformed(w.LAYER, "command_before_negotiate"))
+            raise SmbError(w.STATUS_INVALID_SMB, malformed(w.LAYER, "command_before_negotiate"))
         handler = {
             w.COM_SESSION_SETUP_ANDX: self._session_setup,
             w.COM_LOGOFF_ANDX: self._logoff,
@@ -265,7 +221,7 @@ class Smb1Engine:
             w.COM_CLOSE: self._close,
         }.get(cmd)
         if handler is None:
-            raise _Failure(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command=f"0x{cmd:02x}"))
+            raise SmbError(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command=f"0x{cmd:02x}"))
         return handler(ctx, block)
 
     # ------------------------------------------------------------------ NEGOTIATE
@@ -273,7 +229,7 @@ class Smb1Engine:
     def _negotiate(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
         if self._negotiated:
             # MS-CIFS 3.3.5.2: a second NEGOTIATE on a connection is an error.
-            raise _Failure(w.STATUS_INVALID_SMB, malformed(w.LAYER, "second_negotiate"))
+            raise SmbError(w.STATUS_INVALID_SMB, malformed(w.LAYER, "second_negotiate"))
         w.require_words(block, 0)
         dialects = w.parse_dialects(block.data)
         self._negotiated = True
@@ -309,7 +265,7 @@ class Smb1Engine:
     def _session_setup(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
         if block.word_count == 13:
             # Plain LM/NTLM responses in the request (MS-CIFS 2.2.4.53): not served.
-            raise _Failure(w.STATUS_LOGON_FAILURE, event(
+            raise SmbError(w.STATUS_LOGON_FAILURE, event(
                 w.LAYER, "smb.session_setup", user=None, domain="", ntlm_version="", dialect=w.DIALECT,
                 result="non_extended_security"))
         w.require_words(block, 12)
@@ -319,53 +275,32 @@ class Smb1Engine:
         blob = block.data[:blob_len]
 
         uid = ctx.uid
-        session = self._sessions.get(uid) if uid else None
+        session = self.core.sessions.get(uid) if uid else None
         if uid and session is None:
             # A Uid this connection never handed out, or one destroyed by a failed logon.
             raise self._refused(ctx, "no_session", w.STATUS_USER_SESSION_DELETED)
         if session is None:
-            if len(self._sessions) >= self._limits.max_sessions_per_connection:
-                raise _Failure(w.STATUS_INSUFFICIENT_RESOURCES, limit(
-                    w.LAYER, "max_sessions_per_connection", value=self._limits.max_sessions_per_connection))
-            uid = self._uids.take(self._sessions)
-            session = _Session(uid, self._auth.spnego())
-            self._sessions[uid] = session
-        elif session.established:
-            # Re-authentication: the session is unusable until the new exchange succeeds, and
-            # lost if it fails.
-            self._drop_session_state(uid, ctx.events)
-            session.identity, session.acceptor = None, self._auth.spnego()
+            uid = self._uids.take(self.core.sessions)
+            session = self.core.new_session(uid)
+        # An established session re-authenticates (MS-SMB 3.3.5.3): it keeps serving, with its
+        # trees and opens, until the new exchange succeeds or fails (session_core.py).
         ctx.uid = uid
 
-        step = session.acceptor.step(blob)
+        step, logon = self.core.authenticate(session, blob, uid=uid)
         ctx.events.extend(step.events)
-        if not step.complete:
+        if logon is None:
             return self._session_reply(step.token, 0, ctx.header.unicode), w.STATUS_MORE_PROCESSING_REQUIRED
 
-        result = session.acceptor.result
-        if not step.ok:
-            self._sessions.pop(uid, None)
-            ctx.uid = uid   # the failure response names the Uid that no longer exists
-            raise _Failure(w.STATUS_LOGON_FAILURE, self._setup_event(result, "failed", uid, signing=False))
-
-        anonymous = result is None or result.user is None or result.ntlm_version == "anonymous"
-        guest = not anonymous and result.ntlm_version == "guest"
-        session.identity = ANONYMOUS if anonymous else authenticated_identity(result, SMB_SESSION)
-        # Anonymous and guest logons have no session key to sign with (MS-SMB 3.3.5.3).
-        key = b"" if anonymous or guest else session.acceptor.session_key
-        wants_signing = self._signing_required or bool(ctx.header.flags2 & w.FLAGS2_SMB_SECURITY_SIGNATURE)
-        if self._signing_key is None and wants_signing and key:
-            self._signing_key = key
+        client_asks = bool(ctx.header.flags2 & w.FLAGS2_SMB_SECURITY_SIGNATURE)
+        if self._signing_key is None and self.core.signs(logon, client_asks):
+            # MS-CIFS 3.3.5.3: signing starts with the first session that has a key, and one key
+            # and sequence serve the whole connection from then on.
+            self._signing_key = logon.session_key
             ctx.signing_started = True
-        elif self._signing_required and self._signing_key is None:
-            # Policy requires signing but this logon has no key (anonymous or guest): refuse.
-            self._sessions.pop(uid, None)
-            raise _Failure(w.STATUS_ACCESS_DENIED, self._setup_event(result, "signing_required", uid, signing=False))
-        ctx.events.append(self._setup_event(
-            result, "ok", uid, signing=self._signing_key is not None,
-            session_flags="anonymous" if anonymous else "guest" if guest else "user"))
+        ctx.events.append(self.core.setup_event(session, signing=self._signing_key is not None, uid=uid))
         # Action bit 0 is SMB_SETUP_GUEST (MS-CIFS 2.2.4.53.2).
-        return self._session_reply(step.token, 0x0001 if guest else 0, ctx.header.unicode), w.STATUS_SUCCESS
+        return self._session_reply(step.token, 0x0001 if logon.kind == "guest" else 0,
+                                   ctx.header.unicode), w.STATUS_SUCCESS
 
     def _session_reply(self, token: bytes, action: int, unicode: bool) -> Reply:
         # NativeOS and NativeLanMan are left empty: nothing to fingerprint, nothing to parse wrong.
@@ -380,40 +315,28 @@ class Smb1Engine:
 
         return Reply(w.COM_SESSION_SETUP_ANDX, render=render)
 
-    def _setup_event(self, result: Any, outcome: str, uid: int, **extra: Any) -> Event:
-        reason = getattr(result, "reason", outcome) if outcome != "ok" else "ok"
-        if outcome == "signing_required":
-            reason = "signing_required"
-        return event(w.LAYER, "smb.session_setup", user=getattr(result, "user", None),
-                     domain=getattr(result, "domain", ""), ntlm_version=getattr(result, "ntlm_version", ""),
-                     result=reason, dialect=w.DIALECT, uid=uid, **extra)
-
     # ------------------------------------------------------------------ LOGOFF, TREE_(DIS)CONNECT
 
-    def _refused(self, ctx: _Ctx, reason: str, status: int, **fields: Any) -> _Failure:
+    def _refused(self, ctx: _Ctx, reason: str, status: int, **fields: Any) -> SmbError:
         """A request naming a Uid, Tid or Fid that grants nothing here: refused, and said so."""
-        return _Failure(status, event(
-            w.LAYER, "smb.refused", command=_COMMAND_NAMES.get(ctx.command, f"0x{ctx.command:02x}"),
-            reason=reason, status=_STATUS_NAMES.get(status, f"0x{status:08x}"), uid=ctx.uid, tid=ctx.tid,
-            dialect=w.DIALECT, **fields))
+        return self.core.refused(self._command(ctx), reason, status, **self._ids(ctx), **fields)
 
-    def _session(self, ctx: _Ctx) -> _Session:
-        session = self._sessions.get(ctx.uid)
-        if session is None:
-            # Never handed out, destroyed by a failed logon, logged off, or another connection's.
-            raise self._refused(ctx, "no_session", w.STATUS_USER_SESSION_DELETED)
-        if not session.established:
-            # Its SPNEGO exchange has not completed: nothing may ride on it yet.
-            raise self._refused(ctx, "no_session", w.STATUS_ACCESS_DENIED, session="in_progress")
-        return session
+    @staticmethod
+    def _command(ctx: _Ctx) -> str:
+        return _COMMAND_NAMES.get(ctx.command, f"0x{ctx.command:02x}")
+
+    @staticmethod
+    def _ids(ctx: _Ctx) -> dict[str, Any]:
+        return dict(uid=ctx.uid, tid=ctx.tid, dialect=w.DIALECT)
+
+    def _session(self, ctx: _Ctx) -> Session:
+        return self.core.usable(ctx.uid, self._command(ctx), **self._ids(ctx))
 
     def _logoff(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
         w.require_words(block, 2)
         session = self._session(ctx)
-        self._drop_session_state(session.uid, ctx.events)
-        del self._sessions[session.uid]
-        ctx.events.append(event(w.LAYER, "smb.logoff", user=session.identity.user if session.identity else None,
-                                uid=session.uid))
+        ctx.events.extend(self.core.drop_session(session.session_id, "session_ended"))
+        ctx.events.append(event(w.LAYER, "smb.logoff", user=session.identity.user, uid=session.session_id))
         return Reply(w.COM_LOGOFF_ANDX), w.STATUS_SUCCESS
 
     def _tree_connect(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
@@ -426,13 +349,13 @@ class Smb1Engine:
         path, after = w.read_string(ctx.message, block.data_offset + password_len, end, ctx.header.unicode)
         service, _ = w.read_string(ctx.message, after, end, False) if after < end else ("", end)
         share = path.replace("/", "\\").rstrip("\\").split("\\")[-1]
-        base = dict(share=share, user=session.identity.user, uid=session.uid, service=service)
+        base = dict(share=share, user=session.identity.user, uid=session.session_id, service=service)
         if not path.startswith("\\\\") or share.upper() != "IPC$":
-            raise _Failure(w.STATUS_BAD_NETWORK_NAME, event(w.LAYER, "smb.tree_connect", result="bad_network_name", **base))
+            raise SmbError(w.STATUS_BAD_NETWORK_NAME, event(w.LAYER, "smb.tree_connect", result="bad_network_name", **base))
         if service not in ("?????", "IPC"):
-            raise _Failure(w.STATUS_BAD_DEVICE_TYPE, event(w.LAYER, "smb.tree_connect", result="bad_device_type", **base))
-        tid = self._tids.take(self._trees)
-        self._trees[tid] = _Tree(tid, session.uid, "IPC$")
+            raise SmbError(w.STATUS_BAD_DEVICE_TYPE, event(w.LAYER, "smb.tree_connect", result="bad_device_type", **base))
+        tid = self._tids.take(self.core.tree_ids())
+        self.core.add_tree(tid, session, "IPC$")
         ctx.tid = tid
         ctx.events.append(event(w.LAYER, "smb.tree_connect", result="ok", tid=tid, **base))
         if flags & TREE_CONNECT_EXTENDED_RESPONSE:
@@ -449,81 +372,47 @@ class Smb1Engine:
 
         return Reply(w.COM_TREE_CONNECT_ANDX, render=render), w.STATUS_SUCCESS
 
-    def _tree(self, ctx: _Ctx) -> _Tree:
+    def _tree(self, ctx: _Ctx) -> tuple[Session, Tree]:
         session = self._session(ctx)
-        tree = self._trees.get(ctx.tid)
-        if tree is None or tree.uid != session.uid:
-            raise self._refused(ctx, "no_tree", w.STATUS_SMB_BAD_TID, user=session.identity.user)
-        return tree
+        return session, self.core.tree(session, ctx.tid, self._command(ctx), **self._ids(ctx))
 
     def _tree_disconnect(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
         w.require_words(block, 0)
-        tree = self._tree(ctx)
-        for fid in [f for f, o in self._opens.items() if o.tid == tree.tid]:
-            ctx.events.extend(self._close_open(fid, "tree_disconnect"))
-        del self._trees[tree.tid]
-        ctx.events.append(event(w.LAYER, "smb.tree_disconnect", tid=tree.tid, uid=tree.uid))
+        _session, tree = self._tree(ctx)
+        ctx.events.extend(self.core.disconnect_tree(tree))
+        ctx.events.append(event(w.LAYER, "smb.tree_disconnect", tid=tree.tree_id, uid=tree.session_id))
         return Reply(w.COM_TREE_DISCONNECT), w.STATUS_SUCCESS
 
     # ------------------------------------------------------------------ NT_CREATE_ANDX, CLOSE
 
     def _nt_create(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
         w.require_words(block, 24)
-        tree = self._tree(ctx)
-        session = self._sessions[tree.uid]
+        session, tree = self._tree(ctx)
         (_c, _r, _o, _res, name_len) = w.unpack_words("<BBHBH", block)
         end = block.data_offset + len(block.data)
         unicode = ctx.header.unicode
         start = block.data_offset + (1 if unicode and block.data_offset % 2 else 0)
         name, _ = w.read_string(ctx.message, start, end, unicode, name_len if name_len <= end - start else None)
-        if len(self._opens) >= self._limits.max_pipes_per_connection:
-            raise _Failure(w.STATUS_INSUFFICIENT_RESOURCES, limit(
-                w.LAYER, "max_pipes_per_connection", value=self._limits.max_pipes_per_connection))
-        identity = session.identity or ANONYMOUS
-        fid = self._fids.take(self._opens)
-        pipe, events = self._pipes.open(name, identity, dict(self._info, smb_dialect=w.DIALECT,
-                                                             smb_user=identity.qualified))
-        for ev in events:
-            if ev.kind == "smb.pipe_open":
-                ev = Event(ev.layer, ev.kind, {**ev.fields, "smb_user": identity.qualified, "fid": fid})
-            ctx.events.append(ev)
-        if pipe is None:
-            raise _Failure(w.STATUS_OBJECT_NAME_NOT_FOUND, event(
-                w.LAYER, "smb.pipe_open", pipe=PipeFactory.normalise(name), result="not_found",
-                smb_user=identity.qualified))
-        self._opens[fid] = _Open(fid, tree.tid, tree.uid, pipe)
+        fid = self._fids.take(self.core.opens)
+        _op, events = self.core.open_pipe(session, tree, name, fid, fid=fid)
+        ctx.events.extend(events)
         words = struct.pack("<BHIQQQQIQQHHB", 0, fid, FILE_OPENED, 0, 0, 0, 0, FILE_ATTRIBUTE_NORMAL, 4096, 0,
                             FILE_TYPE_MESSAGE_MODE_PIPE, NMPIPE_STATUS, 0)
         return Reply(w.COM_NT_CREATE_ANDX, words), w.STATUS_SUCCESS
 
-    def _open(self, ctx: _Ctx, fid: int) -> _Open:
-        tree = self._tree(ctx)
-        handle = self._opens.get(fid)
-        if handle is None or handle.tid != tree.tid or handle.uid != tree.uid:
-            raise self._refused(ctx, "unknown_file", w.STATUS_INVALID_HANDLE, fid=fid,
-                                user=self._sessions[tree.uid].identity.user)
+    def _open(self, ctx: _Ctx, fid: int) -> Open[int]:
+        session, tree = self._tree(ctx)
+        handle = self.core.find_open(fid, session, tree)
+        if handle is None:
+            raise self._refused(ctx, "unknown_file", w.STATUS_INVALID_HANDLE, fid=fid, user=session.identity.user)
         return handle
 
     def _close(self, ctx: _Ctx, block: Block) -> tuple[Reply, int]:
         w.require_words(block, 3)
         (fid, _mtime) = w.unpack_words("<HI", block)
         handle = self._open(ctx, fid)
-        ctx.events.extend(self._close_open(handle.fid, "close"))
+        ctx.events.extend(self.core.close_open(handle.handle, "close"))
         return Reply(w.COM_CLOSE), w.STATUS_SUCCESS
-
-    def _close_open(self, fid: int, reason: str) -> list[Event]:
-        handle = self._opens.pop(fid, None)
-        if handle is None:
-            return []
-        events = list(handle.pipe.close())
-        events.append(event(w.LAYER, "smb.close", pipe=handle.pipe.name, fid=fid, reason=reason))
-        return events
-
-    def _drop_session_state(self, uid: int, events: list[Event]) -> None:
-        for fid in [f for f, o in self._opens.items() if o.uid == uid]:
-            events.extend(self._close_open(fid, "session_ended"))
-        for tid in [t for t, tree in self._trees.items() if tree.uid == uid]:
-            del self._trees[tid]
 
     # ------------------------------------------------------------------ WRITE_ANDX, READ_ANDX
 
@@ -537,14 +426,14 @@ class Smb1Engine:
             # DataLengthHigh is only meaningful with CAP_LARGE_WRITEX; fall back to the low word.
             total = length
             if data_offset < block.offset or data_offset + total > len(ctx.message):
-                raise _Failure(w.STATUS_INVALID_PARAMETER, malformed(w.LAYER, "write_data_outside_message"))
+                raise SmbError(w.STATUS_INVALID_PARAMETER, malformed(w.LAYER, "write_data_outside_message"))
         data = ctx.message[data_offset:data_offset + total]
         if mode & (WRITE_RAW_MODE | WRITE_MSG_START) == (WRITE_RAW_MODE | WRITE_MSG_START):
             # The first fragment of a raw-mode message write starts with a 2-byte message length
             # (MS-CIFS 2.2.4.43.1 WriteMode), which is not part of the pipe data.
             data = data[2:]
         if handle.pipe.closed:
-            raise _Failure(w.STATUS_PIPE_DISCONNECTED)
+            raise SmbError(w.STATUS_PIPE_DISCONNECTED)
         ctx.events.extend(handle.pipe.write(bytes(data)))
         words = struct.pack("<HHHH", total & 0xFFFF, 0, total >> 16, 0)
         return Reply(w.COM_WRITE_ANDX, words), w.STATUS_SUCCESS
@@ -554,7 +443,7 @@ class Smb1Engine:
         (_c, _r, _o, fid, _offset, max_count, _min) = w.unpack_words("<BBHHIHH", block)
         handle = self._open(ctx, fid)
         if handle.pipe.closed and not handle.pipe.pending():
-            raise _Failure(w.STATUS_PIPE_DISCONNECTED)
+            raise SmbError(w.STATUS_PIPE_DISCONNECTED)
         data, more = handle.pipe.read(max_count)
         available = min(handle.pipe.pending(), 0xFFFF)
 
@@ -578,14 +467,14 @@ class Smb1Engine:
         setup = struct.unpack_from(f"<{setup_count}H", block.words, 28)
         for off, count in ((param_offset, param_count), (data_offset, data_count)):
             if count and (off < block.data_offset or off + count > block.data_offset + len(block.data)):
-                raise _Failure(w.STATUS_INVALID_PARAMETER, malformed(w.LAYER, "transaction_offset_out_of_range"))
+                raise SmbError(w.STATUS_INVALID_PARAMETER, malformed(w.LAYER, "transaction_offset_out_of_range"))
         if param_count != total_params or data_count != total_data:
             # Secondary transaction requests are not served: refuse a request that needs them.
-            raise _Failure(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command="transaction_secondary"))
+            raise SmbError(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command="transaction_secondary"))
         end = block.data_offset + len(block.data)
         name, _ = w.read_string(ctx.message, block.data_offset, end, ctx.header.unicode)
         if name.upper() != "\\PIPE\\" or not setup:
-            raise _Failure(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command="transaction", name=name[:64]))
+            raise SmbError(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command="transaction", name=name[:64]))
         params = ctx.message[param_offset:param_offset + param_count]
         data = ctx.message[data_offset:data_offset + data_count]
         function = setup[0]
@@ -597,21 +486,21 @@ class Smb1Engine:
         out_params, out_data = b"", b""
         if function == TRANS_TRANSACT_NMPIPE:
             if handle.pipe.closed:
-                raise _Failure(w.STATUS_PIPE_DISCONNECTED)
+                raise SmbError(w.STATUS_PIPE_DISCONNECTED)
             out_data, more, events = handle.pipe.transceive(bytes(data), max_data)
             ctx.events.extend(events)
             if more:
                 status = w.STATUS_BUFFER_OVERFLOW
         elif function == TRANS_SET_NMPIPE_STATE:
             if len(params) < 2:
-                raise _Failure(w.STATUS_INVALID_PARAMETER, malformed(w.LAYER, "set_nmpipe_state_params"))
+                raise SmbError(w.STATUS_INVALID_PARAMETER, malformed(w.LAYER, "set_nmpipe_state_params"))
         elif function == TRANS_QUERY_NMPIPE_STATE:
             out_params = struct.pack("<H", NMPIPE_STATUS)
         elif function == TRANS_PEEK_NMPIPE:
             pending = min(handle.pipe.pending(), 0xFFFF)
             out_params = struct.pack("<HHH", pending, pending, 3)   # 3: connected
         else:
-            raise _Failure(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command=f"transaction_0x{function:04x}"))
+            raise SmbError(w.STATUS_NOT_SUPPORTED, event(w.LAYER, "smb.unsupported", command=f"transaction_0x{function:04x}"))
         return Reply(w.COM_TRANSACTION, render=w.transaction_layout(out_params, out_data)), status
 
     # ------------------------------------------------------------------ ECHO

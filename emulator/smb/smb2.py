@@ -17,12 +17,14 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..auth.factory import AuthFactory
+from ..config import LabConfig
 from ..events import Event, event, limit, malformed
-from ..auth.context import authenticated_identity
-from ..identity import ANONYMOUS, SMB_SESSION, Identity
-from ..sansio import ProtocolError
+from ..sansio import Output, ProtocolError
 from . import ntstatus as st
 from . import smb2_wire as w
+from .pipe import Pipe, PipeFactory
+from .session_core import Open, Session, SessionCore, SmbError, Tree, netbios_frame
 from .smb2_signing import Signer, session_key_16, signing_key
 
 LAYER = "smb"
@@ -51,31 +53,12 @@ def dialect_name(d: int) -> str:
 
 
 @dataclass
-class Open:
-    file_id: bytes
-    pipe: Any
-    session_id: int
-    tree_id: int
-
-
-@dataclass
-class Tree:
-    tree_id: int
-    share: str
-
-
-@dataclass
-class Session:
-    session_id: int
-    acceptor: Any = field(repr=False)
-    valid: bool = False
-    identity: Identity = ANONYMOUS
+class Keys:
+    """What SMB2 keeps per session beside the core's state: signing and the 3.1.1 preauth hash."""
     signer: Signer | None = field(default=None, repr=False)
     signing_required: bool = False
     preauth: bytes = field(default=b"", repr=False)
-    trees: dict[int, Tree] = field(default_factory=dict)
     next_tree_id: int = 1
-    label: str = ""             # DOMAIN\user for events
 
 
 @dataclass
@@ -107,13 +90,15 @@ class _Chain:
 
 
 class Smb2Engine:
-    def __init__(self, *, config: Any, auth: Any, pipes: Any, info: dict | None = None,
-                 random_bytes: Callable[[int], bytes], now: Callable[[], float]) -> None:
+    """The SMB2 dialect adapter: SMB2 framing, credits, signing and compounds around the
+    shared SessionCore (session_core.py)."""
+
+    def __init__(self, *, config: LabConfig, auth: AuthFactory, pipes: PipeFactory,
+                 info: dict | None = None, random_bytes: Callable[[int], bytes],
+                 now: Callable[[], float]) -> None:
         self._config = config
         self._limits = config.policy.limits
         self._auth = auth
-        self._pipes = pipes
-        self._info = dict(info or {})
         self._random = random_bytes
         self._now = now
         self._server_guid = random_bytes(16)
@@ -127,36 +112,49 @@ class Smb2Engine:
         self._preauth = b""
         self._available: set[int] = {0}
         self._next_grant = 1
-        self._sessions: dict[int, Session] = {}
-        self._opens: dict[bytes, Open] = {}
+        self._keys: dict[int, Keys] = {}
+        self.core: SessionCore[bytes] = SessionCore(
+            auth=auth, pipes=pipes, policy=config.policy, info=dict(info or {}),
+            dialect=lambda: dialect_name(self.dialect or 0), forget=self._forget)
         self.closed = False
+
+    def __repr__(self) -> str:
+        return f"Smb2Engine(dialect={dialect_name(self.dialect or 0)}, {self.core!r})"
+
+    def _forget(self, session_id: int) -> None:
+        self._keys.pop(session_id, None)
 
     # ------------------------------------------------------------------ entry points
 
-    def handle(self, message: bytes) -> tuple[list[bytes], list[Event], bool]:
+    def handle(self, message: bytes) -> Output:
+        """One SMB2 message (a compound chain, without its NetBIOS header)."""
+        out = Output()
         if self.closed:
-            return [], [], True
-        events: list[Event] = []
+            out.close = True
+            return out
         try:
             elements = w.split_compound(message)
             replies: list[tuple[w.Header, Reply]] = []
             chain = _Chain()
             for i, element in enumerate(elements):
                 header = w.parse_header(element)
-                reply = self._element(i, element, header, chain, events)
+                reply = self._element(i, element, header, chain, out.events)
                 if reply is not None:
                     replies.append((header, reply))
-            return ([self._serialise(replies)] if replies else []), events, False
+            if replies:
+                out.data = netbios_frame(self._serialise(replies))
+            return out
         except ProtocolError as exc:
-            events.append(malformed(LAYER, exc.reason))
+            out.events.append(malformed(LAYER, exc.reason))
         except _Close as exc:
-            events.append(malformed(LAYER, exc.reason, **exc.fields))
+            out.events.append(malformed(LAYER, exc.reason, **exc.fields))
         except Exception as exc:  # never let a bug in one connection take the server down
-            events.append(malformed(LAYER, "internal_error", error=type(exc).__name__))
-        events.extend(self.close())
-        return [], events, True
+            out.events.append(malformed(LAYER, "internal_error", error=type(exc).__name__))
+        out.events.extend(self.close())
+        out.data, out.close = b"", True
+        return out
 
-    def negotiate_from_smb1(self, dialects: list[str]) -> tuple[list[bytes], list[Event], bool]:
+    def negotiate_from_smb1(self, dialects: list[str]) -> Output:
         """Answer an SMB1 NEGOTIATE that offers SMB2 (multi-protocol negotiate, MS-SMB2
         3.3.5.3.1) with an SMB2 NEGOTIATE response. "SMB 2.???" leaves the dialect open (0x02FF)
         and the client follows with a real SMB2 NEGOTIATE; "SMB 2.002" alone settles 2.0.2."""
@@ -176,14 +174,11 @@ class Smb2Engine:
         ev = event(LAYER, "smb.negotiate", dialect=dialect_name(chosen), via="smb1",
                    signing_required=bool(self._security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
                    client_dialects=list(dialects))
-        return [data], [ev], False
+        return Output(netbios_frame(data), [ev])
 
     def close(self) -> list[Event]:
-        events: list[Event] = []
-        for op in list(self._opens.values()):
-            events.extend(self._close_open(op, reason="connection_closed"))
-        self._opens.clear()
-        self._sessions.clear()
+        events = self.core.close_all()
+        self._keys.clear()
         self.closed = True
         return events
 
@@ -279,27 +274,27 @@ class Smb2Engine:
             return self._signed_like_request(h, Reply(st.STATUS_SUCCESS, w.build_simple_response()))
 
         command = w.COMMAND_NAMES.get(h.command, h.command)
-        session = self._sessions.get(h.session_id)
-        if session is None or not session.valid:
-            # Unknown, failed, logged-off or foreign SessionId: refused, and said so.
-            events.append(event(LAYER, "smb.refused", command=command, reason="no_session",
-                                status=st.status_name(st.STATUS_USER_SESSION_DELETED)))
-            return Reply(st.STATUS_USER_SESSION_DELETED, w.build_error_response())
+        try:
+            return self._in_session(msg, h, command, chain, related, events)
+        except SmbError as exc:
+            events.extend(exc.events)
+            session = self.core.sessions.get(h.session_id)
+            reply = Reply(exc.status, w.build_error_response())
+            return self._finish(h, session, reply) if session is not None and session.established else reply
+
+    def _in_session(self, msg: bytes, h: w.Header, command: Any, chain: _Chain, related: bool,
+                    events: list[Event]) -> Reply:
+        session = self.core.usable(h.session_id, command)
         denied = self._check_signature(msg, h, session, events)
         if denied is not None:
             return denied
-
         if h.command == w.LOGOFF:
             return self._logoff(msg, h, session, events)
         if h.command == w.TREE_CONNECT:
             return self._finish(h, session, self._tree_connect(msg, session, events))
         if h.command not in TREE_COMMANDS:
             return self._finish(h, session, Reply(st.STATUS_NOT_SUPPORTED, w.build_error_response()))
-        tree = session.trees.get(h.tree_id)
-        if tree is None:
-            events.append(event(LAYER, "smb.refused", command=command, reason="no_tree",
-                                status=st.status_name(st.STATUS_NETWORK_NAME_DELETED), user=session.label))
-            return self._finish(h, session, Reply(st.STATUS_NETWORK_NAME_DELETED, w.build_error_response()))
+        tree = self.core.tree(session, h.tree_id, command)
         handler = {
             w.TREE_DISCONNECT: self._tree_disconnect, w.CREATE: self._create, w.CLOSE: self._close,
             w.FLUSH: self._flush, w.READ: self._read, w.WRITE: self._write, w.IOCTL: self._ioctl,
@@ -318,27 +313,29 @@ class Smb2Engine:
     def _finish(self, h: w.Header, session: Session, reply: Reply) -> Reply:
         """Responses are signed when the request was signed or the session requires signing
         (MS-SMB2 3.3.4.1.1)."""
-        if session.signer is not None and (session.signing_required or h.flags & w.FLAGS_SIGNED):
-            reply.signer, reply.sign = session.signer, True
+        keys = self._keys.get(session.session_id)
+        if keys is not None and keys.signer is not None and (keys.signing_required or h.flags & w.FLAGS_SIGNED):
+            reply.signer, reply.sign = keys.signer, True
         return reply
 
     def _signed_like_request(self, h: w.Header, reply: Reply) -> Reply:
-        session = self._sessions.get(h.session_id)
-        if session is not None and session.valid:
+        session = self.core.sessions.get(h.session_id)
+        if session is not None and session.established:
             return self._finish(h, session, reply)
         return reply
 
     def _check_signature(self, msg: bytes, h: w.Header, session: Session,
                          events: list[Event]) -> Reply | None:
-        if session.signer is None:
+        keys = self._keys.get(session.session_id)
+        if keys is None or keys.signer is None:
             return None             # anonymous and guest sessions have no key to sign with
         command = w.COMMAND_NAMES.get(h.command, h.command)
         if h.flags & w.FLAGS_SIGNED:
-            if session.signer.verify(msg):
+            if keys.signer.verify(msg):
                 return None
             events.append(malformed(LAYER, "bad_signature", command=command, user=session.label))
             return Reply(st.STATUS_ACCESS_DENIED, w.build_error_response())
-        if session.signing_required:
+        if keys.signing_required:
             events.append(malformed(LAYER, "unsigned_request", command=command, user=session.label))
             return Reply(st.STATUS_ACCESS_DENIED, w.build_error_response())
         return None
@@ -417,82 +414,89 @@ class Smb2Engine:
         req = w.parse_session_setup(msg)
         if req.flags & w.SESSION_SETUP_FLAG_BINDING:
             return Reply(st.STATUS_REQUEST_NOT_ACCEPTED, w.build_error_response())  # no multichannel
-        if h.session_id == 0:
-            if len(self._sessions) >= self._limits.max_sessions_per_connection:
-                events.append(limit(LAYER, "max_sessions_per_connection",
-                                    value=self._limits.max_sessions_per_connection))
-                return Reply(st.STATUS_REQUEST_NOT_ACCEPTED, w.build_error_response())
-            session = Session(self._new_session_id(), self._auth.spnego(), preauth=self._preauth)
-            self._sessions[session.session_id] = session
-        else:
-            session = self._sessions.get(h.session_id)
-            if session is None:
-                return Reply(st.STATUS_USER_SESSION_DELETED, w.build_error_response())
-            if session.valid:
-                # Re-authentication is not offered; the existing session is left as it is.
-                return self._finish(h, session, Reply(st.STATUS_REQUEST_NOT_ACCEPTED, w.build_error_response()))
-        if req.security_mode & w.NEGOTIATE_SIGNING_REQUIRED or self._config.policy.smb_signing_required:
-            session.signing_required = True
-        if self.dialect == w.DIALECT_311:
-            session.preauth = hashlib.sha512(session.preauth + msg).digest()
+        try:
+            return self._authenticate(msg, h, req, events)
+        except SmbError as exc:
+            events.extend(exc.events)
+            return Reply(exc.status, w.build_error_response(), session_id=h.session_id or None)
 
-        step = session.acceptor.step(req.token)
-        events.extend(step.events)
+    def _authenticate(self, msg: bytes, h: w.Header, req: w.SessionSetupRequest,
+                      events: list[Event]) -> Reply:
+        if h.session_id == 0:
+            try:
+                session = self.core.new_session(self._new_session_id())
+            except SmbError as exc:
+                raise SmbError(st.STATUS_REQUEST_NOT_ACCEPTED, *exc.events) from None
+            self._keys[session.session_id] = Keys(preauth=self._preauth)
+        else:
+            found = self.core.sessions.get(h.session_id)
+            if found is None:
+                raise SmbError(st.STATUS_USER_SESSION_DELETED)
+            session = found
+            if session.established:
+                # Re-authentication (MS-SMB2 3.3.5.5.2): a signed request is checked with the
+                # session's key; the exchange runs while the session keeps serving.
+                denied = self._check_signature(msg, h, session, events)
+                if denied is not None:
+                    return denied
+        keys = self._keys[session.session_id]
+        if req.security_mode & w.NEGOTIATE_SIGNING_REQUIRED or self._config.policy.smb_signing_required:
+            keys.signing_required = True
+        if self.dialect == w.DIALECT_311 and not session.established:
+            keys.preauth = hashlib.sha512(keys.preauth + msg).digest()
+
         sid = session.session_id
-        if not step.complete:
+        try:
+            step, logon = self.core.authenticate(session, req.token)
+        except SmbError as exc:
+            # A failed logon grants nothing: the session is gone (the answer still names it).
+            events.extend(exc.events)
+            return Reply(exc.status, w.build_error_response(), session_id=sid)
+        events.extend(step.events)
+        if logon is None:
             reply = Reply(st.STATUS_MORE_PROCESSING_REQUIRED,
                           w.build_session_setup_response(0, step.token), session_id=sid)
+            if session.established:
+                # A re-authentication runs on a session that signs: answered like any request.
+                return self._finish(h, session, reply)
             if self.dialect == w.DIALECT_311:
-                def after(data: bytes, s: Session = session) -> None:
-                    s.preauth = hashlib.sha512(s.preauth + data).digest()
+                def after(data: bytes, k: Keys = keys) -> None:
+                    k.preauth = hashlib.sha512(k.preauth + data).digest()
                 reply.on_sent = after
             return reply
 
-        result = session.acceptor.result
-        fields = dict(user=getattr(result, "user", None), domain=getattr(result, "domain", ""),
-                      ntlm_version=getattr(result, "ntlm_version", None),
-                      dialect=dialect_name(self.dialect or 0))
-        if not step.ok:
-            # A failed logon grants nothing: the half-made session is gone.
-            del self._sessions[sid]
-            reason = getattr(result, "reason", None) or "malformed"
-            events.append(event(LAYER, "smb.session_setup", result=reason, signing=False, **fields))
-            return Reply(st.STATUS_LOGON_FAILURE, w.build_error_response(), session_id=sid)
-
-        anonymous = result.user is None or result.ntlm_version == "anonymous"
-        guest = result.ntlm_version == "guest"
-        session.identity = ANONYMOUS if anonymous else authenticated_identity(result, SMB_SESSION)
-        session.label = session.identity.qualified
-        session.valid = True
-        flags = w.SESSION_FLAG_IS_NULL if anonymous else (w.SESSION_FLAG_IS_GUEST if guest else 0)
+        flags = {"anonymous": w.SESSION_FLAG_IS_NULL, "guest": w.SESSION_FLAG_IS_GUEST}.get(logon.kind, 0)
         reply = Reply(st.STATUS_SUCCESS, w.build_session_setup_response(flags, step.token), session_id=sid)
-        if anonymous or guest:
-            session.signing_required = False
-        else:
-            key = session_key_16(session.acceptor.session_key)
-            session.signer = Signer(self.dialect, signing_key(self.dialect, key, session.preauth),
-                                    self._signing_algorithm if self.dialect == w.DIALECT_311 else None)
+        if logon.reauth:
+            # The session keeps its keys and its signing (MS-SMB2 3.3.5.5.2).
+            events.append(self.core.setup_event(
+                session, signing=keys.signing_required and keys.signer is not None))
+            return self._finish(h, session, reply)
+        if logon.kind != "user":
+            # No key to sign with: Windows and Samba serve such sessions unsigned
+            # (docs/security.md, "Signing, anonymous and guest").
+            keys.signing_required = False
+        elif keys.signer is None and logon.session_key:
+            key = session_key_16(logon.session_key)
+            keys.signer = Signer(self.dialect, signing_key(self.dialect, key, keys.preauth),
+                                 self._signing_algorithm if self.dialect == w.DIALECT_311 else None)
+        if keys.signer is not None and (self.dialect >= w.DIALECT_300 or keys.signing_required):
             # MS-SMB2 3.3.5.5.3: 3.x always signs the final response; 2.x when signing is required.
-            if self.dialect >= w.DIALECT_300 or session.signing_required:
-                reply.signer, reply.sign = session.signer, True
-        events.append(event(LAYER, "smb.session_setup", result="ok",
-                            signing=session.signing_required and session.signer is not None,
-                            session_flags=("anonymous" if anonymous else "guest" if guest else "user"),
-                            **fields))
+            reply.signer, reply.sign = keys.signer, True
+        events.append(self.core.setup_event(
+            session, signing=keys.signing_required and keys.signer is not None))
         return reply
 
     def _new_session_id(self) -> int:
         while True:
             sid = int.from_bytes(self._random(8), "little")
-            if sid not in (0, 0xFFFFFFFFFFFFFFFF) and sid not in self._sessions:
+            if sid not in (0, 0xFFFFFFFFFFFFFFFF) and sid not in self.core.sessions:
                 return sid
 
     def _logoff(self, msg: bytes, h: w.Header, session: Session, events: list[Event]) -> Reply:
         w.parse_simple(msg)
         reply = self._finish(h, session, Reply(st.STATUS_SUCCESS, w.build_simple_response()))
-        for op in [o for o in self._opens.values() if o.session_id == session.session_id]:
-            events.extend(self._close_open(op, reason="logoff"))
-        del self._sessions[session.session_id]
+        events.extend(self.core.drop_session(session.session_id, "logoff"))
         events.append(event(LAYER, "smb.logoff", user=session.identity.user,
                             domain=session.identity.domain))
         return reply
@@ -508,75 +512,59 @@ class Smb2Engine:
             events.append(event(LAYER, "smb.tree_connect", share=share if share is not None else path,
                                 result="bad_network_name", user=session.identity.user))
             return Reply(st.STATUS_BAD_NETWORK_NAME, w.build_error_response())
-        if len(session.trees) >= MAX_TREES_PER_SESSION:
+        if self.core.tree_count(session.session_id) >= MAX_TREES_PER_SESSION:
             events.append(limit(LAYER, "max_trees_per_session", value=MAX_TREES_PER_SESSION))
             return Reply(st.STATUS_INSUFFICIENT_RESOURCES, w.build_error_response())
-        tid = session.next_tree_id
-        session.next_tree_id += 1
-        session.trees[tid] = Tree(tid, "IPC$")
+        tid = self._next_tree_id(session)
+        self.core.add_tree(tid, session, "IPC$")
         events.append(event(LAYER, "smb.tree_connect", share="IPC$", result="ok",
                             user=session.identity.user, domain=session.identity.domain))
         return Reply(st.STATUS_SUCCESS, w.build_tree_connect_response(
             w.SHARE_TYPE_PIPE, SHAREFLAG_NO_CACHING, 0, MAXIMAL_ACCESS_IPC), tree_id=tid)
 
+    def _next_tree_id(self, session: Session) -> int:
+        """TreeIds count from 1 in each session and are never reused within it."""
+        keys = self._keys[session.session_id]
+        tid, keys.next_tree_id = keys.next_tree_id, keys.next_tree_id + 1
+        return tid
+
     def _tree_disconnect(self, msg, h, session, tree, chain, related, events) -> Reply:
         w.parse_simple(msg)
-        for op in [o for o in self._opens.values()
-                   if o.session_id == session.session_id and o.tree_id == tree.tree_id]:
-            events.extend(self._close_open(op, reason="tree_disconnect"))
-        del session.trees[tree.tree_id]
+        events.extend(self.core.disconnect_tree(tree))
         return Reply(st.STATUS_SUCCESS, w.build_simple_response())
 
     # ------------------------------------------------------------------ files (pipes)
 
     def _lookup(self, file_id: bytes, session: Session, tree: Tree, chain: _Chain,
-                related: bool) -> Open | None:
+                related: bool) -> Open[bytes] | None:
         if related and file_id == w.FILE_ID_ANY and chain.file_id is not None:
             file_id = chain.file_id
-        op = self._opens.get(file_id)
-        if op is None or op.session_id != session.session_id or op.tree_id != tree.tree_id:
-            return None
-        chain.file_id = op.file_id
+        op = self.core.find_open(file_id, session, tree)
+        if op is not None:
+            chain.file_id = op.handle
         return op
 
     def _create(self, msg, h, session, tree, chain, related, events) -> Reply:
         req = w.parse_create(msg)
-        name = req.name.lstrip("\\")
-        if not name:
-            return Reply(st.STATUS_OBJECT_NAME_NOT_FOUND, w.build_error_response())
-        if len(self._opens) >= self._limits.max_pipes_per_connection:
-            events.append(limit(LAYER, "max_pipes_per_connection",
-                                value=self._limits.max_pipes_per_connection))
-            return Reply(st.STATUS_INSUFFICIENT_RESOURCES, w.build_error_response())
-        info = dict(self._info, smb_dialect=dialect_name(self.dialect or 0), smb_user=session.label)
-        pipe, pipe_events = self._pipes.open(name, session.identity, info)
-        for ev in pipe_events:
-            if ev.kind == "smb.pipe_open":
-                ev = Event(ev.layer, ev.kind, {**ev.fields, "smb_user": session.label})
-            events.append(ev)
-        if pipe is None:
-            events.append(event(LAYER, "smb.pipe_open", pipe=name, result="not_found",
-                                smb_user=session.label))
-            return Reply(st.STATUS_OBJECT_NAME_NOT_FOUND, w.build_error_response())
         while True:
             file_id = self._random(16)
-            if file_id != w.FILE_ID_ANY and file_id not in self._opens:
+            if file_id != w.FILE_ID_ANY and file_id not in self.core.opens:
                 break
-        self._opens[file_id] = Open(file_id, pipe, session.session_id, tree.tree_id)
+        name = req.name.lstrip("\\")
+        try:
+            _op, pipe_events = self.core.open_pipe(session, tree, name, file_id)
+        except SmbError as exc:
+            events.extend(exc.events)
+            return Reply(exc.status, w.build_error_response())
+        events.extend(pipe_events)
         chain.file_id = file_id
         return Reply(st.STATUS_SUCCESS, w.build_create_response(file_id, allocation=4096))
-
-    def _close_open(self, op: Open, reason: str) -> list[Event]:
-        self._opens.pop(op.file_id, None)
-        events = list(op.pipe.close())
-        events.append(event(LAYER, "smb.close", pipe=op.pipe.name, reason=reason))
-        return events
 
     def _close(self, msg, h, session, tree, chain, related, events) -> Reply:
         op = self._lookup(w.parse_close(msg), session, tree, chain, related)
         if op is None:
             return Reply(st.STATUS_FILE_CLOSED, w.build_error_response())
-        events.extend(self._close_open(op, reason="close"))
+        events.extend(self.core.close_open(op.handle, "close"))
         return Reply(st.STATUS_SUCCESS, w.build_close_response())
 
     def _flush(self, msg, h, session, tree, chain, related, events) -> Reply:
@@ -638,7 +626,7 @@ class Smb2Engine:
         data, more, pipe_events = op.pipe.transceive(req.input, min(req.max_output, self._max_io))
         events.extend(pipe_events)
         status = st.STATUS_BUFFER_OVERFLOW if more else st.STATUS_SUCCESS
-        return Reply(status, w.build_ioctl_response(req.ctl_code, op.file_id, data))
+        return Reply(status, w.build_ioctl_response(req.ctl_code, op.handle, data))
 
     def _validate_negotiate(self, req: w.IoctlRequest, session: Session) -> Reply:
         """MS-SMB2 3.3.5.15.12: the client repeats what it sent in NEGOTIATE inside a signed
@@ -653,8 +641,9 @@ class Smb2Engine:
         out = w.build_validate_negotiate_response(self._capabilities, self._server_guid,
                                                   self._security_mode, self.dialect or 0)
         reply = Reply(st.STATUS_SUCCESS, w.build_ioctl_response(req.ctl_code, req.file_id, out))
-        if session.signer is not None:
-            reply.signer, reply.sign = session.signer, True
+        keys = self._keys.get(session.session_id)
+        if keys is not None and keys.signer is not None:
+            reply.signer, reply.sign = keys.signer, True
         return reply
 
     def _query_info(self, msg, h, session, tree, chain, related, events) -> Reply:
@@ -672,7 +661,7 @@ class Smb2Engine:
         return Reply(st.STATUS_SUCCESS, w.build_query_info_response(data))
 
 
-def _pipe_file_info(info_class: int, pipe: Any) -> bytes | None:
+def _pipe_file_info(info_class: int, pipe: Pipe) -> bytes | None:
     """The FILE_INFORMATION classes (MS-FSCC 2.4) clients ask of a named pipe."""
     if info_class == 4:          # FileBasicInformation
         return struct.pack("<QQQQII", 0, 0, 0, 0, w.FILE_ATTRIBUTE_NORMAL, 0)
