@@ -193,6 +193,15 @@ class LiveView:
             result = await asyncio.to_thread(run_scenario, self.lab, scenario)
         return result_message(result)
 
+    def publish_result_threadsafe(self, row: str, msg: dict[str, Any]) -> None:
+        """A row result computed outside the loop (rpcauth matrix --ui) -> every page."""
+        def publish() -> None:
+            self._results[row] = msg
+            self.hub.publish("row", msg)
+
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(publish)
+
     async def _run_row(self, request: web.Request) -> web.Response:
         row = request.match_info["row"]
         scenario = self.scenarios.get(row)
