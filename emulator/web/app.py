@@ -85,10 +85,9 @@ class LiveView:
         r.add_get("/api/conns/{conn}", self._conn)
         r.add_get("/conn/{conn}/pcap", self._pcap)
         r.add_get("/conn/{conn}/explain", self._explain)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.address.host, self.address.port, shutdown_timeout=1.0,
-                           reuse_address=True)
+        site = web.TCPSite(self._runner, self.address.host, self.address.port, reuse_address=True)
         await site.start()
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
         self.port = sockets[0].getsockname()[1] if sockets else self.address.port

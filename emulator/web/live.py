@@ -63,7 +63,8 @@ class ConnectionView:
     closed: str | None = None           # the close reason, once closed
     capture: str | None = None          # this connection's own pcap, if recorded
     version: int = 0
-    _ntlm_leg: str | None = None
+    _bind_auth: tuple[str, str] = ("none", "none")   # auth type and level of the last bind
+    _ntlm_at: int | None = None                       # where an RPC bind's NTLM exchange began
     _final: list[dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------- from events
@@ -83,13 +84,33 @@ class ConnectionView:
             self._step({"kind": "emsmdb.connect_request", "call": rec.get("call"),
                         "user_dn": rec.get("user_dn")}, True)
             self.status = rec.get("status_name")
-        self._step(ev, _DIRECTION[kind])
         if kind in ("rpc.bind", "rpc.alter_context"):
-            answer = ({"kind": "rpc.bind_ack", "accepted": [rec.get("interface_name") or "?"]}
-                      if rec.get("result") == "ok" else {"kind": "rpc.bind_nak", "reason": rec.get("result")})
-            self._step(answer, False)
+            self._bind(rec, ev)
+        else:
+            if kind == "ntlm.negotiate" and self.layer != "smb":
+                self._ntlm_at = len(self.steps)
+            self._step(ev, _DIRECTION[kind])
         self.version += 1
         return True
+
+    def _bind(self, rec: dict[str, Any], ev: dict[str, Any]) -> None:
+        """The server reports a bind once its NTLM exchange is over; draw it where it began:
+        bind (NEGOTIATE), bind_ack (CHALLENGE), then AUTH3 (AUTHENTICATE)."""
+        self._bind_auth = (rec.get("auth_type") or "none", rec.get("auth_level") or "none")
+        answer = ({"kind": "rpc.bind_ack", "accepted": [rec.get("interface_name") or "?"]}
+                  if rec.get("result") == "ok" else {"kind": "rpc.bind_nak", "reason": rec.get("result")})
+        at, self._ntlm_at = self._ntlm_at, None
+        if at is None or rec.get("auth_type") in (None, "none") or at + 2 > len(self.steps):
+            self._step(ev, True)
+            self._step(answer, False)
+            return
+        self._step(ev, True)
+        self._step(answer, False)
+        bind, ack = self.steps.pop(-2), self.steps.pop(-1)
+        self.steps.insert(at, bind)
+        self.steps.insert(at + 2, ack)
+        for n, step in enumerate(self.steps, 1):
+            step.frame = n
 
     def _as_ladder_event(self, rec: dict[str, Any]) -> dict[str, Any]:
         """A server event in the shape the capture reader gives ladder.label()."""
@@ -105,6 +126,13 @@ class ConnectionView:
             ev["leg"] = {"ntlm.negotiate": "session_setup" if smb else "bind",
                          "ntlm.challenge": "session_setup" if smb else "bind_ack",
                          "ntlm.authenticate": "session_setup" if smb else "auth3"}[kind]
+        if kind == "smb.tree_connect" and "path" not in ev:
+            ev["path"] = ev.get("share")
+        if kind == "rpc.identity" and ev.get("source") == "rpc_auth":
+            # The capture reader names the mechanism; the server says which layer.
+            auth_type, ev["auth_level"] = self._bind_auth
+            ev["source"] = {"ntlm": "rpc_ntlm", "spnego": "rpc_spnego", "kerberos": "kerberos"}.get(
+                auth_type, "rpc_ntlm")
         if kind == "limit":
             ev = {"kind": "malformed", "layer": rec.get("layer"), "reason": f"limit {rec.get('limit')}"}
         return ev

@@ -55,12 +55,13 @@
     const tbody = document.querySelector("#matrix-table tbody");
     thead.textContent = ""; tbody.textContent = "";
     const hr = el("tr");
-    ["row", "order", "UNS", "typed"].concat(Object.values(headings)).concat(["match", ""]).forEach(h => hr.appendChild(el("th", {}, h)));
+    ["row"].concat(Object.values(headings)).concat(["match", ""]).forEach(h => hr.appendChild(el("th", {}, h)));
     thead.appendChild(hr);
     m.rows.forEach(r => {
       const tr = el("tr", {id: "row-" + r.id});
-      tr.appendChild(el("td", {title: r.title + " (" + r.cite + ")"}, r.id));
-      [r.order, r.uns, r.typed].forEach(x => tr.appendChild(el("td", {}, x)));
+      const name = el("td", {title: r.title + " (" + r.cite + ")"}, r.id);
+      name.appendChild(el("small", {}, r.order + ", UNS " + r.uns + ", typed: " + r.typed));
+      tr.appendChild(name);
       Object.keys(headings).forEach(c => tr.appendChild(el("td", {"data-col": c, title: "expected: " + (r.expected[c] || "-")}, "want " + (r.expected[c] || "-"))));
       tr.appendChild(el("td", {"data-col": "match"}, ""));
       const td = el("td");
