@@ -199,4 +199,4 @@ class Lab:
 
     def ready_info(self) -> dict[str, Any]:
         return {"host": self.host, "smb": self.ports.get("smb"), "epm": self.ports.get("epm"),
-                "emsmdb": self.ports.get("emsmdb"), "pid": os.getpid()}
+                "emsmdb": self.ports.get("emsmdb"), "pid": os.getpid(), "ui": self.ui_url}

@@ -119,7 +119,7 @@ class LiveView:
             final = v.closed is not None and finals > 0
             if final and v._final is None:
                 finals -= 1
-            out.append(v.to_message(final))
+            out.append(v.to_message(final, ladders=False))
         out.reverse()
         return out, len(dirty) - len(shown)
 
@@ -232,7 +232,7 @@ class LiveView:
         sub = self.hub.subscribe()
         try:
             snapshot = {"lab": self._lab_doc(), "matrix": self._matrix_doc(),
-                        "conns": [v.to_message(True) for v in self.conns.recent(SNAPSHOT_CONNS)]}
+                        "conns": [v.to_message(True, ladders=False) for v in self.conns.recent(SNAPSHOT_CONNS)]}
             await resp.write(b"retry: 2000\n\n" + sse("snapshot", snapshot))
             while not sub.dropped and not self._stopped:
                 try:

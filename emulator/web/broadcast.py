@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-TICK_SECONDS = 0.1
-MAX_VIEWS_PER_TICK = 6
+TICK_SECONDS = 0.25
+MAX_VIEWS_PER_TICK = 4
 MAX_FINALS_PER_TICK = 2
 QUEUE_SIZE = 32
 KEEPALIVE_SECONDS = 15.0

@@ -186,14 +186,16 @@ class ConnectionView:
                         "svg": ladder_svg(c), "verdicts": verdicts(c)} for c in conns]
         return self._final
 
-    def to_message(self, final: bool) -> dict[str, Any]:
+    def to_message(self, final: bool, ladders: bool = True) -> dict[str, Any]:
+        """What a page gets. `ladders=False` leaves out the capture's ladders (the page fetches
+        them when asked), which keeps the messages pushed to every page small."""
         out: dict[str, Any] = {
             "conn": self.conn, "listener": self.listener, "peer": self.peer, "version": self.version,
             "words": self.words, "acting": self.acting, "identity_source": self.identity_source,
             "status": self.status, "closed": self.closed, "capture": bool(self.capture),
             "svg": self.live_svg(), "messages": self.messages}
         if final and self.closed is not None:
-            out["final"] = self.final()
+            out["final"] = [f if ladders else {k: v for k, v in f.items() if k != "svg"} for f in self.final()]
         return out
 
 

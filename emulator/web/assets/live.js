@@ -157,7 +157,7 @@
       const more = el("button", {type: "button"}, "read the verdict from the capture");
       more.addEventListener("click", async () => {
         const r = await fetch(withToken("api/conns/" + encodeURIComponent(c.conn)), {credentials: "same-origin"});
-        if (r.ok) upsertConn(await r.json());
+        if (r.ok) { const m = await r.json(); m.version = Number(card.dataset.version); upsertConn(m); }
       });
       card.appendChild(more);
     }
@@ -165,9 +165,17 @@
     live.innerHTML = c.svg;               // drawn and escaped by the server
     card.appendChild(live);
     if (finals.length) {
+      // The capture's ladders are fetched when opened: pushed to every page they would cost
+      // the server far more than the verdict lines do.
       const d = el("details");
       d.appendChild(el("summary", {}, "ladders from the capture (Wireshark's frame numbers)"));
-      finals.forEach(f => { d.appendChild(el("h4", {}, f.title || "")); const s = el("div"); s.innerHTML = f.svg; d.appendChild(s); });
+      d.addEventListener("toggle", async () => {
+        if (!d.open || d.dataset.loaded) return;
+        const r = await fetch(withToken("api/conns/" + encodeURIComponent(c.conn)), {credentials: "same-origin"});
+        if (!r.ok) return;
+        d.dataset.loaded = "1";
+        (await r.json()).final.forEach(f => { d.appendChild(el("h4", {}, f.title || "")); const s = el("div"); s.innerHTML = f.svg || ""; d.appendChild(s); });
+      });
       card.appendChild(d);
     }
     if (c.capture && c.closed) {
