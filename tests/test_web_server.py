@@ -246,7 +246,7 @@ def test_vanished_and_silent_pages_cost_nothing(loopback_lab):
 
 def test_a_page_that_does_not_keep_up_is_dropped():
     async def run() -> tuple[int, bool, int]:
-        hub = Broadcaster(lambda dirty: ([], 0))
+        hub = Broadcaster(lambda dirty: None)
         hub.attach(asyncio.get_running_loop())
         slow, quick = hub.subscribe(), hub.subscribe()
         for i in range(QUEUE_SIZE + 5):

@@ -110,18 +110,23 @@ class LiveView:
         if view is not None:
             self.hub.mark(view.conn)
 
-    def _render(self, dirty: list[str]) -> tuple[list[dict[str, Any]], int]:
+    def _render(self, dirty: list[str]) -> dict[str, Any] | None:
         views = [v for v in (self.conns.get(c) for c in dirty) if v is not None]
-        shown = views[-MAX_VIEWS_PER_TICK:]
+        if not views:
+            return None
+        if len(views) > MAX_VIEWS_PER_TICK:
+            newest = views[-1]
+            return {"conns": [], "skipped": len(views),
+                    "latest": {"conn": newest.conn, "listener": newest.listener, "words": newest.words}}
         finals = MAX_FINALS_PER_TICK
         out = []
-        for v in reversed(shown):                       # the newest get the capture reading first
+        for v in reversed(views):                       # the newest get the capture reading first
             final = v.closed is not None and finals > 0
             if final and v._final is None:
                 finals -= 1
             out.append(v.to_message(final, ladders=False))
         out.reverse()
-        return out, len(dirty) - len(shown)
+        return {"conns": out, "skipped": 0}
 
     # ------------------------------------------------------------------ middlewares
     @web.middleware

@@ -201,7 +201,9 @@
     source.addEventListener("conns", (e) => {
       const d = JSON.parse(e.data);
       d.conns.forEach(upsertConn);
-      document.getElementById("skipped").textContent = d.skipped ? "(" + d.skipped + " busy updates not drawn)" : "";
+      document.getElementById("skipped").textContent = d.latest
+        ? "(busy: " + d.skipped + " connections changed in a quarter second, not drawn; newest " + d.latest.conn +
+          " on " + d.latest.listener + ", " + d.latest.words + ")" : "";
     });
     source.addEventListener("row", (e) => showRow(JSON.parse(e.data)));
     source.addEventListener("whatif", (e) => showWhatIf(JSON.parse(e.data)));
