@@ -29,6 +29,29 @@ def _write_ready(path: str, info: dict) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------- the live view
+def _ui_address(args: argparse.Namespace, command: str):
+    """--ui [HOST:]PORT -> a web.UiAddress, None without --ui, False after printing an error."""
+    if not getattr(args, "ui", None):
+        return None
+    from .web import parse_address
+    from .web.address import AddressError
+
+    try:
+        return parse_address(args.ui)
+    except AddressError as exc:
+        print(f"rpcauth {command}: --ui: {exc}", file=sys.stderr)
+        return False
+
+
+def _announce_ui(url: str, address) -> None:
+    if address.needs_token:
+        print(f"rpcauth: WARNING: the live view listens on {address.host}, beyond this machine's own "
+              f"names. Anyone who can reach it and has the token can watch the lab and run logons "
+              f"against it. Token: {address.token}", file=sys.stderr)
+    print(f"rpcauth: live view at {url}", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------- serve
 def cmd_serve(args: argparse.Namespace) -> int:
     from .lab import Lab
@@ -52,9 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"records NTLM exchanges (user names, challenge responses) from anyone who can reach it.",
               file=sys.stderr)
 
+    ui = _ui_address(args, "serve")
+    if ui is False:
+        return 2
     # A served lab's events go to --events; only a short tail is kept in memory.
     lab = Lab(config, host=args.host, ephemeral=False, captures=args.captures,
-              events_path=args.events, seed=args.seed, keep_events=1000)
+              events_path=args.events, seed=args.seed, keep_events=1000, ui=ui)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -75,6 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 _write_ready(args.ready_file, info)
             print(f"rpcauth: serving lab {config.source} on {args.host}: "
                   + ", ".join(f"{k} {v}" for k, v in lab.ports.items()), file=sys.stderr, flush=True)
+            if lab.ui_url:
+                _announce_ui(lab.ui_url, lab.ui_address)
             await stop.wait()
         finally:
             if live is not None:
@@ -104,6 +132,13 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- matrix
 def cmd_matrix(args: argparse.Namespace) -> int:
+    if getattr(args, "ui", None):
+        ui = _ui_address(args, "matrix")
+        if ui is False:
+            return 2
+        from .web.cli import run_matrix_with_ui
+
+        return run_matrix_with_ui(args, ui, _announce_ui)
     from .matrix import run_matrix_command
 
     return run_matrix_command(args)
@@ -185,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="deterministic challenges, handles and timestamps (labs only)")
     s.add_argument("--live-capture", metavar="IFACE",
                    help="also record the real traffic on IFACE (e.g. lo) with dumpcap; needs root")
+    s.add_argument("--ui", metavar="[HOST:]PORT",
+                   help="also serve the live view, a web page drawing each logon (host default 127.0.0.1; "
+                        "any other host needs the token printed at start-up)")
     s.set_defaults(func=cmd_serve)
 
     from .client.cli import add_client_arguments
@@ -200,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", help="lab config for the embedded lab (default: the KB lab)")
     m.add_argument("--report", help="also write the HTML teaching report to this directory")
     m.add_argument("--seed", type=int, help="deterministic server output (for reference captures)")
+    m.add_argument("--ui", metavar="[HOST:]PORT",
+                   help="run the rows against one lab with the live view, then keep serving it until Ctrl-C")
     m.set_defaults(func=cmd_matrix)
 
     e = sub.add_parser("explain", help="explain who authenticated where in a capture")

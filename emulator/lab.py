@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import threading
 from typing import Any, Iterator
 
@@ -31,7 +33,8 @@ class Lab:
     def __init__(self, config: Any = None, *, host: str = "127.0.0.1", ephemeral: bool = True,
                  captures: str | None = None, capture_file: str | None = None,
                  events_path: str | None = None, seed: int | None = None,
-                 ports: dict[str, int | None] | None = None, keep_events: int = 200_000) -> None:
+                 ports: dict[str, int | None] | None = None, keep_events: int = 200_000,
+                 ui: Any = None) -> None:
         cfg: LabConfig = coerce_config(config)
         if ephemeral:
             cfg = cfg.with_ports(smb=0, epm=0, emsmdb=0)
@@ -44,6 +47,18 @@ class Lab:
         # Records kept in memory for `records()`; the events file, if any, gets every one.
         self.events = EventLog(events_path, clock=self.now, keep=keep_events)
         self.captures_dir = captures
+        # The live view (`ui`: "[HOST:]PORT" or a web.UiAddress) offers each connection's pcap,
+        # so it records one per connection, into a directory of its own unless told where.
+        self.ui_address = None
+        self.ui: Any = None
+        self._own_captures_dir = False
+        if ui is not None:
+            from .web import UiAddress, parse_address
+
+            self.ui_address = ui if isinstance(ui, UiAddress) else parse_address(ui)
+            if captures is None and capture_file is None:
+                self.captures_dir = tempfile.mkdtemp(prefix="rpcauth-live-")
+                self._own_captures_dir = True
         self._capture_file = capture_file
         self._capture: Any = None
         self.ports: dict[str, int] = {}
@@ -78,10 +93,17 @@ class Lab:
             self.listeners.append(lst)
             self.ports[name] = lst.port
         self.services.bound_ports = dict(self.ports)
+        if self.ui_address is not None:
+            from .web.app import LiveView
+
+            self.ui = LiveView(self, self.ui_address)
+            await self.ui.start()
         self.events.emit("lab", event("lab", "lab.ready", host=self.host, ports=dict(self.ports),
                                       config=self.config.source))
 
     async def stop_async(self) -> None:
+        if self.ui is not None:
+            await self.ui.stop()
         # All listeners at once: one busy listener must not hold the others' connections open.
         await asyncio.gather(*(lst.stop() for lst in self.listeners))
         self.listeners = []
@@ -89,6 +111,8 @@ class Lab:
             self._capture.close()
         self.events.emit("lab", event("lab", "lab.stopped"))
         self.events.close()
+        if self._own_captures_dir and self.captures_dir:
+            shutil.rmtree(self.captures_dir, ignore_errors=True)
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         await self.start_async()
@@ -144,6 +168,15 @@ class Lab:
 
     # ------------------------------------------------------------------ conveniences
     @property
+    def per_connection_capture_dir(self) -> str | None:
+        """Where each connection's own pcap is written, if captures are per connection."""
+        return self.captures_dir if self._capture_file is None and self.captures_dir else None
+
+    @property
+    def ui_url(self) -> str | None:
+        return self.ui.url if self.ui is not None else None
+
+    @property
     def capture_paths(self) -> list[str]:
         if isinstance(self._capture, SharedCapture):
             return [self._capture.path]
@@ -166,4 +199,4 @@ class Lab:
 
     def ready_info(self) -> dict[str, Any]:
         return {"host": self.host, "smb": self.ports.get("smb"), "epm": self.ports.get("epm"),
-                "emsmdb": self.ports.get("emsmdb"), "pid": os.getpid()}
+                "emsmdb": self.ports.get("emsmdb"), "pid": os.getpid(), "ui": self.ui_url}

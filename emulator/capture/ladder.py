@@ -16,12 +16,34 @@ LADDER_KINDS = (
 )
 
 
+# What a highlighted step decided: the layer that authenticated, or whose identity the server
+# then acted on. Drawings mark these with words as well as colour.
+AUTHENTICATED = "authenticated"
+IDENTITY = "identity"
+NOTE_KINDS = ("rpc.identity", "ntlm.session_keys", "rpc.verify")
+
+
 @dataclass
 class Step:
     frame: int
     to_server: bool
     label: str
     note: bool = False  # a statement about state rather than a message on the wire
+    highlight: str | None = None  # AUTHENTICATED, IDENTITY or None
+
+
+def highlight(ev: dict[str, Any]) -> str | None:
+    """Which decision an event records, if any: an SMB session or an RPC bind's NTLM
+    AUTHENTICATE that logged someone on, or the identity an RPC connection then acts on."""
+    k = ev["kind"]
+    if k == "rpc.identity":
+        return IDENTITY
+    if k == "smb.session_setup" and ev.get("result") == "ok" and ev.get("user"):
+        return AUTHENTICATED
+    if k == "ntlm.authenticate" and ev.get("leg") not in (None, "session_setup") \
+            and ev.get("result", "ok") == "ok" and ev.get("user"):
+        return AUTHENTICATED
+    return None
 
 
 def _who(user: Any, domain: Any) -> str:
@@ -98,8 +120,8 @@ def steps(conn: Connection) -> list[Step]:
     for ev in conn.events:
         if ev["kind"] not in LADDER_KINDS:
             continue
-        note = ev["kind"] in ("rpc.identity", "ntlm.session_keys", "rpc.verify")
-        out.append(Step(ev["frame"], ev.get("dir") == "c2s", label(ev), note))
+        note = ev["kind"] in NOTE_KINDS
+        out.append(Step(ev["frame"], ev.get("dir") == "c2s", label(ev), note, highlight(ev)))
     return out
 
 
