@@ -9,7 +9,7 @@ one through its states and decides, once, whose identity the server acts on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .results import AuthResult, StepResult
 
@@ -55,6 +55,15 @@ class PacketProtection(Protocol):
     def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
         """The plaintext data, or None when the seal or signature does not verify."""
         ...
+
+
+@runtime_checkable
+class LevelSizedSignatures(Protocol):
+    """A mechanism whose DCE/RPC auth_value differs in size between signing and sealing
+    (GSS-API Kerberos: a MIC token at integrity, a wrap token's header at privacy). NTLM's is
+    16 bytes at every level and does not provide this; `sig_size()` serves it."""
+
+    def signature_size(self, sealed: bool) -> int: ...
 
 
 class SecurityAcceptor(PacketProtection, Protocol):
