@@ -186,8 +186,7 @@ class KerberosAcceptor:
         principal = str(self._ctx.initiator_name)
         name, _, realm = principal.rpartition("@")
         service = str(self._ctx.target_name) if self._ctx.target_name is not None else ""
-        fields = dict(principal=principal, service=service, dce_style=self.dce_style,
-                      legs=self._legs)
+        fields = dict(service=service, dce_style=self.dce_style, legs=self._legs)
         if not name or "/" in name or realm.upper() != self._creds.service.realm.upper():
             return self._refuse("unknown_user", "the client principal is not a lab user", [],
                                 principal=principal, **fields)
@@ -210,7 +209,8 @@ class KerberosAcceptor:
         self._result = AuthResult(ok=True, reason="ok", user=user.name,
                                   domain=self._creds.service.domain, workstation="",
                                   ntlm_version="", mech=self._mech_name, principal=principal)
-        ev = event(LAYER, "kerberos.accept", result="ok", user=user.name, **fields)
+        ev = event(LAYER, "kerberos.accept", result="ok", user=user.name, principal=principal,
+                   **fields)
         return StepResult(answer, True, True, [ev])
 
     def _refuse(self, reason: str, detail: str, events: list[Event], *, principal: str = "",

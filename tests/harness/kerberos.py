@@ -95,3 +95,17 @@ def kadmin(lab: Lab, query: str) -> subprocess.CompletedProcess:
     return subprocess.run([find_tool("kadmin.local") or "kadmin.local", "-r", lab.realm.name,
                            "-q", query], capture_output=True, text=True, env=lab.realm.env(),
                           timeout=30)
+
+
+def samba_kerberos_args(ticket: Ticket) -> list[str]:
+    """Options that make smbclient and rpcclient use this ccache and nothing else."""
+    return ["--use-kerberos=required", f"--use-krb5-ccache={ticket.ccache}"]
+
+
+def run_samba(tool: str, lab: Lab, ticket: Ticket, args: list[str], *, host: str = HOSTNAME,
+              timeout: float = 60) -> subprocess.CompletedProcess:
+    """smbclient or rpcclient against the lab's SMB port, reaching `host` at 127.0.0.1."""
+    argv = [tool, "-I", "127.0.0.1", "-p", str(lab.ports["smb"]), *samba_kerberos_args(ticket),
+            *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=ticket.env, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
