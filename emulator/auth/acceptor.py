@@ -63,7 +63,15 @@ class LevelSizedSignatures(Protocol):
     (GSS-API Kerberos: a MIC token at integrity, a wrap token's header at privacy). NTLM's is
     16 bytes at every level and does not provide this; `sig_size()` serves it."""
 
-    def signature_size(self, sealed: bool) -> int: ...
+    def signature_size(self, sealed: bool) -> int:
+        """Bytes of the auth_value this side writes."""
+        ...
+
+    def accepts_signature_size(self, size: int, sealed: bool) -> bool:
+        """Whether a peer's auth_value of `size` bytes can be a valid token at all. A GSS wrap
+        token says its own lengths (EC, RRC; RFC 4121 4.2.4), and clients differ in the filler
+        they choose, so sealed sizes vary."""
+        ...
 
 
 class SecurityAcceptor(PacketProtection, Protocol):

@@ -213,6 +213,12 @@ class SpnegoAcceptor:
             return inner.signature_size(sealed)
         return inner.sig_size()
 
+    def accepts_signature_size(self, size: int, sealed: bool) -> bool:
+        inner = self._inner
+        if isinstance(inner, LevelSizedSignatures):
+            return inner.accepts_signature_size(size, sealed)
+        return size == inner.sig_size()
+
     def sign_packet(self, parts: PacketParts) -> bytes:
         return self._inner.sign_packet(parts)
 

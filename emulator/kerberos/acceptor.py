@@ -32,12 +32,16 @@ from ..auth.acceptor import KeyUnavailable, PacketParts
 from ..auth.results import AuthResult, StepResult, failure
 from ..directory import Directory
 from ..events import Event, event
+from ..ntlm import der
+from ..sansio import ProtocolError
 
 LAYER = "kerberos"
 MECH = "kerberos"
 MIC_FORM_GSS = "gss-mic"
 
 KRB5_OID = gssapi.OID.from_int_seq("1.2.840.113554.1.2.2")
+# The mechanism OID as it appears in token framing: the standard one and Microsoft's.
+_KRB5_OID_DER = (bytes.fromhex("2a864886f712010202"), bytes.fromhex("2a864882f712010202"))
 # GSS_C_INQ_SSPI_SESSION_KEY: the context's session key (the subkey when one was agreed),
 # which SMB signing and the SMB 3.x KDF start from (MS-SMB2 3.3.5.5.3).
 INQ_SSPI_SESSION_KEY = gssapi.OID.from_int_seq("1.2.840.113554.1.2.2.5.5")
@@ -58,6 +62,12 @@ _REASON_BY_KRB5_CODE = {
     46: ("wrong_service", "no key in the keytab for the ticket's service"),
     47: ("bad_integrity", "the ticket did not decrypt with the service key"),
 }
+# RFC 2744 3.9.1 routine errors and supplementary bits of the major status.
+_GSS_BAD_SIG, _GSS_DEFECTIVE_TOKEN = 6, 9
+_GSS_DUPLICATE_TOKEN = 1 << 1
+# Bounds of a sealed PDU's auth_value: RFC 4757's RC4 wrap header is 32 bytes, and RFC 4121's
+# filler (EC) is below one cipher block more than MIT's own choice.
+_MIN_WRAP_HEADER, _MAX_FILLER = 32, 16
 # Codes from other MIT tables that mean "not our service".
 _WRONG_SERVICE_CODES = {-1765328203, -1765328242, -1765328340}   # KT_NOTFOUND, KT_KVNONOTFOUND, ...
 
@@ -80,6 +90,8 @@ class KerberosCredentials:
         self._lock = threading.Lock()
         self._creds: gssapi.Credentials | None = None
 
+        self._probe: gssapi.Credentials | None = None
+
     def get(self) -> gssapi.Credentials:
         with self._lock:
             if self._creds is None:
@@ -87,6 +99,51 @@ class KerberosCredentials:
                     usage="accept", mechs=[KRB5_OID],
                     store={"keytab": self.service.keytab, "rcache": self.service.rcache})
             return self._creds
+
+    def _probe_creds(self) -> gssapi.Credentials:
+        """The same keys without a replay cache: only for `unframe_dce_ap_req`'s dry run, whose
+        context is thrown away (the real acceptance then checks the replay cache once)."""
+        with self._lock:
+            if self._probe is None:
+                self._probe = gssapi.Credentials(
+                    usage="accept", mechs=[KRB5_OID],
+                    store={"keytab": self.service.keytab, "rcache": "none:"})
+            return self._probe
+
+    def unframe_dce_ap_req(self, token: bytes) -> bytes:
+        """The AP-REQ to hand MIT for a GSS-framed first token.
+
+        MIT accepts a DCE-style AP-REQ only raw, and a framed one only without the DCE flag
+        (RFC 4121 4.1 framing; MS-KILE 3.4.5.1 makes DCE style drop it). Windows accepts both,
+        and impacket frames its DCE-style AP-REQs. The flag is inside the encrypted
+        authenticator, so a dry run without replay cache asks MIT which form it takes."""
+        raw = _unframe(token)
+        if raw is None:
+            return token
+        try:
+            probe = gssapi.SecurityContext(creds=self._probe_creds(), usage="accept")
+            probe.step(token)
+            probe.complete          # python-gssapi raises a failed step's error here
+        except gssapi.exceptions.GSSError as exc:
+            if (int(exc.maj_code or 0) >> 16) & 0xFF == _GSS_DEFECTIVE_TOKEN:
+                return raw
+        return token
+
+
+def _unframe(token: bytes) -> bytes | None:
+    """The bare AP-REQ inside an RFC 2743 3.1 InitialContextToken for krb5 (token id 01 00),
+    or None when `token` is not one."""
+    if token[:1] != b"\x60":
+        return None
+    try:
+        outer = der.read_exact(token, der.APPLICATION_0)
+        oid, pos = der.read(outer.value)
+    except ProtocolError:
+        return None
+    body = outer.value[pos:]
+    if oid.tag != der.OID or oid.value not in _KRB5_OID_DER or body[:2] != b"\x01\x00":
+        return None
+    return body[2:]
 
 
 def refusal_reason(exc: gssapi.exceptions.GSSError) -> tuple[str, str]:
@@ -101,12 +158,12 @@ def refusal_reason(exc: gssapi.exceptions.GSSError) -> tuple[str, str]:
     if offset in _REASON_BY_KRB5_CODE:
         return _REASON_BY_KRB5_CODE[offset]
     major = int(exc.maj_code or 0)
-    routine = major & 0xFFFF0000
-    if routine == graw.GSS_S_DEFECTIVE_TOKEN or major & 0xFFFF0000 == (9 << 16):
+    routine = (major >> 16) & 0xFF
+    if routine == _GSS_DEFECTIVE_TOKEN:
         return "malformed", "defective token"
-    if routine in (graw.GSS_S_BAD_SIG, graw.GSS_S_BAD_MIC):
+    if routine == _GSS_BAD_SIG:
         return "bad_integrity", "a checksum did not verify"
-    if routine == graw.GSS_S_DUPLICATE_TOKEN:
+    if major & _GSS_DUPLICATE_TOKEN:
         return "replay", "duplicate token"
     text = " ".join(exc.gen_message().split())[:160]
     return "refused", text or "GSS-API error"
@@ -167,6 +224,7 @@ class KerberosAcceptor:
         self._legs += 1
         try:
             if self._ctx is None:
+                token = self._creds.unframe_dce_ap_req(bytes(token))
                 self._ctx = gssapi.SecurityContext(creds=self._creds.get(), usage="accept")
             answer = self._ctx.step(bytes(token)) or b""
             # python-gssapi keeps a failed step's error and raises it here.
@@ -256,6 +314,13 @@ class KerberosAcceptor:
                 return self._sizes[sealed]
             self._sizes[sealed] = len(iov[0].value or b"")
         return self._sizes[sealed]
+
+    def accepts_signature_size(self, size: int, sealed: bool) -> bool:
+        if not sealed:
+            return size == self.signature_size(False)
+        # A wrap token's header (16) and at least a confounder-sized block and checksum; MIT
+        # checks the token's own EC and RRC against what it was given.
+        return _MIN_WRAP_HEADER <= size <= self.signature_size(True) + _MAX_FILLER
 
     def sig_size(self) -> int:
         return self.signature_size(True)

@@ -47,6 +47,13 @@ def signature_size(sc: RpcProtection) -> int:
     return acceptor.sig_size()
 
 
+def signature_size_ok(sc: RpcProtection, size: int) -> bool:
+    acceptor = sc.acceptor
+    if isinstance(acceptor, LevelSizedSignatures):
+        return acceptor.accepts_signature_size(size, sc.auth_level == LEVEL_PRIVACY)
+    return size == acceptor.sig_size()
+
+
 def effective_level(level: int) -> int:
     # MS-RPCE 3.3.1.5.2: call level is upgraded to packet level on connection-oriented transports.
     return LEVEL_PACKET if level == LEVEL_CALL else level
@@ -62,7 +69,7 @@ def unprotect(sc: RpcProtection, req: P.Request | P.Response) -> bytes:
         raise VerifyError("missing_verifier")
     if (av.auth_type, av.auth_level, av.context_id) != (sc.auth_type, sc.auth_level, sc.context_id):
         raise VerifyError("verifier_mismatch")
-    if len(av.token) != signature_size(sc):
+    if not signature_size_ok(sc, len(av.token)):
         raise VerifyError("bad_signature")
     raw = req.raw
     trailer_at = len(raw) - len(av.token) - P.SEC_TRAILER_SIZE
