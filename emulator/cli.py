@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, default_config, load_config
+from .config import ConfigError, TcpTransport, default_config, load_config
 
 PRIVILEGED = 1024
 
@@ -61,10 +61,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"rpcauth serve: bad config: {exc}", file=sys.stderr)
         return 2
-    config = config.with_ports(smb=args.smb_port, epm=args.epm_port, emsmdb=args.emsmdb_port)
+    config = config.with_ports(smb=args.smb_port, epm=args.epm_port, emsmdb=args.emsmdb_port,
+                               kdc=args.kdc_port)
     t = config.transports
+    k = config.kerberos
     if os.geteuid() != 0:
-        for name, tr in (("smb", t.smb), ("epm", t.epm), ("emsmdb", t.emsmdb)):
+        for name, tr in (("smb", t.smb), ("epm", t.epm), ("emsmdb", t.emsmdb),
+                         ("kdc", TcpTransport(enabled=k.enabled, port=k.kdc_port))):
             if tr.enabled and 0 < tr.port < PRIVILEGED:
                 print(f"rpcauth serve: port {tr.port} for {name} needs root. Pick another with "
                       f"--{name}-port N (for example --{name}-port {tr.port + 10000}, or 0 for an "
@@ -103,6 +106,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   + ", ".join(f"{k} {v}" for k, v in lab.ports.items()), file=sys.stderr, flush=True)
             if lab.ui_url:
                 _announce_ui(lab.ui_url, lab.ui_address)
+            if lab.realm is not None:
+                print(f"rpcauth: Kerberos realm {lab.realm.name}, KDC on {args.host}:{lab.realm.port}; "
+                      f"clients use KRB5_CONFIG={lab.realm.krb5_conf}", file=sys.stderr, flush=True)
+                for user in lab.realm.ntlm_only:
+                    print(f"rpcauth: user {user} has only an NT hash the KDC could not take: "
+                          f"NTLM only", file=sys.stderr, flush=True)
             await stop.wait()
         finally:
             if live is not None:
@@ -110,10 +119,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await lab.stop_async()
         print("rpcauth: stopped; captures closed and events flushed", file=sys.stderr)
 
+    from .kerberos.realm import RealmError
     from .server.live_capture import LiveCaptureError
 
     try:
         asyncio.run(main())
+    except RealmError as exc:
+        print(f"rpcauth serve: Kerberos realm: {exc}", file=sys.stderr)
+        return 2
     except LiveCaptureError as exc:
         print(f"rpcauth serve: {exc}", file=sys.stderr)
         return 2
@@ -214,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smb-port", type=int, help="SMB port (0 = ephemeral; 445 needs root)")
     s.add_argument("--epm-port", type=int, help="endpoint mapper port (0 = ephemeral; 135 needs root)")
     s.add_argument("--emsmdb-port", type=int, help="EMSMDB port (0 = ephemeral)")
+    s.add_argument("--kdc-port", type=int,
+                   help="KDC port when kerberos.enabled (0 = ephemeral; 88 needs root)")
     s.add_argument("--captures", help="directory for one pcap per connection")
     s.add_argument("--events", help="JSON Lines event file")
     s.add_argument("--ready-file", help="written as JSON once every listener accepts")

@@ -16,14 +16,18 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .config import LabConfig, coerce_config
 from .determinism import sources
 from .events import EventLog, event
+from .kerberos.realm import Realm
 from .server.captures import PerConnectionCaptures, SharedCapture
 from .server.listener import Listener
 from .server.services import LabServices
+
+if TYPE_CHECKING:
+    from .kerberos.acceptor import KerberosService
 
 # Ports written into captures, so Wireshark decodes SMB and the endpoint mapper by port.
 CAPTURE_PORTS = {"smb": 445, "epm": 135}
@@ -37,7 +41,7 @@ class Lab:
                  ui: Any = None) -> None:
         cfg: LabConfig = coerce_config(config)
         if ephemeral:
-            cfg = cfg.with_ports(smb=0, epm=0, emsmdb=0)
+            cfg = cfg.with_ports(smb=0, epm=0, emsmdb=0, kdc=0)
         if ports:
             cfg = cfg.with_ports(**ports)
         self.config = cfg
@@ -69,10 +73,28 @@ class Lab:
         self._ready = threading.Event()
         self._stopped: asyncio.Event | None = None
         self._error: BaseException | None = None
+        # The lab's private Kerberos realm and its running KDC, when config.kerberos.enabled.
+        self.realm: Realm | None = None
 
     # ------------------------------------------------------------------ async core
     async def start_async(self) -> None:
-        self.services = LabServices(self.config, random_bytes=self.random_bytes, now=self.now, host=self.host)
+        kerberos = None
+        if self.config.kerberos.enabled:
+            kerberos = await asyncio.to_thread(self._start_realm)
+        try:
+            await self._start_listeners(kerberos)
+        except BaseException:
+            # A listener that could not bind must not leave the KDC running.
+            await asyncio.gather(*(lst.stop() for lst in self.listeners))
+            self.listeners = []
+            if self.realm is not None:
+                await asyncio.to_thread(self.realm.stop)
+                self.realm = None
+            raise
+
+    async def _start_listeners(self, kerberos: "KerberosService | None") -> None:
+        self.services = LabServices(self.config, random_bytes=self.random_bytes, now=self.now,
+                                    host=self.host, kerberos=kerberos)
         stable = self.seed is not None
         if self._capture_file:
             self._capture = SharedCapture(self._capture_file, self.now, stable_ports=stable)
@@ -101,12 +123,32 @@ class Lab:
         self.events.emit("lab", event("lab", "lab.ready", host=self.host, ports=dict(self.ports),
                                       config=self.config.source))
 
+    def _start_realm(self) -> "KerberosService":
+        """Create the realm and start its KDC (blocking: MIT's tools run as child processes)."""
+        from .kerberos.acceptor import KerberosService
+
+        k = self.config.kerberos
+        self.realm = Realm.create(self.config, realm=k.realm_for(self.config.server),
+                                  hostname=k.hostname, port=k.kdc_port, host=self.host)
+        for user in self.realm.ntlm_only:
+            self.events.emit("lab", event("kerberos", "kerberos.ntlm_only", user=user,
+                                          detail="configured by NT hash only; its RC4-HMAC key "
+                                                 "could not be placed in the KDC"))
+        self.events.emit("lab", event("kerberos", "kerberos.kdc_ready", realm=self.realm.name,
+                                      kdc=self.realm.port, host=self.host,
+                                      services=self.realm.service_principals()))
+        return KerberosService(keytab=self.realm.keytab, rcache=self.realm.rcache,
+                               realm=self.realm.name, domain=self.config.server.domain)
+
     async def stop_async(self) -> None:
         if self.ui is not None:
             await self.ui.stop()
         # All listeners at once: one busy listener must not hold the others' connections open.
         await asyncio.gather(*(lst.stop() for lst in self.listeners))
         self.listeners = []
+        if self.realm is not None:
+            await asyncio.to_thread(self.realm.stop)
+            self.realm = None
         if self._capture is not None:
             self._capture.close()
         self.events.emit("lab", event("lab", "lab.stopped"))
@@ -198,5 +240,9 @@ class Lab:
         return iter(self.events)
 
     def ready_info(self) -> dict[str, Any]:
-        return {"host": self.host, "smb": self.ports.get("smb"), "epm": self.ports.get("epm"),
-                "emsmdb": self.ports.get("emsmdb"), "pid": os.getpid(), "ui": self.ui_url}
+        info: dict[str, Any] = {"host": self.host, "smb": self.ports.get("smb"),
+                                "epm": self.ports.get("epm"), "emsmdb": self.ports.get("emsmdb"),
+                                "pid": os.getpid(), "ui": self.ui_url}
+        if self.realm is not None:
+            info.update(self.realm.ready_info())
+        return info
