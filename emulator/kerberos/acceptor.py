@@ -29,7 +29,7 @@ import gssapi.raw as graw
 from gssapi.raw import IOV, IOVBufferType
 
 from ..auth.acceptor import KeyUnavailable, PacketParts
-from ..auth.results import AuthResult, StepResult, failure
+from ..auth.results import AuthResult, StepResult
 from ..directory import Directory
 from ..events import Event, event
 from ..ntlm import der
