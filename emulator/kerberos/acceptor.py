@@ -219,8 +219,7 @@ class KerberosAcceptor:
     # ------------------------------------------------------------------ the legs
     def step(self, token: bytes) -> StepResult:
         if self._result is not None:
-            ev = event(LAYER, "kerberos.accept", result="bad_state", detail="token after completion")
-            return self._refuse("bad_state", "token after completion", [ev])
+            return self._refuse("bad_state", "token after completion", [])
         self._legs += 1
         try:
             if self._ctx is None:
