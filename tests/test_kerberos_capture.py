@@ -10,7 +10,7 @@ import pytest
 
 from emulator.lab import Lab
 
-from conftest import need_tool
+from harness.cast import need_tool
 from harness.kerberos import HOSTNAME, REALM, kerberos_config, kinit, need_kerberos, run_samba
 
 

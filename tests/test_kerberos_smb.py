@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import need_tool
+from harness.cast import need_tool
 from harness.kerberos import HOSTNAME, REALM, kadmin, kinit, run_samba, start_kerberos_lab
 
 
