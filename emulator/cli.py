@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", help="lab config for the embedded lab (default: the KB lab)")
     m.add_argument("--report", help="also write the HTML teaching report to this directory")
     m.add_argument("--seed", type=int, help="deterministic server output (for reference captures)")
+    m.add_argument("--kerberos", action="store_true",
+                   help="add the rows beyond the KB: Kerberos at either layer (needs MIT Kerberos)")
     m.set_defaults(func=cmd_matrix)
 
     e = sub.add_parser("explain", help="explain who authenticated where in a capture")
