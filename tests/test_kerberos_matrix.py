@@ -48,3 +48,29 @@ def test_matrix_command_adds_the_kerberos_rows():
     assert r.returncode == 0, r.stdout + r.stderr
     for s in ROWS:
         assert f"{s.id} (beyond the KB)" in r.stdout
+
+
+def test_client_command_with_kerberos_logon_security(tmp_path):
+    """`rpcauth client --logon-security kerberos` against a served lab's ready file: alice's own
+    ticket opens her mailbox over TCP, and the report says Kerberos carried her."""
+    import json
+
+    from harness.kerberos import start_kerberos_lab
+
+    lab = start_kerberos_lab()
+    try:
+        ready = tmp_path / "ready.json"
+        ready.write_text(json.dumps(lab.ready_info()))
+        r = subprocess.run(
+            [sys.executable, "-m", "emulator.cli", "client", "--ready-file", str(ready),
+             "--binding-order", "ncacn_ip_tcp", "--logon-security", "kerberos", "--json",
+             "--mailbox", "/o=Corp/ou=Site/cn=Recipients/cn=alice"],
+            capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        report = json.loads(r.stdout)
+        assert (report["outcome"], report["auth_mech"], report["prompt_shown"]) == ("opened", "kerberos", False)
+        accepted = lab.records("kerberos.accept")
+        assert accepted and accepted[-1]["service"].startswith("host/")
+        assert lab.records("rpc.identity")[-1]["auth_layer"] == "rpc_bind/spnego-kerberos"
+    finally:
+        lab.stop()

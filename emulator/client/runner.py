@@ -31,6 +31,7 @@ class ClientReport:
     transports_tried: list[dict[str, str]] = field(default_factory=list)
     transport_used: str | None = None
     auth_layer: str | None = None          # smb_session_setup | rpc_bind
+    auth_mech: str | None = None           # ntlm | kerberos: how that layer proved the user
     wire_user: str | None = None           # whose credentials the client actually sent
     acting_user: str | None = None         # whose identity the server acted on
     identity_source: str | None = None     # smb_session | rpc_auth | anonymous (the server's words)
@@ -228,6 +229,7 @@ def run_client(profile: Profile, *, events: Any = None) -> ClientReport:
         report.transports_tried.append({"protseq": protseq, "outcome": "used"})
         report.transport_used = protseq
         report.auth_layer = attempt.auth_layer
+        report.auth_mech = attempt.mech
         wire = attempt.smb_credentials or attempt.rpc_credentials
         report.wire_user = wire.qualified if wire else None
         report.prompt_answer_used = (attempt.rpc_credentials is not None

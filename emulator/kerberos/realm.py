@@ -293,4 +293,4 @@ class Realm:
 
     def ready_info(self) -> dict[str, object]:
         return {"kdc": self.port, "realm": self.name, "krb5_conf": self.krb5_conf,
-                "keytab": self.keytab}
+                "keytab": self.keytab, "kerberos_host": self.hostname}
