@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, help="deterministic server output (for reference captures)")
     m.add_argument("--ui", metavar="[HOST:]PORT",
                    help="run the rows against one lab with the live view, then keep serving it until Ctrl-C")
+    m.add_argument("--kerberos", action="store_true",
+                   help="add the rows beyond the KB: Kerberos at either layer (needs MIT Kerberos)")
     m.set_defaults(func=cmd_matrix)
 
     e = sub.add_parser("explain", help="explain who authenticated where in a capture")

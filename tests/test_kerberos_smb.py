@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import need_tool
+from harness.cast import need_tool
 from harness.kerberos import HOSTNAME, REALM, kadmin, kinit, run_samba, start_kerberos_lab
 
 
@@ -35,11 +35,12 @@ def new_records(lab, before, kind):
     return [r for r in lab.records(kind) if r["conn"] not in before]
 
 
-@pytest.mark.parametrize("protocol", ["SMB3_11", "SMB3_00", "SMB2_10", "SMB2_02"])
+@pytest.mark.parametrize("protocol", ["SMB3_11", "SMB3_00", "SMB2_10", "SMB2_02", "NT1"])
 def test_smbclient_kerberos_session_on_ipc(krb_lab, alice, protocol):
     smbclient = need_tool("smbclient")
     before = conns_of(krb_lab)
     proc = run_samba(smbclient, krb_lab, alice, [f"//{HOSTNAME}/IPC$", "-m", protocol,
+                                                 f"--option=client min protocol={protocol}",
                                                  "--client-protection=sign", "-c", "ls"])
     # IPC$ has no directory to list; the session and the tree connect are what counts.
     assert "session setup failed" not in proc.stderr + proc.stdout, proc.stderr

@@ -32,12 +32,12 @@ class AuthFactory:
         self._random = random_bytes
         self._now = now
         self._decoy_hash: bytes | None = None
-        self._kerberos: KerberosCredentials | None = None
+        self._kerberos: "KerberosCredentials | None" = None
         if kerberos is not None:
             # python-gssapi is imported only by labs that run a realm.
-            from ..kerberos.acceptor import KerberosCredentials
+            from ..kerberos import acceptor as kerberos_acceptor
 
-            self._kerberos = KerberosCredentials(kerberos)
+            self._kerberos = kerberos_acceptor.KerberosCredentials(kerberos)
 
     def __repr__(self) -> str:
         krb = f" realm={self._kerberos.service.realm!r}" if self._kerberos else ""
@@ -72,14 +72,14 @@ class AuthFactory:
             return self.kerberos()
         return None   # anything else: the caller rejects the bind
 
+    def _kerberos_for_spnego(self, mech_name: str) -> "KerberosAcceptor":
+        k = self.kerberos(mech_name)
+        if k is None:
+            raise RuntimeError("SPNEGO chose Kerberos in a lab without a realm")
+        return k
+
     def spnego(self) -> SpnegoAcceptor:
-        maker = None
-        if self._kerberos is not None:
-            def maker(mech_name: str) -> "KerberosAcceptor":
-                k = self.kerberos(mech_name)
-                if k is None:
-                    raise RuntimeError("the realm went away")
-                return k
+        maker = self._kerberos_for_spnego if self._kerberos is not None else None
         return SpnegoAcceptor(self.ntlm(), maker, require_kerberos=self._policy.require_kerberos)
 
     def spnego_init_token(self) -> bytes:

@@ -29,7 +29,7 @@ import gssapi.raw as graw
 from gssapi.raw import IOV, IOVBufferType
 
 from ..auth.acceptor import KeyUnavailable, PacketParts
-from ..auth.results import AuthResult, StepResult, failure
+from ..auth.results import AuthResult, StepResult
 from ..directory import Directory
 from ..events import Event, event
 from ..ntlm import der
@@ -219,8 +219,7 @@ class KerberosAcceptor:
     # ------------------------------------------------------------------ the legs
     def step(self, token: bytes) -> StepResult:
         if self._result is not None:
-            ev = event(LAYER, "kerberos.accept", result="bad_state", detail="token after completion")
-            return self._refuse("bad_state", "token after completion", [ev])
+            return self._refuse("bad_state", "token after completion", [])
         self._legs += 1
         try:
             if self._ctx is None:

@@ -15,6 +15,7 @@ decrypts every ticket the lab's services accept) and stays in the temporary dire
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import secrets
@@ -115,6 +116,8 @@ class Realm:
             self._create_database()
             self.ntlm_only = self._add_users(config.users)
             self._add_services()
+            # A process that exits without stopping its lab still takes its KDC and keys along.
+            atexit.register(self.stop)
             self._start_kdc()
         except BaseException:
             self.stop()
@@ -281,6 +284,7 @@ class Realm:
 
     def stop(self) -> None:
         """Stop the KDC (our own child, by its handle) and remove the realm's directory."""
+        atexit.unregister(self.stop)
         proc, self._process = self._process, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -293,4 +297,4 @@ class Realm:
 
     def ready_info(self) -> dict[str, object]:
         return {"kdc": self.port, "realm": self.name, "krb5_conf": self.krb5_conf,
-                "keytab": self.keytab}
+                "keytab": self.keytab, "kerberos_host": self.hostname}

@@ -43,9 +43,12 @@ def kerberos_config(**overrides):
     return default_config_with(base)
 
 
-def start_kerberos_lab(**overrides) -> Lab:
+def start_kerberos_lab(*, kdc_port: int | None = None, **overrides) -> Lab:
+    """A started lab with its realm; every listener and the KDC on ephemeral ports unless
+    `kdc_port` is given."""
     need_kerberos()
-    return Lab(kerberos_config(**overrides)).start()
+    ports = {"kdc": kdc_port} if kdc_port is not None else None
+    return Lab(kerberos_config(**overrides), ports=ports).start()
 
 
 @dataclass
@@ -109,3 +112,156 @@ def run_samba(tool: str, lab: Lab, ticket: Ticket, args: list[str], *, host: str
             *args]
     return subprocess.run(argv, capture_output=True, text=True, env=ticket.env, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+# ---------------------------------------------------------------- a bare DCE/RPC client
+# For the cases no stock client produces (a replayed or tampered AP-REQ, a missing final leg, a
+# tampered wrap token): MIT's GSS-API makes the tokens, impacket's rpcrt structures frame the
+# PDUs, and a plain socket carries them.
+
+NDR = ("8a885d04-1ceb-11c9-9fe8-08002b104860", "2.0")
+MGMT = ("afa8bd80-7d8a-11c9-bef4-08002b102989", "1.0")
+AUTH_CTX_ID = 79231
+
+
+def gss_initiator(ticket: Ticket, service: str, *, dce_style: bool = True):
+    """A python-gssapi (MIT) initiator for `service@host`, from the ccache only."""
+    import gssapi
+
+    creds = gssapi.Credentials(usage="initiate", store={"ccache": ticket.ccache})
+    flags = (gssapi.RequirementFlag.mutual_authentication | gssapi.RequirementFlag.integrity
+             | gssapi.RequirementFlag.confidentiality | gssapi.RequirementFlag.replay_detection
+             | gssapi.RequirementFlag.out_of_sequence_detection)
+    if dce_style:
+        flags |= gssapi.RequirementFlag.dce_style
+    return gssapi.SecurityContext(
+        name=gssapi.Name(service, gssapi.NameType.hostbased_service), creds=creds,
+        usage="initiate", flags=flags, mech=gssapi.OID.from_int_seq("1.2.840.113554.1.2.2"))
+
+
+class RawRpc:
+    """One TCP connection that sends hand-made PDUs and reads whole fragments back."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, pdu: bytes) -> None:
+        self.sock.sendall(pdu)
+
+    def recv(self):
+        """The next PDU as an impacket MSRPCHeader, or None when the server closed."""
+        from impacket.dcerpc.v5.rpcrt import MSRPCHeader
+
+        head = self._read(16)
+        if head is None:
+            return None
+        frag_len = int.from_bytes(head[8:10], "little")
+        rest = self._read(frag_len - 16)
+        return None if rest is None else MSRPCHeader(head + rest)
+
+    def _read(self, n: int) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            try:
+                chunk = self.sock.recv(n - len(buf))
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+
+def bind_pdu(iface: tuple[str, str], auth_type: int, level: int, token: bytes, *,
+             call_id: int = 1, alter: bool = False) -> bytes:
+    from impacket.dcerpc.v5.rpcrt import MSRPC_ALTERCTX, MSRPC_BIND, CtxItem, MSRPCBind, MSRPCHeader
+    from impacket.uuid import uuidtup_to_bin
+
+    bind = MSRPCBind()
+    item = CtxItem()
+    item["AbstractSyntax"] = uuidtup_to_bin(iface)
+    item["TransferSyntax"] = uuidtup_to_bin(NDR)
+    item["ContextID"] = 0
+    item["TransItems"] = 1
+    bind.addCtxItem(item)
+    pdu = MSRPCHeader()
+    pdu["type"] = MSRPC_ALTERCTX if alter else MSRPC_BIND
+    pdu["pduData"] = bind.getData()
+    pdu["call_id"] = call_id
+    return _with_auth(pdu, auth_type, level, token)
+
+
+def auth3_pdu(auth_type: int, level: int, token: bytes, *, call_id: int = 1) -> bytes:
+    from impacket.dcerpc.v5.rpcrt import MSRPC_AUTH3, MSRPCHeader
+
+    pdu = MSRPCHeader()
+    pdu["type"] = MSRPC_AUTH3
+    pdu["pduData"] = b"    "        # MS-RPCE 2.2.2.10: four bytes of padding before the trailer
+    pdu["call_id"] = call_id
+    return _with_auth(pdu, auth_type, level, token)
+
+
+def _with_auth(pdu, auth_type: int, level: int, token: bytes) -> bytes:
+    from impacket.dcerpc.v5.rpcrt import SEC_TRAILER
+
+    trailer = SEC_TRAILER()
+    trailer["auth_type"] = auth_type
+    trailer["auth_level"] = level
+    trailer["auth_ctx_id"] = AUTH_CTX_ID
+    pad = (-len(pdu.get_packet())) % 4
+    if pad:
+        pdu["pduData"] += b"\xff" * pad
+        trailer["auth_pad_len"] = pad
+    pdu["sec_trailer"] = trailer
+    pdu["auth_data"] = token
+    return pdu.get_packet()
+
+
+def sealed_request(ctx, auth_type: int, opnum: int, stub: bytes, *, call_id: int,
+                   tamper: bool = False) -> bytes:
+    """A privacy-level request sealed with GSS wrap_iov in DCE style (no header signing was
+    negotiated: the stub and its padding are the only DATA buffer)."""
+    import struct
+
+    import gssapi.raw as graw
+    from gssapi.raw import IOV, IOVBufferType
+
+    pad = (-len(stub)) % 16
+    body = stub + b"\x00" * pad
+    iov = IOV((IOVBufferType.header, True, None), (IOVBufferType.data, False, body), std_layout=False)
+    graw.wrap_iov(ctx, iov, confidential=True)
+    sealed, signature = bytes(iov[1].value), bytes(iov[0].value)
+    if tamper:
+        # A bit of the ciphertext, or of the token's checksum when there is no stub.
+        if sealed:
+            sealed = bytes([sealed[0] ^ 0x01]) + sealed[1:]
+        else:
+            signature = signature[:-1] + bytes([signature[-1] ^ 0x01])
+    trailer = struct.pack("<BBBBI", auth_type, 6, pad, 0, AUTH_CTX_ID)
+    prefix = struct.pack("<IHH", len(body), 0, opnum)
+    frag_len = 16 + len(prefix) + len(sealed) + len(trailer) + len(signature)
+    head = struct.pack("<BBBB4sHHI", 5, 0, 0, 0x03, b"\x10\x00\x00\x00", frag_len, len(signature),
+                       call_id)
+    return head + prefix + sealed + trailer + signature
+
+
+def unseal_response(ctx, pdu) -> bytes:
+    """The plaintext stub of a sealed response, checked by MIT's unwrap_iov (raises if the
+    server's wrap token does not verify)."""
+    import gssapi.raw as graw
+    from gssapi.raw import IOV, IOVBufferType
+
+    raw = pdu.get_packet()
+    auth_len = int.from_bytes(raw[10:12], "little")
+    trailer_at = len(raw) - auth_len - 8
+    pad = raw[trailer_at + 2]
+    iov = IOV((IOVBufferType.header, False, raw[len(raw) - auth_len:]),
+              (IOVBufferType.data, False, raw[24:trailer_at]), std_layout=False)
+    graw.unwrap_iov(ctx, iov)
+    body = bytes(iov[1].value)
+    return body[:len(body) - pad]
