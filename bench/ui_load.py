@@ -10,7 +10,11 @@ Each setting runs ROUNDS times in turn (interleaved, so drift on a shared machin
 of them) and the median is reported. It also times the pcap recorder per frame: the struct
 writer the server uses against building the same frames with scapy as it used to.
 
-  python bench/ui_load.py [--logons 150] [--rounds 3] [--mode np|tcp] [--pages 50]
+By default the logons run back to back (a flood, where the page sends counts instead of
+ladders); with --paced each logon is its own client process with a pause after it, a class's
+pace, and every page is sent every ladder.
+
+  python bench/ui_load.py [--logons 200] [--rounds 3] [--mode np|tcp] [--pages 50] [--paced]
 """
 
 from __future__ import annotations
@@ -97,15 +101,26 @@ class Pages:
             s.close()
 
 
-def drive(mode: str, info: dict, count: int) -> int:
+PACE_SECONDS = 0.3
+
+
+def drive(mode: str, info: dict, count: int, paced: bool = False) -> int:
     port = info["smb"] if mode == "np" else info["emsmdb"]
-    out = subprocess.run([sys.executable, os.path.join(HERE, "client.py"), mode, "--port", str(port),
-                          "--call", "emsmdb", "--count", str(count), "--max-seconds", "300"],
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
-    return json.loads(out.stdout)["ok"]
+    cmd = [sys.executable, os.path.join(HERE, "client.py"), mode, "--port", str(port), "--call", "emsmdb",
+           "--max-seconds", "300"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    if not paced:
+        out = subprocess.run(cmd + ["--count", str(count)], capture_output=True, text=True, timeout=600, env=env)
+        return json.loads(out.stdout)["ok"]
+    ok = 0
+    for _ in range(count):
+        out = subprocess.run(cmd + ["--count", "1"], capture_output=True, text=True, timeout=120, env=env)
+        ok += json.loads(out.stdout)["ok"]
+        time.sleep(PACE_SECONDS)
+    return ok
 
 
-def one_round(tmp: str, setting: str, mode: str, count: int, pages: int) -> dict:
+def one_round(tmp: str, setting: str, mode: str, count: int, pages: int, paced: bool) -> dict:
     proc, info = start_server(tmp, setting)
     watchers = None
     try:
@@ -114,7 +129,7 @@ def one_round(tmp: str, setting: str, mode: str, count: int, pages: int) -> dict
             watchers = Pages(info["ui"], pages)
             time.sleep(1.0)
         before = procstat.cpu_seconds(proc.pid)
-        ok = drive(mode, info, count)
+        ok = drive(mode, info, count, paced)
         after = procstat.cpu_seconds(proc.pid)
         return {"setting": setting, "ok": ok, "cpu_ms": 1000 * (after - before) / ok if ok else None,
                 "page_bytes": watchers.received if watchers else 0}
@@ -159,10 +174,11 @@ def recorder_cost(frames: int = 2000) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--logons", type=int, default=150)
+    p.add_argument("--logons", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--mode", choices=["np", "tcp"], default="np")
     p.add_argument("--pages", type=int, default=50)
+    p.add_argument("--paced", action="store_true", help="one client process per logon, then a pause")
     a = p.parse_args(argv)
     rec = recorder_cost()
     print(f"recorder: {rec['struct_us']:.1f} us/frame (struct), {rec['scapy_us']:.1f} us/frame (scapy)", flush=True)
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(a.rounds):
             for s in settings:
-                res = one_round(tmp, s, a.mode, a.logons, a.pages)
+                res = one_round(tmp, s, a.mode, a.logons, a.pages, a.paced)
                 results[s].append(res)
                 print(f"round {r + 1} {s:9} ok={res['ok']} cpu={res['cpu_ms']:.2f} ms/logon"
                       + (f" pages received {res['page_bytes']} bytes" if res["page_bytes"] else ""), flush=True)

@@ -257,3 +257,79 @@ def test_a_page_that_does_not_keep_up_is_dropped():
 
     subscribers, dropped, held = asyncio.run(run())
     assert dropped and subscribers == 1 and held == QUEUE_SIZE
+
+
+# ---------------------------------------------------------------------- the command line
+def _rpcauth(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "emulator.cli", *args], env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_bad_ui_addresses_are_refused_by_the_cli():
+    for cmd in (["serve", "--smb-port", "0", "--epm-port", "0", "--emsmdb-port", "0"], ["matrix"]):
+        proc = _rpcauth(*cmd, "--ui", "127.0.0.1:http")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2
+        assert "--ui" in err and "port must be a number" in err and "Traceback" not in err
+
+
+def test_matrix_ui_runs_the_rows_live_prints_the_table_and_keeps_serving(tmp_path):
+    rows = tmp_path / "rows.yaml"
+    rows.write_text(
+        "rows:\n"
+        "  - id: np-uns-off\n"
+        "    binding_order: [ncacn_np, ncacn_ip_tcp]\n"
+        "    use_network_security: false\n"
+        "    typed: bob\n"
+        "    expect: {prompt_shown: true, acting_user: \"CORP\\\\alice\", auth_layer: smb_session_setup,\n"
+        "             outcome: denied, status_name: ecLoginPerm, typed_on_wire: false}\n"
+        "  - id: no-smb\n"
+        "    binding_order: [ncacn_np, ncacn_ip_tcp]\n"
+        "    use_network_security: true\n"
+        "    typed: bob\n"
+        "    disable: [smb]\n"
+        "    expect: {acting_user: \"CORP\\\\bob\", auth_layer: rpc_bind, outcome: opened}\n")
+    proc = _rpcauth("matrix", "--scenarios", str(rows), "--ui", "127.0.0.1:0")
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            if "live view at " in line:
+                url = line.split("live view at ", 1)[1].strip()
+        assert url, "no live view URL printed"
+        table = ""
+        while "rows as the KB says" not in table and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            table += line
+        assert "2/2 rows as the KB says" in table, table
+        doc = json.loads(fetch(url + "api/matrix")[1])
+        assert [r["id"] for r in doc["rows"]] == ["np-uns-off", "no-smb"]
+        results = {r["id"]: r for r in doc["results"]}
+        assert results["np-uns-off"]["ok"] and results["no-smb"]["ok"]
+        assert results["np-uns-off"]["cells"]["acting_user"]["text"] == "✓ CORP\\alice"
+        assert results["no-smb"]["cells"]["auth_layer"]["text"] == "✓ rpc_bind"
+    finally:
+        proc.send_signal(2)
+        proc.wait(30)
+    assert proc.returncode == 0
+
+
+# ---------------------------------------------------------------------- a flood
+def test_a_flood_of_connections_sends_a_count_not_ladders(loopback_lab):
+    from emulator.web.broadcast import MAX_VIEWS_PER_TICK
+
+    view = loopback_lab.ui
+    fetch(base(loopback_lab) + WHATIF, data=b"binding_order=ncacn_ip_tcp&typed=bob&logged_on=alice")
+    known = list(view.conns.views)[-(MAX_VIEWS_PER_TICK + 2):]
+    calm = view._render(known[-1:])
+    assert calm["conns"] and "svg" in calm["conns"][0]
+    view._last_flood = float("-inf")
+    flood = view._render(known)
+    assert flood["conns"] == [] and flood["skipped"] == len(known)
+    assert flood["latest"]["conn"] == known[-1] and "acting as" in flood["latest"]["words"]
+    assert view._render(known) is None            # at most one flood notice a second

@@ -51,21 +51,14 @@ def _ip_bytes(ip: str) -> bytes:
     return socket.inet_aton(ip)
 
 
-def _ones_sum(data: bytes) -> int:
-    """RFC 1071 one's-complement sum of 16-bit big-endian words, not yet complemented."""
+def _checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum of 16-bit big-endian words."""
     if len(data) % 2:
         data += b"\0"
     words = array("H", data)
     if sys.byteorder == "little":
         words.byteswap()
     total = sum(words)
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def _checksum(*parts: bytes) -> int:
-    total = sum(_ones_sum(p) for p in parts)
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -78,7 +71,8 @@ def ethernet_ipv4_tcp(src: tuple[str, int], dst: tuple[str, int], ip_id: int, se
     tcp_len = 20 + len(payload)
     tcp = _TCP.pack(src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags, _WINDOW, 0, 0)
     pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_TCP, tcp_len)
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo, tcp, payload)) + tcp[18:]
+    # The pseudo-header (12 bytes) and header (20) are whole words: one pass covers all three.
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp + payload)) + tcp[18:]
     ip = _IPV4.pack(0x45, 0, 20 + tcp_len, ip_id, _IP_DF, _TTL, socket.IPPROTO_TCP, 0, sip, dip)
     ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
     return _mac_bytes(dst[0]) + _mac_bytes(src[0]) + _ETHERTYPE_IPV4 + ip + tcp + payload

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from ..matrix import Scenario, kb_scenarios
 from .address import TOKEN_FREE_HOSTS, UiAddress
-from .broadcast import KEEPALIVE_SECONDS, MAX_FINALS_PER_TICK, MAX_VIEWS_PER_TICK, Broadcaster, sse
+from .broadcast import FLOOD_SECONDS, KEEPALIVE_SECONDS, MAX_FINALS_PER_TICK, MAX_VIEWS_PER_TICK, Broadcaster, sse
 from .forms import FormError, what_if
 from .labview import lab_summary
 from .live import LiveConnections
@@ -62,6 +62,7 @@ class LiveView:
         self._run_lock = asyncio.Lock()
         self._stopped = False
         self._results: dict[str, dict[str, Any]] = {}
+        self._last_flood = float("-inf")
 
     @property
     def url(self) -> str:
@@ -115,6 +116,10 @@ class LiveView:
         if not views:
             return None
         if len(views) > MAX_VIEWS_PER_TICK:
+            now = self._loop.time() if self._loop is not None else 0.0
+            if now - self._last_flood < FLOOD_SECONDS:
+                return None
+            self._last_flood = now
             newest = views[-1]
             return {"conns": [], "skipped": len(views),
                     "latest": {"conn": newest.conn, "listener": newest.listener, "words": newest.words}}

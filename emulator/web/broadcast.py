@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 TICK_SECONDS = 0.25
+FLOOD_SECONDS = 1.0          # while flooded, pages hear about it at most this often
 MAX_VIEWS_PER_TICK = 3
 MAX_FINALS_PER_TICK = 2
 QUEUE_SIZE = 32

@@ -24,6 +24,9 @@ from ..capture.ladder import Step, highlight, label, verdicts
 
 # Steps kept per connection: a connection that makes thousands of calls draws its first ones.
 MAX_STEPS = 200
+# Events held per connection until someone looks; past this, only identity events are read.
+MAX_PENDING = 400
+_IDENTITY_KINDS = frozenset({"rpc.identity", "emsmdb.connect", "smb.pipe_open", "rpc.bind"})
 # Kinds drawn, and the direction of the message each stands for (None: a note about state).
 _DIRECTION = {
     "smb.negotiate": False, "smb.session_setup": False, "smb.tree_connect": False,
@@ -66,19 +69,38 @@ class ConnectionView:
     _bind_auth: tuple[str, str] = ("none", "none")   # auth type and level of the last bind
     _ntlm_at: int | None = None                       # where an RPC bind's NTLM exchange began
     _final: list[dict[str, Any]] | None = None
+    _pending: list[dict[str, Any]] = field(default_factory=list)
 
     # ---------------------------------------------------------------- from events
     def add(self, rec: dict[str, Any]) -> bool:
-        """Take one server event; True if the view changed."""
+        """Take one server event; True if the view changed. Only kept here: the ladder is
+        built when a page looks, so a lab nobody watches pays next to nothing per event."""
         kind = rec["kind"]
         if kind == "conn.close":
             self.closed = rec.get("reason") or "closed"
             self.version += 1
             return True
+        if kind not in _DIRECTION and kind not in _IDENTITY_KINDS:
+            return False
+        if len(self._pending) < MAX_PENDING:
+            self._pending.append(rec)
+        elif kind in _IDENTITY_KINDS:
+            self._catch_up()
+            self._apply(rec)
+        self.version += 1
+        return True
+
+    def _catch_up(self) -> None:
+        pending, self._pending = self._pending, []
+        for rec in pending:
+            self._apply(rec)
+
+    def _apply(self, rec: dict[str, Any]) -> None:
+        kind = rec["kind"]
         if kind in ("rpc.identity", "emsmdb.connect", "smb.pipe_open", "rpc.bind"):
             self._identity(rec)
         if kind not in _DIRECTION:
-            return kind == "emsmdb.connect"
+            return
         ev = self._as_ladder_event(rec)
         if kind == "emsmdb.connect":
             self._step({"kind": "emsmdb.connect_request", "call": rec.get("call"),
@@ -90,8 +112,6 @@ class ConnectionView:
             if kind == "ntlm.negotiate" and self.layer != "smb":
                 self._ntlm_at = len(self.steps)
             self._step(ev, _DIRECTION[kind])
-        self.version += 1
-        return True
 
     def _bind(self, rec: dict[str, Any], ev: dict[str, Any]) -> None:
         """The server reports a bind once its NTLM exchange is over; draw it where it began:
@@ -161,9 +181,11 @@ class ConnectionView:
     # ---------------------------------------------------------------- for the page
     @property
     def words(self) -> str:
+        self._catch_up()
         return identity_words(self.identity_source, self.acting, self.transport_identity)
 
     def live_svg(self) -> str:
+        self._catch_up()
         return draw_ladder(self.steps, f"client {self.peer}", f"server {self.listener}",
                            f"live ladder of connection {self.conn}", number="msg")
 
