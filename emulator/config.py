@@ -69,6 +69,9 @@ class Transports:
     emsmdb: TcpTransport = TcpTransport(port=6001)
 
 
+SMB_ENCRYPTION = ("off", "desired", "required")
+
+
 @dataclass(frozen=True)
 class Limits:
     max_connections: int = 1024          # per listener; x max_pdu_size bounds reassembly memory
@@ -91,6 +94,9 @@ class Policy:
     guest_allowed: bool = False
     encryption_required: bool = False
     smb_signing_required: bool = False
+    # SMB 3.x encryption (docs/security.md, "SMB3 encryption"): off (not offered), desired
+    # (offered; a client that encrypts is answered encrypted), required (every session must).
+    smb_encryption: str = "desired"
     limits: Limits = Limits()
 
 
@@ -295,7 +301,7 @@ def _parse(root: _Node, source: str) -> LabConfig:
     if "policy" in top:
         p = r.mapping(top["policy"], "policy", {
             "min_auth_level", "ntlmv1_allowed", "anonymous_allowed", "guest_allowed",
-            "encryption_required", "smb_signing_required", "limits"})
+            "encryption_required", "smb_signing_required", "smb_encryption", "limits"})
         levels = dict(Policy().min_auth_level)
         if "min_auth_level" in p:
             lv = r.mapping(p["min_auth_level"], "policy.min_auth_level", set(TRANSPORT_NAMES))
@@ -317,6 +323,10 @@ def _parse(root: _Node, source: str) -> LabConfig:
                 values[k] = v
             limits = Limits(**values)
         pn = top["policy"]
+        smb_encryption = r.scalar(p, "smb_encryption", "policy", str, "desired", pn)
+        if smb_encryption not in SMB_ENCRYPTION:
+            raise r.fail(p["smb_encryption"], "policy.smb_encryption",
+                         f"{smb_encryption!r} is not one of {'|'.join(SMB_ENCRYPTION)}")
         policy = Policy(
             min_auth_level=levels,
             ntlmv1_allowed=r.scalar(p, "ntlmv1_allowed", "policy", bool, False, pn),
@@ -324,6 +334,7 @@ def _parse(root: _Node, source: str) -> LabConfig:
             guest_allowed=r.scalar(p, "guest_allowed", "policy", bool, False, pn),
             encryption_required=r.scalar(p, "encryption_required", "policy", bool, False, pn),
             smb_signing_required=r.scalar(p, "smb_signing_required", "policy", bool, False, pn),
+            smb_encryption=smb_encryption,
             limits=limits,
         )
 

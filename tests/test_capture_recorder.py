@@ -17,11 +17,13 @@ from impacket.smbconnection import SMBConnection
 from impacket.uuid import uuidtup_to_bin
 
 from emulator.capture import CaptureWriter, analyse
-from emulator.config import default_config
+from emulator.config import default_config_with
 from emulator.directory import Directory
 from emulator.identity import ANONYMOUS
 
-CONFIG = default_config()
+# impacket encrypts SMB3 whenever a server offers it; these captures are of the clear path
+# (reading encrypted captures is the analyser's SMB3 decryption).
+CONFIG = default_config_with({"policy": {"smb_encryption": "off"}})
 BOB_DN = "/o=Corp/ou=Site/cn=Recipients/cn=bob"
 EMSMDB = ("a4f1db00-ca47-1067-b31f-00dd010662da", "0.81")
 TSHARK = shutil.which("tshark")
