@@ -69,6 +69,9 @@ class Transports:
     emsmdb: TcpTransport = TcpTransport(port=6001)
 
 
+SMB_ENCRYPTION = ("off", "desired", "required")
+
+
 @dataclass(frozen=True)
 class Limits:
     max_connections: int = 1024          # per listener; x max_pdu_size bounds reassembly memory
@@ -93,6 +96,9 @@ class Policy:
     smb_signing_required: bool = False
     # SPNEGO must settle on Kerberos: NTLM through SPNEGO is refused as a downgrade.
     require_kerberos: bool = False
+    # SMB 3.x encryption (docs/security.md, "SMB3 encryption"): off (not offered), desired
+    # (offered; a client that encrypts is answered encrypted), required (every session must).
+    smb_encryption: str = "desired"
     limits: Limits = Limits()
 
 
@@ -313,7 +319,8 @@ def _parse(root: _Node, source: str) -> LabConfig:
     if "policy" in top:
         p = r.mapping(top["policy"], "policy", {
             "min_auth_level", "ntlmv1_allowed", "anonymous_allowed", "guest_allowed",
-            "encryption_required", "smb_signing_required", "require_kerberos", "limits"})
+            "encryption_required", "smb_signing_required", "require_kerberos", "smb_encryption",
+            "limits"})
         levels = dict(Policy().min_auth_level)
         if "min_auth_level" in p:
             lv = r.mapping(p["min_auth_level"], "policy.min_auth_level", set(TRANSPORT_NAMES))
@@ -335,6 +342,10 @@ def _parse(root: _Node, source: str) -> LabConfig:
                 values[k] = v
             limits = Limits(**values)
         pn = top["policy"]
+        smb_encryption = r.scalar(p, "smb_encryption", "policy", str, "desired", pn)
+        if smb_encryption not in SMB_ENCRYPTION:
+            raise r.fail(p["smb_encryption"], "policy.smb_encryption",
+                         f"{smb_encryption!r} is not one of {'|'.join(SMB_ENCRYPTION)}")
         policy = Policy(
             min_auth_level=levels,
             ntlmv1_allowed=r.scalar(p, "ntlmv1_allowed", "policy", bool, False, pn),
@@ -343,6 +354,7 @@ def _parse(root: _Node, source: str) -> LabConfig:
             encryption_required=r.scalar(p, "encryption_required", "policy", bool, False, pn),
             smb_signing_required=r.scalar(p, "smb_signing_required", "policy", bool, False, pn),
             require_kerberos=r.scalar(p, "require_kerberos", "policy", bool, False, pn),
+            smb_encryption=smb_encryption,
             limits=limits,
         )
 

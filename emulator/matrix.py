@@ -18,7 +18,7 @@ import yaml
 from .client.profile import Endpoint, Profile, lab_credentials
 from .client.runner import ClientReport, run_client
 from .client.tickets import workstation_logon
-from .config import KerberosConfig, LabConfig, coerce_config, load_config
+from .config import KerberosConfig, LabConfig, coerce_config, default_config_with, load_config
 from .lab import Lab
 
 COLUMNS = ("prompt_shown", "acting_user", "auth_layer", "outcome", "status_name", "typed_on_wire")
@@ -241,9 +241,16 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def matrix_default_config() -> LabConfig:
+    """The embedded lab with SMB3 encryption off: impacket (the matrix's client) encrypts
+    whenever a server offers it, and the KB's rows and reference captures are the clear traffic
+    of the KB's time. A config given to run_matrix decides for itself."""
+    return default_config_with({"policy": {"smb_encryption": "off"}})
+
+
 def run_matrix(scenarios: list[Scenario], config: LabConfig | None = None, *, capture_dir: str | None = None,
                seed: int | None = None, progress=None) -> list[RowResult]:
-    base = coerce_config(config)
+    base = coerce_config(config) if config is not None else matrix_default_config()
     results = []
     for i, s in enumerate(scenarios, 1):
         if progress:

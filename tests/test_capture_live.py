@@ -7,9 +7,13 @@ import subprocess
 
 from emulator.client import Credentials, Profile, run_client
 from emulator.client.profile import Endpoint
+from emulator.config import default_config_with
 from emulator.lab import Lab
 
 from harness.cast import dn, need_tool
+
+# impacket encrypts SMB3 whenever a server offers it; these captures are of the clear path.
+CLEAR = default_config_with({"policy": {"smb_encryption": "off"}})
 
 
 def _tshark_fields(path: str, *fields: str) -> list[str]:
@@ -26,7 +30,7 @@ def _clean(path: str) -> bool:
 
 def test_each_connection_gets_a_capture_tshark_decodes(tmp_path):
     need_tool("tshark")
-    with Lab(captures=str(tmp_path)) as lab:
+    with Lab(CLEAR, captures=str(tmp_path)) as lab:
         for order in (("ncacn_np",), ("ncacn_ip_tcp",)):
             profile = Profile(dn("bob"), Credentials("alice", lab.password("alice")), binding_order=order,
                               prompt_answer=Credentials("bob", lab.password("bob")),
@@ -49,7 +53,7 @@ def test_each_connection_gets_a_capture_tshark_decodes(tmp_path):
 
 def test_emsmdb_on_an_x11_port_is_written_where_wireshark_reads_dcerpc(tmp_path):
     need_tool("tshark")
-    with Lab(captures=str(tmp_path), ports={"emsmdb": 6001}) as lab:
+    with Lab(CLEAR, captures=str(tmp_path), ports={"emsmdb": 6001}) as lab:
         profile = Profile(dn("bob"), Credentials("alice", lab.password("alice")), binding_order=("ncacn_ip_tcp",),
                           prompt_answer=Credentials("bob", lab.password("bob")),
                           server=Endpoint(smb_port=lab.ports["smb"], epm_port=lab.ports["epm"]))

@@ -35,7 +35,10 @@ NDR = ("8a885d04-1ceb-11c9-9fe8-08002b104860", "2.0")
 @contextmanager
 def limited_lab(**limits):
     base = default_config()
-    policy = dataclasses.replace(base.policy, limits=dataclasses.replace(base.policy.limits, **limits))
+    # Encryption off: the session test reuses impacket's session state, which after an encrypted
+    # logon would seal a SessionId-0 SESSION_SETUP (a transform naming no session: disconnect).
+    policy = dataclasses.replace(base.policy, smb_encryption="off",
+                                 limits=dataclasses.replace(base.policy.limits, **limits))
     with Lab(dataclasses.replace(base, policy=policy)) as lab:
         yield lab
 

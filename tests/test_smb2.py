@@ -647,11 +647,11 @@ def test_smb1_client_is_dispatched_to_the_smb1_engine(server):
 
 
 # ---------------------------------------------------------------- re-authentication (MS-SMB2 3.3.5.5.2)
-# impacket re-authenticates when `login` is called again on a connection. On 3.1.1 it always signs
-# and, after a re-authentication, signs with a key derived from the new logon, where Windows and
-# Samba keep the session's first key (MS-SMB2 3.3.5.5.2); 3.1.1 is checked with smbtorture below.
+# impacket re-authenticates when `login` is called again on a connection. On 3.x it then signs
+# and encrypts with keys derived from the new logon, where Windows and Samba keep the session's
+# first keys (MS-SMB2 3.3.5.5.2); 3.x is checked with smbtorture below (3.1.1, signing required).
 
-@pytest.mark.parametrize("dialect", ["2.1", "3.0"])
+@pytest.mark.parametrize("dialect", ["2.0.2", "2.1"])
 def test_reauthentication_keeps_the_session_and_its_pipes(lab, dialect):
     from harness.smb_peers import EC_LOGIN_PERM, EC_SUCCESS, conn_of, emsmdb_pipe, impacket_login, mailbox_answers
     smb = impacket_login(lab, "alice", dialect)

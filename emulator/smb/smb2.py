@@ -26,6 +26,7 @@ from . import smb2_wire as w
 from .pipe import Pipe, PipeFactory
 from .session_core import Open, Session, SessionCore, SmbError, Tree, netbios_frame
 from .smb2_signing import Signer, session_key_16, signing_key
+from .smb3_encryption import CIPHERS, EncryptionError, Opener, Sealer, choose_cipher, encryption_keys
 
 LAYER = "smb"
 CREDIT_WINDOW = 512             # at most this many MessageIds granted and not yet used
@@ -54,11 +55,16 @@ def dialect_name(d: int) -> str:
 
 @dataclass
 class Keys:
-    """What SMB2 keeps per session beside the core's state: signing and the 3.1.1 preauth hash."""
+    """What SMB2 keeps per session beside the core's state: signing, encryption and the 3.1.1
+    preauth hash."""
     signer: Signer | None = field(default=None, repr=False)
     signing_required: bool = False
     preauth: bytes = field(default=b"", repr=False)
     next_tree_id: int = 1
+    sealer: Sealer | None = field(default=None, repr=False)
+    opener: Opener | None = field(default=None, repr=False)
+    encrypt_data: bool = False       # policy `required`: every request must come encrypted
+    encrypted_seen: bool = False     # the first encrypted request was logged
 
 
 @dataclass
@@ -109,6 +115,9 @@ class Smb2Engine:
         self._capabilities = 0
         self._max_io = SMALL_IO
         self._signing_algorithm: int | None = None
+        self._encryption = config.policy.smb_encryption          # off | desired | required
+        self._cipher = w.CIPHER_NONE        # negotiated: AES-128-CCM for 3.0.x, the context's for 3.1.1
+        self._encrypted_for: int | None = None   # the SessionId of the transform being served
         self._preauth = b""
         self._available: set[int] = {0}
         self._next_grant = 1
@@ -133,21 +142,33 @@ class Smb2Engine:
             out.close = True
             return out
         try:
+            sealer: Sealer | None = None
+            self._encrypted_for = None
+            if message[:4] == w.TRANSFORM_PROTOCOL_ID:
+                message, sealer = self._open_transform(message, out.events)
             elements = w.split_compound(message)
             replies: list[tuple[w.Header, Reply]] = []
             chain = _Chain()
             for i, element in enumerate(elements):
                 header = w.parse_header(element)
+                if (sealer is not None and not header.flags & w.FLAGS_RELATED_OPERATIONS
+                        and header.session_id != self._encrypted_for):
+                    # A message sealed with one session's key speaks for that session only.
+                    raise _Close("transform_other_session")
                 reply = self._element(i, element, header, chain, out.events)
                 if reply is not None:
                     replies.append((header, reply))
             if replies:
-                out.data = netbios_frame(self._serialise(replies))
+                data = self._serialise(replies, sign=sealer is None)
+                # MS-SMB2 3.3.4.1.4: the answer to an encrypted request is encrypted.
+                out.data = netbios_frame(sealer.seal(data) if sealer is not None else data)
             return out
         except ProtocolError as exc:
             out.events.append(malformed(LAYER, exc.reason))
         except _Close as exc:
             out.events.append(malformed(LAYER, exc.reason, **exc.fields))
+        except EncryptionError as exc:
+            out.events.append(malformed(LAYER, exc.reason))
         except Exception as exc:  # never let a bug in one connection take the server down
             out.events.append(malformed(LAYER, "internal_error", error=type(exc).__name__))
         out.events.extend(self.close())
@@ -175,6 +196,25 @@ class Smb2Engine:
                    signing_required=bool(self._security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
                    client_dialects=list(dialects))
         return Output(netbios_frame(data), [ev])
+
+    def _open_transform(self, message: bytes, events: list[Event]) -> tuple[bytes, Sealer]:
+        """MS-SMB2 3.3.5.2.1.1: the session the transform names must be ours and encrypting; the
+        message must authenticate under its key with a nonce not seen before. Anything else
+        drops the connection."""
+        header = w.parse_transform_header(message)
+        session = self.core.sessions.get(header.session_id)
+        keys = self._keys.get(header.session_id)
+        if session is None or not session.established or keys is None:
+            raise EncryptionError("transform_unknown_session")
+        if keys.opener is None or keys.sealer is None:
+            raise EncryptionError("transform_not_negotiated")
+        plain = keys.opener.open(header, message)
+        self._encrypted_for = header.session_id
+        if not keys.encrypted_seen:
+            keys.encrypted_seen = True
+            events.append(event(LAYER, "smb.encryption", result="on", cipher=keys.opener.cipher.name,
+                                user=session.label, dialect=dialect_name(self.dialect or 0)))
+        return plain, keys.sealer
 
     def close(self) -> list[Event]:
         events = self.core.close_all()
@@ -236,9 +276,11 @@ class Smb2Engine:
             self._next_grant += 1
         return grant
 
-    def _serialise(self, replies: list[tuple[w.Header, Reply]], granted_already: bool = False) -> bytes:
+    def _serialise(self, replies: list[tuple[w.Header, Reply]], granted_already: bool = False,
+                   sign: bool = True) -> bytes:
         """Build the (possibly compound) response: each element 8-byte aligned with NextCommand
-        set, then signed on its own (MS-SMB2 3.3.4.1.3)."""
+        set, then signed on its own (MS-SMB2 3.3.4.1.3) unless it is to be encrypted, which
+        protects it instead (MS-SMB2 3.3.4.1.1)."""
         out = []
         for i, (req, reply) in enumerate(replies):
             credits = req.credits if granted_already else self._grant(req, req.credits)
@@ -254,7 +296,7 @@ class Smb2Engine:
                 body += b"\x00" * (-raw_len % 8)
                 hdr.next_command = w.HEADER_SIZE + len(body)
             data = hdr.pack() + body
-            if reply.sign and reply.signer is not None:
+            if sign and reply.sign and reply.signer is not None:
                 data = reply.signer.sign(data)
             if reply.on_sent is not None:
                 reply.on_sent(data)
@@ -285,6 +327,10 @@ class Smb2Engine:
     def _in_session(self, msg: bytes, h: w.Header, command: Any, chain: _Chain, related: bool,
                     events: list[Event]) -> Reply:
         session = self.core.usable(h.session_id, command)
+        keys = self._keys.get(session.session_id)
+        if keys is not None and keys.encrypt_data and self._encrypted_for != session.session_id:
+            # MS-SMB2 3.3.5.2.9: Session.EncryptData and an unencrypted request.
+            raise self.core.refused(command, "unencrypted", st.STATUS_ACCESS_DENIED, user=session.label)
         denied = self._check_signature(msg, h, session, events)
         if denied is not None:
             return denied
@@ -329,6 +375,8 @@ class Smb2Engine:
         keys = self._keys.get(session.session_id)
         if keys is None or keys.signer is None:
             return None             # anonymous and guest sessions have no key to sign with
+        if self._encrypted_for == session.session_id:
+            return None             # the transform's AEAD tag authenticated it (MS-SMB2 3.3.5.2.4)
         command = w.COMMAND_NAMES.get(h.command, h.command)
         if h.flags & w.FLAGS_SIGNED:
             if keys.signer.verify(msg):
@@ -363,6 +411,11 @@ class Smb2Engine:
             contexts = self._negotiate_contexts(req)
         self.dialect = dialect
         self._client = req
+        if dialect in (w.DIALECT_300, w.DIALECT_302) and self._encryption != "off":
+            # 3.0 and 3.0.2 announce encryption as a capability and use AES-128-CCM (MS-SMB2
+            # 3.3.5.4); 3.1.1 negotiates the cipher in a context instead.
+            self._capabilities |= w.GLOBAL_CAP_ENCRYPTION
+            self._cipher = w.CIPHER_AES128_CCM
         if dialect >= w.DIALECT_210 and self._limits.max_pdu_size >= MAX_IO_LARGE + 4096:
             self._capabilities |= w.GLOBAL_CAP_LARGE_MTU
             self._max_io = MAX_IO_LARGE
@@ -378,7 +431,7 @@ class Smb2Engine:
             LAYER, "smb.negotiate", dialect=dialect_name(dialect), result="ok",
             signing_required=bool(self._security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
             client_signing_required=bool(req.security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
-            client_dialects=client_names))
+            cipher=w.CIPHER_NAMES.get(self._cipher), client_dialects=client_names))
         return reply
 
     def _negotiate_contexts(self, req: w.NegotiateRequest) -> list[bytes]:
@@ -396,9 +449,12 @@ class Smb2Engine:
         out = [w.build_negotiate_context(w.PREAUTH_INTEGRITY_CAPABILITIES,
                                          struct.pack("<HHH", 1, len(salt), w.HASH_SHA512) + salt)]
         if w.ENCRYPTION_CAPABILITIES in by_type:
-            w.parse_id_list_context(by_type[w.ENCRYPTION_CAPABILITIES], "ENCRYPTION_CAPABILITIES")
-            # We do not encrypt: MS-SMB2 3.3.5.4 says answer one cipher, 0 (none in common).
-            out.append(w.build_negotiate_context(w.ENCRYPTION_CAPABILITIES, struct.pack("<HH", 1, 0)))
+            offered = w.parse_id_list_context(by_type[w.ENCRYPTION_CAPABILITIES], "ENCRYPTION_CAPABILITIES")
+            # MS-SMB2 3.3.5.4: one cipher, the first of the client's list the server supports;
+            # 0 when there is none (or the policy turns encryption off).
+            if self._encryption != "off":
+                self._cipher = choose_cipher(offered)
+            out.append(w.build_negotiate_context(w.ENCRYPTION_CAPABILITIES, struct.pack("<HH", 1, self._cipher)))
         if w.SIGNING_CAPABILITIES in by_type:
             offered = w.parse_id_list_context(by_type[w.SIGNING_CAPABILITIES], "SIGNING_CAPABILITIES")
             chosen = next((a for a in (w.SIGNING_AES_CMAC, w.SIGNING_HMAC_SHA256) if a in offered), None)
@@ -420,8 +476,23 @@ class Smb2Engine:
             events.extend(exc.events)
             return Reply(exc.status, w.build_error_response(), session_id=h.session_id or None)
 
+    def _encryption_refusal(self) -> str | None:
+        """MS-SMB2 3.3.5.5 steps 1 and 2: with encryption required, a 2.x dialect, or a 3.x
+        client that cannot encrypt, gets no session."""
+        if self.dialect is None or self.dialect < w.DIALECT_300:
+            return "dialect_without_encryption"
+        if self.dialect == w.DIALECT_311:
+            return "no_common_cipher" if self._cipher == w.CIPHER_NONE else None
+        client_caps = self._client.capabilities if self._client is not None else 0
+        return None if client_caps & w.GLOBAL_CAP_ENCRYPTION else "client_without_encryption"
+
     def _authenticate(self, msg: bytes, h: w.Header, req: w.SessionSetupRequest,
                       events: list[Event]) -> Reply:
+        if self._encryption == "required" and h.session_id == 0:
+            reason = self._encryption_refusal()
+            if reason is not None:
+                raise self.core.refused("session_setup", reason, st.STATUS_ACCESS_DENIED,
+                                        dialect=dialect_name(self.dialect or 0))
         if h.session_id == 0:
             try:
                 session = self.core.new_session(self._new_session_id())
@@ -466,6 +537,18 @@ class Smb2Engine:
             return reply
 
         flags = {"anonymous": w.SESSION_FLAG_IS_NULL, "guest": w.SESSION_FLAG_IS_GUEST}.get(logon.kind, 0)
+        if not logon.reauth:
+            self._derive_encryption(session, keys)
+            if self._encryption == "required":
+                if keys.sealer is None:
+                    # Anonymous and guest have no key to encrypt with: no session (as Samba).
+                    events.extend(self.core.drop_session(sid, "encryption_required"))
+                    events.append(event(LAYER, "smb.refused", command="session_setup",
+                                        reason="encryption_required", session_flags=logon.kind,
+                                        status=st.status_name(st.STATUS_ACCESS_DENIED)))
+                    return Reply(st.STATUS_ACCESS_DENIED, w.build_error_response(), session_id=sid)
+                keys.encrypt_data = True
+                flags |= w.SESSION_FLAG_ENCRYPT_DATA
         reply = Reply(st.STATUS_SUCCESS, w.build_session_setup_response(flags, step.token), session_id=sid)
         if logon.reauth:
             # The session keeps its keys and its signing (MS-SMB2 3.3.5.5.2).
@@ -483,9 +566,21 @@ class Smb2Engine:
         if keys.signer is not None and (self.dialect >= w.DIALECT_300 or keys.signing_required):
             # MS-SMB2 3.3.5.5.3: 3.x always signs the final response; 2.x when signing is required.
             reply.signer, reply.sign = keys.signer, True
+        extra = {"cipher": keys.sealer.cipher.name, "encrypt_data": keys.encrypt_data} if keys.sealer else {}
         events.append(self.core.setup_event(
-            session, signing=keys.signing_required and keys.signer is not None))
+            session, signing=keys.signing_required and keys.signer is not None, **extra))
         return reply
+
+    def _derive_encryption(self, session: Session, keys: Keys) -> None:
+        """MS-SMB2 3.3.5.5.3: a user session on a connection that negotiated a cipher gets its
+        encryption and decryption keys (from the same preauth hash as its signing key)."""
+        logon = session.logon
+        if logon is None or logon.kind != "user" or not logon.session_key or self._cipher == w.CIPHER_NONE:
+            return
+        cipher = CIPHERS[self._cipher]
+        out_key, in_key = encryption_keys(self.dialect or 0, cipher, logon.session_key, keys.preauth)
+        keys.sealer = Sealer(cipher, out_key, session.session_id)
+        keys.opener = Opener(cipher, in_key)
 
     def _new_session_id(self) -> int:
         while True:

@@ -58,10 +58,15 @@ ENCRYPTION_CAPABILITIES = 0x0002
 SIGNING_CAPABILITIES = 0x0008
 HASH_SHA512 = 0x0001
 SIGNING_HMAC_SHA256, SIGNING_AES_CMAC, SIGNING_AES_GMAC = 0, 1, 2
+# Ciphers (MS-SMB2 2.2.3.1.2); 0 in a 3.1.1 answer: none in common.
+CIPHER_NONE, CIPHER_AES128_CCM, CIPHER_AES128_GCM, CIPHER_AES256_CCM, CIPHER_AES256_GCM = 0, 1, 2, 3, 4
+CIPHER_NAMES = {CIPHER_AES128_CCM: "AES-128-CCM", CIPHER_AES128_GCM: "AES-128-GCM",
+                CIPHER_AES256_CCM: "AES-256-CCM", CIPHER_AES256_GCM: "AES-256-GCM"}
 
 # Session flags
 SESSION_FLAG_IS_GUEST = 0x0001
 SESSION_FLAG_IS_NULL = 0x0002
+SESSION_FLAG_ENCRYPT_DATA = 0x0004
 SESSION_SETUP_FLAG_BINDING = 0x01
 
 SHARE_TYPE_PIPE = 0x02
@@ -529,6 +534,34 @@ def build_validate_negotiate_response(capabilities: int, guid: bytes, security_m
 # ---------------------------------------------------------------- SMB1 multi-protocol negotiate
 
 SMB1_COM_NEGOTIATE = 0x72
+
+
+# ---------------------------------------------------------------- transform header (MS-SMB2 2.2.41)
+
+TRANSFORM_HEADER = struct.Struct("<4s16s16sIHHQ")
+TRANSFORM_HEADER_SIZE = TRANSFORM_HEADER.size         # 52
+TRANSFORM_AAD_OFFSET = 20        # the AEAD's associated data: the header from Nonce to its end
+TRANSFORM_FLAG_ENCRYPTED = 0x0001   # Flags (3.1.1) / EncryptionAlgorithm (3.0, 3.0.2): AES
+
+
+@dataclass
+class TransformHeader:
+    signature: bytes = field(repr=False)       # the AEAD tag
+    nonce: bytes
+    original_size: int
+    flags: int
+    session_id: int
+
+    def pack(self) -> bytes:
+        return TRANSFORM_HEADER.pack(TRANSFORM_PROTOCOL_ID, self.signature, self.nonce, self.original_size,
+                                     0, self.flags, self.session_id)
+
+
+def parse_transform_header(message: bytes) -> TransformHeader:
+    _need(len(message) >= TRANSFORM_HEADER_SIZE, "transform message shorter than its header")
+    proto, sig, nonce, size, _reserved, flags, sid = TRANSFORM_HEADER.unpack_from(message)
+    _need(proto == TRANSFORM_PROTOCOL_ID, "bad transform protocol id")
+    return TransformHeader(sig, nonce, size, flags, sid)
 
 
 def smb1_negotiate_dialects(message: bytes) -> list[str] | None:

@@ -15,7 +15,7 @@ from impacket.uuid import uuidtup_to_bin
 
 from emulator.auth import AuthFactory
 from emulator.capture import CaptureWriter
-from emulator.config import default_config
+from emulator.config import default_config_with
 from emulator.directory import Directory
 from emulator.identity import ANONYMOUS, Identity
 from emulator.interfaces.emsmdb import EmsmdbInterface, hEcDoConnect
@@ -25,7 +25,9 @@ from emulator.smb.pipe import PipeFactory
 
 from .engine_server import EngineServer
 
-CONFIG = default_config()
+# impacket encrypts SMB3 whenever a server offers it; these captures are of the clear path
+# (reading encrypted captures needs the session's keys).
+CONFIG = default_config_with({"policy": {"smb_encryption": "off"}})
 BOB_DN = "/o=Corp/ou=Site/cn=Recipients/cn=bob"
 EMSMDB = ("a4f1db00-ca47-1067-b31f-00dd010662da", "0.81")
 # The port a real Exchange 5.5 server handed out in mapi.pcap. (6001, the lab default, is in

@@ -1,0 +1,273 @@
+"""SMB 3.x encryption (MS-SMB2 3.1.4.3, 3.3.4.1.4, 3.3.5.2.1.1) against real peers: Samba's
+rpcclient and smbclient on every dialect and cipher, impacket's SMB3 client (AES-128-CCM, the one
+cipher it implements), and impacket's own encrypted messages tampered with on the wire.
+
+The KB's rule holds under encryption: a pipe's RPC connection without authentication acts as the
+SMB session's user, whatever protects the SMB messages.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from impacket import smb3structs as s3
+from impacket.smbconnection import SessionError
+
+from emulator.config import default_config_with
+from emulator.lab import Lab
+from emulator.smb import ntstatus as st
+from emulator.smb import smb2_wire as w
+from emulator.smb.smb2_signing import kdf_counter_mode
+from emulator.smb.smb3_encryption import CIPHERS, choose_cipher, encryption_keys
+from harness.cast import need_tool
+from harness.smb_peers import EC_LOGIN_PERM, EC_SUCCESS, conn_of, emsmdb_pipe, impacket_login, mailbox_answers
+
+PASSWORD = "Alice-Pw-1"
+
+
+def lab_with(mode: str, **policy) -> Lab:
+    return Lab(default_config_with({"policy": {"smb_encryption": mode, **policy}}))
+
+
+@pytest.fixture(scope="module")
+def desired():
+    with lab_with("desired") as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def required():
+    with lab_with("required") as lab:
+        yield lab
+
+
+def rpcclient(lab, proto: str, *extra: str, command: str = "srvinfo") -> subprocess.CompletedProcess:
+    need_tool("rpcclient")
+    argv = ["rpcclient", "-U", f"CORP/alice%{PASSWORD}", "-p", str(lab.ports["smb"]),
+            f"--option=clientipcmaxprotocol={proto}", f"--option=clientipcminprotocol={proto}", *extra,
+            "127.0.0.1", "-c", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def new_records(lab, before: int, kind: str) -> list[dict]:
+    return [r for r in lab.records()[before:] if r["kind"] == kind]
+
+
+# ---------------------------------------------------------------- Samba's clients, every cipher
+
+CASES = [("SMB3_00", None, "3.0", "AES-128-CCM"), ("SMB3_02", None, "3.0.2", "AES-128-CCM"),
+         ("SMB3_11", None, "3.1.1", "AES-128-GCM")] + [
+    ("SMB3_11", name, "3.1.1", name) for name in ("AES-128-CCM", "AES-128-GCM", "AES-256-CCM", "AES-256-GCM")]
+
+
+@pytest.mark.parametrize("mode", ["desired", "required"])
+@pytest.mark.parametrize("proto, algorithm, dialect, cipher", CASES,
+                         ids=[f"{p}-{a or 'default'}" for p, a, _, _ in CASES])
+def test_rpcclient_encrypted_srvinfo_over_the_pipe(desired, required, mode, proto, algorithm, dialect, cipher):
+    """rpcclient --client-protection=encrypt: NEGOTIATE, SESSION_SETUP, then every request and
+    answer sealed, with the cipher the client asked for (3.1.1 honours the client's order)."""
+    lab = desired if mode == "desired" else required
+    extra = ["--client-protection=encrypt"]
+    if algorithm:
+        extra.append(f"--option=client smb3 encryption algorithms={algorithm}")
+    before = len(lab.records())
+    out = rpcclient(lab, proto, *extra)
+    assert out.returncode == 0 and "platform_id" in out.stdout, out.stdout + out.stderr
+    [on] = new_records(lab, before, "smb.encryption")
+    assert (on["cipher"], on["dialect"], on["user"]) == (cipher, dialect, "CORP\\alice")
+    [setup] = new_records(lab, before, "smb.session_setup")
+    assert setup["cipher"] == cipher and setup["encrypt_data"] is (mode == "required")
+    # The pipe's RPC connection (no RPC authentication) acts as the session's user.
+    [identity] = [r for r in new_records(lab, before, "rpc.identity")][-1:]
+    assert (identity["source"], identity["user"]) == ("smb_session", "alice")
+    assert not new_records(lab, before, "malformed") and not new_records(lab, before, "smb.refused")
+
+
+@pytest.mark.parametrize("proto", ["SMB3_00", "SMB3_02", "SMB3_11"])
+def test_smbclient_lists_shares_encrypted(desired, proto):
+    """smbclient -L: IPC$ and \\srvsvc (NetShareEnumAll), sealed end to end."""
+    need_tool("smbclient")
+    before = len(desired.records())
+    out = subprocess.run(["smbclient", "-L", "127.0.0.1", "-p", str(desired.ports["smb"]), "-U",
+                          f"CORP/alice%{PASSWORD}", "--client-protection=encrypt", "-m", proto],
+                         capture_output=True, text=True, timeout=60)
+    assert "IPC$" in out.stdout, out.stdout + out.stderr
+    assert new_records(desired, before, "smb.encryption")
+    assert [t["share"] for t in new_records(desired, before, "smb.tree_connect")] == ["IPC$"]
+
+
+def test_client_that_requires_encryption_is_refused_when_it_is_off():
+    with lab_with("off") as lab:
+        out = rpcclient(lab, "SMB3_11", "--client-protection=encrypt")
+        assert out.returncode != 0 and "encryption" in (out.stdout + out.stderr).lower()
+        [neg] = lab.records("smb.negotiate")
+        assert neg["cipher"] is None                 # 3.1.1 answered "no cipher in common"
+        assert not lab.records("smb.encryption")
+        # Without encryption asked, the same client works.
+        assert rpcclient(lab, "SMB3_11").returncode == 0
+
+
+# ---------------------------------------------------------------- impacket (AES-128-CCM)
+
+@pytest.mark.parametrize("dialect", ["3.0", "3.1.1"])
+def test_impacket_encrypts_and_the_kb_rule_holds(required, dialect):
+    """impacket's SMB3 client seals with AES-128-CCM (the only cipher it implements); under
+    `required` the session says ENCRYPT_DATA. alice's pipe still cannot open bob's mailbox."""
+    smb = impacket_login(required, "alice", dialect)
+    conn = conn_of(required, smb)
+    assert smb._SMBConnection._Session["SessionFlags"] & s3.SMB2_SESSION_FLAG_ENCRYPT_DATA
+    pipe = emsmdb_pipe(required, smb)
+    assert mailbox_answers(pipe, "alice", "bob") == [EC_SUCCESS, EC_LOGIN_PERM]
+    [on] = required.records("smb.encryption", conn=conn)
+    assert on["cipher"] == "AES-128-CCM"
+    connects = required.records("emsmdb.connect", conn=conn)
+    assert {(c["acting_user"], c["identity_source"]) for c in connects} == {("CORP\\alice", "smb_session")}
+    smb.close()
+
+
+# ---------------------------------------------------------------- refusals under `required`
+
+def test_smb2_dialect_is_refused_at_session_setup(required):
+    """MS-SMB2 3.3.5.5 step 1: a 2.x dialect cannot encrypt, so it gets no session."""
+    with pytest.raises(SessionError) as refused:
+        impacket_login(required, "alice", "2.1")
+    assert refused.value.getErrorCode() == st.STATUS_ACCESS_DENIED
+    [r] = [r for r in required.records("smb.refused") if r["reason"] == "dialect_without_encryption"][-1:]
+    assert r["command"] == "session_setup" and r["dialect"] == "2.1"
+
+
+def test_unencrypting_client_is_refused_at_session_setup(required):
+    """MS-SMB2 3.3.5.5 step 2: a 3.0 client without SMB2_GLOBAL_CAP_ENCRYPTION (the raw client
+    announces no capability) gets no session."""
+    from harness.ntlm_messages import negotiate_message
+    from harness.smb_client import RawSmb2, spnego_init
+    raw = RawSmb2(required.ports["smb"])
+    neg = s3.SMB2Negotiate()
+    neg["SecurityMode"], neg["Capabilities"], neg["ClientGuid"] = s3.SMB2_NEGOTIATE_SIGNING_ENABLED, 0, b"R" * 16
+    neg["Dialects"], neg["DialectCount"] = [s3.SMB2_DIALECT_30], 1
+    assert raw.request(s3.SMB2_NEGOTIATE, neg, sid=0).status == 0
+    reply = raw.session_setup(spnego_init(negotiate_message().getData()))
+    assert reply is not None and reply.status == st.STATUS_ACCESS_DENIED
+    assert any(r["reason"] == "client_without_encryption" for r in required.records("smb.refused"))
+    raw.close()
+
+
+def test_unencrypted_request_on_an_encrypted_session_is_refused(required):
+    smb = impacket_login(required, "alice", "3.1.1")
+    conn = conn_of(required, smb)
+    session = smb._SMBConnection._Session
+    session["SessionFlags"] &= ~s3.SMB2_SESSION_FLAG_ENCRYPT_DATA      # impacket now sends in clear
+    with pytest.raises(SessionError) as denied:
+        smb.connectTree("IPC$")
+    assert denied.value.getErrorCode() == st.STATUS_ACCESS_DENIED
+    [r] = required.records("smb.refused", conn=conn)
+    assert (r["reason"], r["command"], r["status"]) == ("unencrypted", "tree_connect", "STATUS_ACCESS_DENIED")
+    assert not required.records("smb.tree_connect", conn=conn)
+    session["SessionFlags"] |= s3.SMB2_SESSION_FLAG_ENCRYPT_DATA         # sealed again: served
+    assert smb.connectTree("IPC$")
+    smb.close()
+
+
+def test_anonymous_is_refused_when_encryption_is_required():
+    """Anonymous has no key to encrypt with: no session (as Samba's smbd does)."""
+    with lab_with("required", anonymous_allowed=True) as lab:
+        need_tool("rpcclient")
+        out = subprocess.run(["rpcclient", "-U%", "-p", str(lab.ports["smb"]), "127.0.0.1", "-c", "srvinfo"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert any(r["reason"] == "encryption_required" and r["session_flags"] == "anonymous"
+                   for r in lab.records("smb.refused"))
+        assert not lab.records("rpc.identity")
+
+
+# ---------------------------------------------------------------- tampered transforms
+
+class Tap:
+    """Wraps an impacket connection's NetBIOS send so a test can change its next message."""
+
+    def __init__(self, smb) -> None:
+        self.nb = smb._SMBConnection._NetBIOSSession
+        self.sent: list[bytes] = []
+        self.change = None
+        original = self.nb.send_packet
+
+        def send_packet(data: bytes) -> None:
+            data = bytes(data)
+            if self.change is not None and data[:4] == w.TRANSFORM_PROTOCOL_ID:
+                data, self.change = self.change(data), None
+            self.sent.append(data)
+            original(data)
+        self.nb.send_packet = send_packet
+
+
+def _flip(offset: int):
+    def change(data: bytes) -> bytes:
+        b = bytearray(data)
+        b[offset] ^= 0x01
+        return bytes(b)
+    return change
+
+
+@pytest.mark.parametrize("what, change, reason", [
+    ("ciphertext", _flip(w.TRANSFORM_HEADER_SIZE + 3), "transform_bad_signature"),
+    ("tag", _flip(4), "transform_bad_signature"),
+    ("nonce", _flip(20), "transform_bad_signature"),
+    ("another session", lambda d: d[:44] + (0x1234).to_bytes(8, "little") + d[52:], "transform_unknown_session"),
+    ("size", lambda d: d[:36] + (int.from_bytes(d[36:40], "little") + 1).to_bytes(4, "little") + d[40:],
+     "transform_size_mismatch"),
+])
+def test_tampered_transform_drops_the_connection(required, what, change, reason):
+    smb = impacket_login(required, "alice", "3.1.1")
+    conn = conn_of(required, smb)
+    tap = Tap(smb)
+    tap.change = change
+    with pytest.raises(Exception):
+        smb.connectTree("IPC$")
+    assert reason in [m["reason"] for m in required.records("malformed", conn=conn)]
+    assert not required.records("smb.tree_connect", conn=conn)
+
+
+def test_replayed_nonce_drops_the_connection(required):
+    smb = impacket_login(required, "alice", "3.0")
+    conn = conn_of(required, smb)
+    tap = Tap(smb)
+    tid = smb.connectTree("IPC$")
+    sealed = [m for m in tap.sent if m[:4] == w.TRANSFORM_PROTOCOL_ID][-1]
+    tap.nb.send_packet(sealed)                   # the same TREE_CONNECT, same nonce, same key
+    with pytest.raises(Exception):
+        smb.disconnectTree(tid)
+    assert "transform_replayed_nonce" in [m["reason"] for m in required.records("malformed", conn=conn)]
+    assert len([t for t in required.records("smb.tree_connect", conn=conn) if t["result"] == "ok"]) == 1
+
+
+# ---------------------------------------------------------------- keys and ciphers
+
+def test_key_derivation_matches_impacket_and_the_spec():
+    """3.0.x and 3.1.1 keys against impacket's KDF (an independent implementation of SP800-108);
+    AES-256 takes L=256 over the whole session key (MS-SMB2 3.3.5.5.3)."""
+    from impacket import crypto
+    key, preauth = bytes(range(16)), bytes(range(64))
+    out_key, in_key = encryption_keys(w.DIALECT_300, CIPHERS[w.CIPHER_AES128_CCM], key, b"")
+    assert out_key == crypto.KDF_CounterMode(key, b"SMB2AESCCM\x00", b"ServerOut\x00", 128)
+    assert in_key == crypto.KDF_CounterMode(key, b"SMB2AESCCM\x00", b"ServerIn \x00", 128)
+    out_key, in_key = encryption_keys(w.DIALECT_311, CIPHERS[w.CIPHER_AES128_GCM], key, preauth)
+    assert out_key == crypto.KDF_CounterMode(key, b"SMBS2CCipherKey\x00", preauth, 128)
+    assert in_key == crypto.KDF_CounterMode(key, b"SMBC2SCipherKey\x00", preauth, 128)
+    long_key = bytes(range(32))
+    out_key, _ = encryption_keys(w.DIALECT_311, CIPHERS[w.CIPHER_AES256_GCM], long_key, preauth)
+    assert len(out_key) == 32 and out_key == kdf_counter_mode(long_key, b"SMBS2CCipherKey\x00", preauth, 256)
+
+
+def test_cipher_choice_follows_the_client_order():
+    assert choose_cipher([4, 2, 1]) == 4
+    assert choose_cipher([1, 4]) == 1
+    assert choose_cipher([7, 3]) == 3
+    assert choose_cipher([9]) == 0
+
+
+def test_server_nonces_never_repeat_under_one_key():
+    from emulator.smb.smb3_encryption import Sealer
+    sealer = Sealer(CIPHERS[w.CIPHER_AES128_GCM], b"K" * 16, 5)
+    nonces = {w.parse_transform_header(sealer.seal(b"x" * 70)).nonce for _ in range(1000)}
+    assert len(nonces) == 1000
