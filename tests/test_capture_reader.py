@@ -371,7 +371,7 @@ def test_memory_stays_flat_on_a_long_capture(tcp_capture, tmp_path):
 
 def test_terminal_progress_bar_only_on_a_tty(tcp_capture):
     import io
-    from emulator.capture.pcapread import terminal_progress
+    from emulator.cli import terminal_progress
 
     class Tty(io.StringIO):
         def isatty(self):

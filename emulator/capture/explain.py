@@ -8,7 +8,7 @@ from typing import Any, Iterable, TextIO
 
 from .ladder import steps, verdicts
 from .model import Connection
-from .pcapread import CaptureError, ProgressFn, terminal_progress
+from .fileformat import CaptureError, ProgressFn
 from .streams import Analysis, CaptureScan, analyse
 from .unseal import Keyring
 
@@ -16,15 +16,15 @@ FORMATS = ("text", "json", "mermaid", "html")
 
 
 def _progress(progress: ProgressFn | bool | None) -> ProgressFn | None:
-    if progress is None or progress is True:
-        return terminal_progress()
+    # A progress bar is the command line's business (emulator/cli.py); the library only
+    # reports bytes read to a callable it is given. False is accepted as "none".
     return progress or None
 
 
 def explain(path: str, fmt: str = "text", *, passwords: Iterable[str] | None = None,
             lab: Any = None, progress: ProgressFn | bool | None = None) -> str:
-    """Explain a pcap/pcapng. `progress`: None shows a bar when stderr is a terminal, False is
-    silent, a callable receives (bytes read, file size). Raises CaptureError for unreadable
+    """Explain a pcap/pcapng. `progress`: a callable receiving (bytes read, file size), or
+    None/False for none. Raises CaptureError for unreadable
     captures. `passwords` ({user: password} or "user:password" strings) and `lab` (a LabConfig
     or its path) give NT hashes to verify signatures and read PKT_PRIVACY stubs of NTLMv2
     contexts; without them sealed stubs are reported as sealed."""

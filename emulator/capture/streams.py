@@ -14,7 +14,9 @@ from typing import Callable
 
 from ..sansio import ProtocolError
 from .model import Connection, add_event
-from .pcapread import CaptureError, ProgressFn, Reassembler, TcpStream, read_into as _read_into
+from .fileformat import CaptureError, ProgressFn
+from .reassembly import Reassembler, TcpStream
+from .scan import read_into as _read_into
 from .rpcconn import RpcConnection
 from .smbwalk import SmbWalker
 from .unseal import Keyring
