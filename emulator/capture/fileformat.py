@@ -35,7 +35,7 @@ def read_exact(f: BinaryIO, n: int, what: str, frame: int) -> bytes:
     return data
 
 
-def pcap_header(f: BinaryIO, magic: bytes) -> tuple[str, bool, int, int, int]:
+def pcap_header(f: BinaryIO, magic: bytes) -> "PcapHeader":
     """The libpcap global header after its magic: (endian, nanosecond stamps, snaplen, linktype,
     the largest record length we accept). Records follow with 16-byte headers."""
     endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
@@ -48,22 +48,60 @@ def pcap_header(f: BinaryIO, magic: bytes) -> tuple[str, bool, int, int, int]:
     return endian, nano, snaplen, linktype & 0x0FFFFFFF, max(snaplen, 1 << 18)
 
 
-def pcap_records(f: BinaryIO, magic: bytes) -> Iterator[Packet]:
-    endian, nano, snaplen, linktype, limit = pcap_header(f, magic)
-    frame = 0
+READ_CHUNK = 1 << 18  # small enough that two of them are no burden, large enough to amortise reads
+
+
+PcapHeader = tuple[str, bool, int, int, int]
+
+
+def pcap_frames(f: BinaryIO, header: PcapHeader, total: int, progress: ProgressFn | None = None
+                ) -> Iterator[tuple[int, int, int, bytes, int, int]]:
+    """The libpcap records after the global header (`header`, read with pcap_header), cut from
+    large reads: (frame, seconds, fraction, buffer, start, end), the record's data being
+    buffer[start:end]. The buffer is only valid until the next record."""
+    endian, _nano, snaplen, _linktype, limit = header
+    record = struct.Struct(endian + "IIIxxxx").unpack_from  # seconds, fraction, caplen
+    buf, pos, base, frame = b"", 0, 24, 0
+    next_report = 1 << 20
     while True:
-        rec = f.read(16)
-        if not rec:
-            return
+        if len(buf) - pos < 16:
+            more = f.read(READ_CHUNK)
+            base += pos
+            buf, pos = buf[pos:] + more, 0
+            if len(buf) < 16:
+                if not buf:
+                    break
+                raise CaptureError(f"capture is truncated inside the header of frame {frame + 1}")
+        sec, frac, caplen = record(buf, pos)
         frame += 1
-        if len(rec) < 16:
-            raise CaptureError(f"capture is truncated inside the header of frame {frame}")
-        sec, frac, caplen, _wirelen = struct.unpack(endian + "IIII", rec)
         if caplen > limit:
             raise CaptureError(f"capture is corrupt: frame {frame} claims {caplen} bytes "
                                f"(snaplen {snaplen})")
-        data = read_exact(f, caplen, "data", frame)
-        yield Packet(frame, sec + frac / (1e9 if nano else 1e6), linktype, data)
+        start = pos + 16
+        end = start + caplen
+        if end > len(buf):
+            more = f.read(max(READ_CHUNK, end - len(buf)))
+            base += pos
+            buf, start, end = buf[pos:] + more, 16, 16 + caplen
+            pos = 0
+            if end > len(buf):
+                raise CaptureError(f"capture is truncated: data of record {frame} is cut short "
+                                   f"({len(buf) - start} of {caplen} bytes)")
+        pos = end
+        if progress is not None and base + pos >= next_report:
+            progress(base + pos, total)
+            next_report = base + pos + (1 << 20)
+        yield frame, sec, frac, buf, start, end
+    if progress is not None:
+        progress(total, total)
+
+
+def pcap_records(f: BinaryIO, magic: bytes, total: int = 0,
+                 progress: ProgressFn | None = None) -> Iterator[Packet]:
+    header = pcap_header(f, magic)
+    linktype, scale = header[3], 1e9 if header[1] else 1e6
+    for frame, sec, frac, buf, start, end in pcap_frames(f, header, total, progress):
+        yield Packet(frame, sec + frac / scale, linktype, buf[start:end])
 
 
 def pcapng_records(f: BinaryIO) -> Iterator[Packet]:
@@ -166,11 +204,10 @@ def read_packets(path: str, progress: ProgressFn | None = None) -> Iterator[Pack
     f, magic, total = open_capture(path)
     with f:
         if magic in PCAP_MAGICS:
-            records = pcap_records(f, magic)
+            yield from pcap_records(f, magic, total, progress)
         else:
             f.seek(0)
-            records = pcapng_records(f)
-        yield from with_progress(f, total, records, progress)
+            yield from with_progress(f, total, pcapng_records(f), progress)
 
 
 def open_capture(path: str) -> tuple[BinaryIO, bytes, int]:

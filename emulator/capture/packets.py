@@ -36,29 +36,31 @@ class Segment:
     payload: bytes
 
 
-def ip_payload(linktype: int, data: bytes) -> tuple[int, bytes] | None:
-    """(ethertype-like version, IP packet) for the link layers we know; None otherwise."""
+def ip_start(linktype: int, data: bytes, start: int, end: int) -> tuple[int, int]:
+    """(ethertype-like version, offset of the IP header) for the link layers we know, or
+    (0, 0) for anything else. Offsets are into `data`, whose frame is [start, end)."""
+    n = end - start
     if linktype == LT_EN10MB:
-        if len(data) < 14:
-            return None
-        etype, pos = struct.unpack(">H", data[12:14])[0], 14
-        while etype in (0x8100, 0x88A8, 0x9100) and len(data) >= pos + 4:  # 802.1Q / QinQ
-            etype, pos = struct.unpack(">H", data[pos + 2:pos + 4])[0], pos + 4
-        return etype, data[pos:]
+        if n < 14:
+            return 0, 0
+        etype, pos = data[start + 12] << 8 | data[start + 13], start + 14
+        while etype in (0x8100, 0x88A8, 0x9100) and end >= pos + 4:  # 802.1Q / QinQ
+            etype, pos = data[pos + 2] << 8 | data[pos + 3], pos + 4
+        return etype, pos
     if linktype == LT_LINUX_SLL:
-        return (struct.unpack(">H", data[14:16])[0], data[16:]) if len(data) >= 16 else None
+        return (data[start + 14] << 8 | data[start + 15], start + 16) if n >= 16 else (0, 0)
     if linktype == LT_LINUX_SLL2:
-        return (struct.unpack(">H", data[0:2])[0], data[20:]) if len(data) >= 20 else None
+        return (data[start] << 8 | data[start + 1], start + 20) if n >= 20 else (0, 0)
     if linktype in (LT_NULL, LT_LOOP):
-        if len(data) < 4:
-            return None
-        fam = data[0] or data[3]  # host byte order on NULL, network order on LOOP
-        return (0x0800 if fam == 2 else 0x86DD, data[4:])
+        if n < 4:
+            return 0, 0
+        fam = data[start] or data[start + 3]  # host byte order on NULL, network order on LOOP
+        return (0x0800 if fam == 2 else 0x86DD), start + 4
     if linktype in LT_RAW_ALIASES:
-        if not data:
-            return None
-        return (0x0800 if data[0] >> 4 == 4 else 0x86DD, data)
-    return None
+        if not n:
+            return 0, 0
+        return (0x0800 if data[start] >> 4 == 4 else 0x86DD), start
+    return 0, 0
 
 
 def _ipv6_text(b: bytes) -> str:
@@ -83,47 +85,53 @@ def endpoint_int(ep: Endpoint) -> int:
 IPV4 = struct.Struct(">BxHxxHxBxxII")  # version/ihl, total length, flags/fragment, protocol, src, dst
 TCP = struct.Struct(">HHIIH")          # ports, sequence, acknowledgement, offset/flags
 _U16 = struct.Struct(">H")
+_ipv4, _tcp = IPV4.unpack_from, TCP.unpack_from
 
 
-def tcp_fields(linktype: int, data: bytes) -> tuple[int, int, int, int, int, bytes] | None:
-    """(src, dst, seq, ack, flags, payload) of the TCP segment in a frame, endpoints as
-    integers; None for anything else (ARP, UDP, non-first fragments, broken headers)."""
-    inner = ip_payload(linktype, data)
-    if inner is None:
-        return None
-    etype, ip = inner
+def tcp_fields(linktype: int, data: bytes, start: int = 0,
+               end: int | None = None) -> tuple[int, int, int, int, int, bytes] | None:
+    """(src, dst, seq, ack, flags, payload) of the TCP segment in the frame data[start:end],
+    endpoints as integers; None for anything else (ARP, UDP, non-first fragments, broken
+    headers). Headers are read in place: only the payload is copied."""
+    if end is None:
+        end = len(data)
+    if linktype == LT_EN10MB and end - start >= 54 and data[start + 12] == 8 and data[start + 13] == 0:
+        etype, ip = 0x0800, start + 14  # the common case: untagged Ethernet, IPv4
+    else:
+        etype, ip = ip_start(linktype, data, start, end)
     if etype == 0x0800:
-        if len(ip) < 20:
+        if end - ip < 20:
             return None
-        vihl, total, frag, proto, s_addr, d_addr = IPV4.unpack_from(ip, 0)
+        vihl, total, frag, proto, s_addr, d_addr = _ipv4(data, ip)
         ihl = (vihl & 0x0F) * 4
-        if vihl >> 4 != 4 or proto != 6 or frag & 0x1FFF or ihl < 20:
+        if proto != 6 or vihl >> 4 != 4 or frag & 0x1FFF or ihl < 20:
             return None  # not TCP, or a non-first fragment
         # Ethernet pads short frames; the IP total length says where the packet ends. Some
         # offloaded captures write 0 there; then trust the frame.
-        end = total if ihl <= total <= len(ip) else len(ip)
-        src_base, dst_base, pos = s_addr << 16, d_addr << 16, ihl
+        ip_end = ip + total if ihl <= total <= end - ip else end
+        src_base, dst_base, t = s_addr << 16, d_addr << 16, ip + ihl
     elif etype == 0x86DD:
-        if len(ip) < 40:
+        if end - ip < 40:
             return None
-        nxt, plen = ip[6], _U16.unpack_from(ip, 4)[0]
-        src_base = (int.from_bytes(ip[8:24], "big") << 16) | IPV6_MARK
-        dst_base = (int.from_bytes(ip[24:40], "big") << 16) | IPV6_MARK
-        pos = 40
-        while nxt in (0, 43, 60) and len(ip) >= pos + 8:  # hop-by-hop, routing, destination
-            nxt, pos = ip[pos], pos + (ip[pos + 1] + 1) * 8
+        nxt, plen = data[ip + 6], _U16.unpack_from(data, ip + 4)[0]
+        src_base = (int.from_bytes(data[ip + 8:ip + 24], "big") << 16) | IPV6_MARK
+        dst_base = (int.from_bytes(data[ip + 24:ip + 40], "big") << 16) | IPV6_MARK
+        t = ip + 40
+        while nxt in (0, 43, 60) and end >= t + 8:  # hop-by-hop, routing, destination
+            nxt, t = data[t], t + (data[t + 1] + 1) * 8
         if nxt != 6:
             return None
-        end = 40 + plen if plen and 40 + plen <= len(ip) else len(ip)
+        ip_end = ip + 40 + plen if plen and 40 + plen <= end - ip else end
     else:
         return None
-    if end - pos < 20:
+    if ip_end - t < 20:
         return None
-    sport, dport, seq, ack, off_flags = TCP.unpack_from(ip, pos)
+    sport, dport, seq, ack, off_flags = _tcp(data, t)
     hlen = (off_flags >> 12) * 4
-    if hlen < 20 or hlen > end - pos:
+    if hlen < 20 or hlen > ip_end - t:
         return None
-    return src_base | sport, dst_base | dport, seq, ack, off_flags & 0x1FF, bytes(ip[pos + hlen:end])
+    payload = bytes(data[t + hlen:ip_end]) if t + hlen < ip_end else b""
+    return src_base | sport, dst_base | dport, seq, ack, off_flags & 0x1FF, payload
 
 
 def parse_tcp(pkt: Packet) -> Segment | None:
