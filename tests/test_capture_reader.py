@@ -46,7 +46,7 @@ def tshark_fields(path: str, display_filter: str, *fields: str) -> list[list[str
 def test_mapi_pcap_is_the_explicit_credentials_path():
     conns = analyse(ref("mapi.pcap")).connections
     [c] = [c for c in conns if c.emsmdb]
-    assert (c.transport, c.identity_source, c.auth_level) == ("ncacn_ip_tcp", "rpc_ntlm", "connect")
+    assert (c.transport, c.identity_source, c.mechanism, c.auth_level) == ("ncacn_ip_tcp", "rpc_auth", "ntlm", "connect")
     assert (c.user, c.domain) == ("ALeonard", "CNAMIS")
     [call] = c.emsmdb
     assert call.call == "EcDoConnect"
@@ -65,7 +65,7 @@ def test_mapi_pcap_agrees_with_tshark():
             if e["kind"] == "ntlm.authenticate"}
     assert ours == {(int(f), int(s), u, d) for f, s, u, d, _ in auths}
     levels = {int(lv) for *_, lv in auths}
-    assert {c.auth_level for c in conns if c.identity_source == "rpc_ntlm"} == \
+    assert {c.auth_level for c in conns if c.identity_source == "rpc_auth"} == \
         {["none", "none", "connect", "call", "packet", "integrity", "privacy"][lv] for lv in levels}
     names = tshark_fields(path, "mapi.EcDoConnect.name", "frame.number", "mapi.EcDoConnect.name")
     calls = [e for c in conns for e in c.emsmdb]
@@ -107,7 +107,7 @@ def test_raw_ntlm_in_smb_agrees_with_tshark():
 @needs_ref
 def test_dce_rpc_ntlm_is_spnego_at_integrity():
     [c] = analyse(ref("dce_rpc_ntlm.pcapng")).connections
-    assert (c.identity_source, c.auth_level) == ("rpc_spnego", "integrity")
+    assert (c.identity_source, c.mechanism, c.auth_level) == ("rpc_auth", "spnego-ntlm", "integrity")
     assert (c.user, c.domain) == ("Administrator", "BLACKCLOVER")
     assert any(e["kind"] == "kerberos.token" for e in c.events)  # tried first, then NTLM
 
@@ -166,7 +166,7 @@ def tcp_capture(tmp_path_factory):
 
 def test_reordered_and_duplicated_segments_give_the_same_events(tcp_capture, tmp_path):
     want = _skeleton(tcp_capture)
-    assert want[0][0] == "rpc_ntlm"
+    assert want[0][0] == "rpc_auth"
     segs = _segments(tcp_capture)
     # Split every data segment in three, then shuffle neighbours and retransmit some pieces.
     pieces = []
@@ -199,7 +199,7 @@ def test_capture_starting_mid_stream_is_partial_but_readable(tcp_capture, tmp_pa
     out = str(tmp_path / "late.pcap")
     _rebuild(segs[3:], out)  # no SYN, no SYN-ACK
     [c] = analyse(out).connections
-    assert c.partial and c.identity_source == "rpc_ntlm"
+    assert c.partial and c.identity_source == "rpc_auth"
 
 
 def test_pcapng_and_other_link_types_read_the_same(tcp_capture, tmp_path):
@@ -365,7 +365,7 @@ def test_memory_stays_flat_on_a_long_capture(tcp_capture, tmp_path):
     finally:
         tracemalloc.stop()
     [c] = conns
-    assert c.identity_source == "rpc_ntlm" and not c.partial
+    assert c.identity_source == "rpc_auth" and not c.partial
     assert peak < 2 << 20, f"peak {peak >> 10} KiB while reading a {size >> 20} MiB capture"
 
 

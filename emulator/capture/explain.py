@@ -6,10 +6,10 @@ import io
 import json
 from typing import Any, Iterable, TextIO
 
-from .ladder import steps, verdicts
+from .ladder import session_line, steps, verdicts
 from .model import Connection
 from .fileformat import CaptureError, ProgressFn
-from .streams import Analysis, CaptureScan, analyse
+from .streams import Analysis, CaptureScan, StreamSummary, analyse
 from .unseal import Keyring
 
 FORMATS = ("text", "json", "mermaid", "html")
@@ -70,13 +70,16 @@ def connection_json(c: Connection) -> dict[str, Any]:
 
 def to_json(analysis: Analysis) -> str:
     doc = {"capture": analysis.path,
-           "connections": [connection_json(c) for c in analysis.connections]}
+           "connections": [connection_json(c) for c in analysis.connections],
+           "streams": [n.to_json() for n in analysis.stream_notes]}
     return json.dumps(doc, indent=2)
 
 
 class JsonWriter:
-    """Writes {"capture": ..., "connections": [...]} (DESIGN.md section 5) one connection per
-    line, in the order the connections end. Nothing is written until a stream with traffic both
+    """Writes {"capture": ..., "connections": [...], "streams": [...]} (DESIGN.md section 5)
+    one connection per line, in the order the connections end. "streams" follows: one summary
+    per TCP stream that set up an SMB session (with or without a pipe) or carried a message the
+    reader could not decode. Nothing is written until a stream with traffic both
     ways has been seen, so a capture that is rejected as one-sided prints nothing. If the
     capture turns out to be broken after connections were written, the document is still
     closed, with an "error" member, and the CaptureError is raised."""
@@ -84,13 +87,14 @@ class JsonWriter:
     def __init__(self, out: TextIO, path: str) -> None:
         self.out, self.path = out, path
         self._held: list[Connection] = []
+        self._notes: list[StreamSummary] = []
         self._started = False
         self._count = 0
 
     def run(self, scan: CaptureScan, progress: ProgressFn | None) -> None:
         self._scan = scan
         try:
-            scan.run(self._connection, progress)
+            scan.run(self._connection, progress, self._notes.append)
         except CaptureError as exc:
             if self._started:
                 self._end(str(exc))
@@ -123,6 +127,9 @@ class JsonWriter:
     def _end(self, error: str | None) -> None:
         self._start()
         tail = "\n]" if self._count else "]"
+        self._notes.sort(key=lambda n: n.stream)
+        tail += ', "streams": [' + ",".join("\n" + json.dumps(n.to_json()) for n in self._notes)
+        tail += "\n]" if self._notes else "]"
         if error is not None:
             tail += ', "error": %s' % json.dumps(error)
         self.out.write(tail + "}\n")
@@ -156,6 +163,18 @@ def to_text(analysis: Analysis) -> str:
         out.extend(text_ladder(c))
         for v in verdicts(c):
             out.append(f"  Verdict: {v}")
+    # Sessions whose stream opened a pipe are in that connection's ladder already.
+    with_pipes = {c.stream for c in analysis.connections if c.transport == "ncacn_np"}
+    notes = [n for n in analysis.stream_notes
+             if n.malformed or (n.smb_sessions and n.stream not in with_pipes)]
+    if notes:
+        out.append("")
+        out.append("SMB sessions that opened no pipe, and undecodable messages, by TCP stream:")
+    for n in notes:
+        for sess in n.smb_sessions if n.stream not in with_pipes else ():
+            out.append(f"  tcp.stream {n.stream}: {session_line(sess)}")
+        for m in n.malformed:
+            out.append(f"  tcp.stream {n.stream}: frame {m['frame']} malformed {m['layer']}: {m['reason']}")
     return "\n".join(out) + "\n"
 
 
