@@ -67,7 +67,12 @@ def label(ev: dict[str, Any]) -> str:
     if k == "rpc.identity":
         src, mech = ev.get("source"), ev.get("mechanism") or "none"
         if src == "smb_session":
-            return f"identity: {_who(ev.get('user'), ev.get('domain'))} from the SMB session"
+            who = _who(ev.get("user"), ev.get("domain"))
+            if ev.get("user") is None:
+                sm = ev.get("session_mechanism") or ""
+                who = "anonymous" if sm == "anonymous" else (
+                    "the Kerberos ticket's principal" if "kerberos" in sm else who)
+            return f"identity: {who} from the SMB session"
         if src == "anonymous":
             return "identity: anonymous" + (" (no RPC authentication)" if mech == "none" else f" ({mech})")
         if src == "none":

@@ -102,6 +102,7 @@ class Connection:
     smb_user: str | None = None
     smb_domain: str | None = None
     smb_session_frame: int | None = None
+    smb_mechanism: str | None = None  # how the SMB session was set up; "anonymous" for a null session
     ntlm_version: str | None = None
     identity_frame: int | None = None
     pipes: list[str] = field(default_factory=list)
@@ -119,7 +120,13 @@ class Connection:
     def acting(self) -> str:
         """DOMAIN\\user the server acted on, as far as the capture shows."""
         if self.user is None:
-            return "anonymous" if self.identity_source == "anonymous" else "an unknown user"
+            if self.identity_source == "anonymous" or (
+                    self.identity_source == "smb_session" and self.smb_mechanism == "anonymous"):
+                return "anonymous"
+            how = self.smb_mechanism if self.identity_source == "smb_session" else self.mechanism
+            if self.identity_source != "none" and "kerberos" in (how or ""):
+                return "the Kerberos ticket's principal (not parsed)"
+            return "an unknown user"
         return f"{self.domain}\\{self.user}" if self.domain else self.user
 
     def to_json(self) -> dict[str, Any]:
@@ -136,6 +143,7 @@ class Connection:
         if self.transport == "ncacn_np":
             d["smb_user"], d["smb_domain"] = self.smb_user, self.smb_domain
             d["smb_session_frame"] = self.smb_session_frame
+            d["smb_mechanism"] = self.smb_mechanism
         d["ntlm_version"], d["identity_frame"] = self.ntlm_version, self.identity_frame
         d["pipes"] = list(self.pipes)
         d["binds"] = [dict(b.__dict__) for b in self.binds]

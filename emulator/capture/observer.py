@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..auth.acceptor import KeyUnavailable, PacketParts
 from ..auth.context import SecurityContext, State
 from ..auth.results import AuthResult, StepResult
-from ..identity import ANONYMOUS, RPC_AUTH, SMB_SESSION, Identity
+from ..identity import ANONYMOUS, Identity
 from .authtokens import TokenInfo
 
 # explain's `mechanism` vocabulary (DESIGN.md section 5; auth/results.py MECHANISMS), plus "none".

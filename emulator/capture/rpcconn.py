@@ -86,6 +86,7 @@ class RpcConnection:
             transport = Identity(user=smb.user, domain=smb.domain or "", source=SMB_SESSION,
                                  auth_layer="smb_session_setup")
             conn.smb_user, conn.smb_domain, conn.smb_session_frame = smb.user, smb.domain, smb.frame
+            conn.smb_mechanism = smb.mechanism
         else:
             transport = ANONYMOUS
         self._security = ObservedContext(transport, RPC_AUTH)
@@ -345,6 +346,7 @@ class RpcConnection:
                                   "auth_level": c.auth_level}
         if c.identity_source == SMB_SESSION and self.smb is not None:
             fields["session_frame"] = self.smb.frame
+            fields["session_mechanism"] = self.smb.mechanism
         if reason is not None:
             fields["result"] = reason
         self.event(frame, "rpc.identity", direction, **fields)

@@ -60,6 +60,17 @@ class _Session:
         return acting.user, acting.domain or None
 
 
+def _data_buffer(data: bytes) -> bytes:
+    """The bytes of an SMB_COM_READ response or SMB_COM_WRITE request: BufferFormat 0x01, a
+    16-bit length, the bytes (MS-CIFS 2.2.4.11.2, 2.2.4.12.1)."""
+    if len(data) < 3 or data[0] != 0x01:
+        raise ProtocolError(s1.LAYER, "bad_data_buffer")
+    length = int.from_bytes(data[1:3], "little")
+    if 3 + length > len(data):
+        raise ProtocolError(s1.LAYER, "data_buffer_exceeds_bytes")
+    return data[3:3 + length]
+
+
 class SmbWalker:
     """Consumes whole SMB messages (NetBIOS framing already removed) from one TCP stream."""
 
@@ -123,8 +134,9 @@ class SmbWalker:
         conn.events.extend(sorted(history, key=lambda e: e["frame"]))
         conn.events_dropped = self.dropped
         user, domain = sess.identity() if sess is not None else (None, None)
-        info = SmbSessionInfo(user, domain, sess.frame if sess else None, [],
-                              mechanism=sess.record.mechanism if sess and sess.record else "none")
+        record = sess.record if sess is not None else None
+        mechanism = "none" if record is None else "anonymous" if record.anonymous else record.mechanism
+        info = SmbSessionInfo(user, domain, sess.frame if sess else None, [], mechanism=mechanism)
         rpc = RpcConnection(conn, info, keyring=self._keyring)
         rpc.event(frame, "smb.pipe_open", "s2c", pipe=pipe, tree=tree, session_user=info.user)
         self._files[key] = rpc
@@ -300,6 +312,16 @@ class SmbWalker:
                 count, offset = s1.unpack_words("<HHHHHHHHHBB", b)[6:8]
                 if fid is not None:
                     self._pipe_data(("smb1", fid), False, s1.bytes_at(msg, offset, count, "trans_data"), frame)
+        elif cmd == s1.COM_WRITE and not reply:
+            fid = s1.unpack_words("<HHIH", b)[0]
+            self._pipe_data(("smb1", fid), True, _data_buffer(b.data), frame)
+        elif cmd == s1.COM_READ:
+            if not reply:
+                self._request(key, frame)["fid"] = s1.unpack_words("<HHIH", b)[0]
+            elif status in DATA_STATUSES:
+                fid = self._pending.get(key, {}).get("fid")
+                if fid is not None:
+                    self._pipe_data(("smb1", fid), False, _data_buffer(b.data), frame)
         elif cmd == s1.COM_CLOSE and not reply and b.word_count >= 1:
             self._files.pop(("smb1", s1.unpack_words("<H", b)[0]), None)
 

@@ -386,6 +386,11 @@ def filetime(epoch: float) -> int:
 
 # ---------------------------------------------------------------- both directions, as an observer reads them
 
+# The core (non-AndX) read and write (MS-CIFS 2.2.4.11, 2.2.4.12): older clients, and some
+# tools, carry named-pipe traffic in them. The engine does not serve them; the reader follows them.
+COM_READ = 0x0A
+COM_WRITE = 0x0B
+
 def parse_observed_header(message: bytes) -> Header:
     """The header of a request or a reply. The engine's parse_header refuses replies (a client
     never sends one); a capture reader sees both directions and tells them by FLAGS_REPLY."""
