@@ -7,7 +7,8 @@ words). For each capture, the real CLI is run as a subprocess and compared strea
   - every RPC connection: the identity source (rpc_auth | smb_session | anonymous; "none" where
     tshark's reading says the RPC logon failed) and the user the server acted on;
   - every SMB session setup: the user it named, its mechanism and whether it was established,
-    including sessions that open no pipe.
+    including sessions that open no pipe;
+  - how many SMB3 messages of the stream were encrypted (and so not read).
 
 The three reference captures have no truth.json entry; their truth is read from tshark here,
 field by field. The score (streams agreeing / streams in either reading) is printed by
@@ -79,7 +80,7 @@ View = dict[str, collections.Counter]
 
 
 def _view() -> View:
-    return {"rpc": collections.Counter(), "smb": collections.Counter()}
+    return {"rpc": collections.Counter(), "smb": collections.Counter(), "encrypted": collections.Counter()}
 
 
 def ours(doc: dict) -> dict[int, View]:
@@ -93,9 +94,13 @@ def ours(doc: dict) -> dict[int, View]:
         pipe = _pipe(c["pipes"][0]) if c["pipes"] else ""
         streams[c["stream"]]["rpc"][(c["transport"], pipe, c["identity_source"], c["user"])] += 1
     for note in doc.get("streams", []):
+        encrypted = 0
         for s in note["smb_sessions"]:
             key = (s["user"], _session_mechanism(s["mechanism"], s["anonymous"]), s["established"])
             streams[note["stream"]]["smb"][key] += 1
+            encrypted += s["encrypted_messages"]
+        if encrypted:
+            streams[note["stream"]]["encrypted"][encrypted] += 1
     return streams
 
 
@@ -131,6 +136,8 @@ def truth(entry: dict, path: str) -> dict[int, View]:
             view["rpc"][(r["transport"], _pipe(r["pipe"]), source, user)] += 1
         for s in st["smb_sessions"]:
             view["smb"][(s["user"], s["mechanism"], s["established"])] += 1
+        if st["encrypted_smb3_frames"]:
+            view["encrypted"][st["encrypted_smb3_frames"]] += 1
     return streams
 
 
@@ -140,7 +147,7 @@ def compare(ours_by_stream: dict[int, View], truth_by_stream: dict[int, View]) -
     bad: dict[int, str] = {}
     for stream in sorted(set(ours_by_stream) | set(truth_by_stream)):
         a, t = ours_by_stream.get(stream, _view()), truth_by_stream.get(stream, _view())
-        for what in ("rpc", "smb"):
+        for what in ("rpc", "smb", "encrypted"):
             if a[what] != t[what]:
                 bad[stream] = (f"{what}: explain has {sorted(a[what].items(), key=str)}, "
                                f"tshark has {sorted(t[what].items(), key=str)}")
