@@ -67,7 +67,9 @@ RESPONSE = w.RESPONSE
 CLIENT_PTYPES = frozenset({w.REQUEST, w.BIND, w.ALTER_CONTEXT, w.AUTH3, w.CO_CANCEL, w.ORPHANED})
 
 
-class RpcConnection:
+class ObservedRpcConnection:
+    """One RPC connection as a capture shows it: the live engine (rpc/connection.py) answers
+    a client; this one only watches both sides and records what the engine would have said."""
     def __init__(self, conn: Connection, smb: SmbSessionInfo | None = None,
                  keyring: Keyring | None = None) -> None:
         self.conn = conn

@@ -1,6 +1,6 @@
 """Follow SMB1 (MS-CIFS) and SMB2 (MS-SMB2) on one TCP stream far enough to know who set up
 each session and which named pipes carried DCE/RPC, and feed the pipe bytes into one
-RpcConnection per open pipe.
+ObservedRpcConnection per open pipe.
 
 Messages are read with the live server's decoders (`smb1_wire`, `smb2_wire`), in both
 directions; the session's identity comes from the live `SecurityContext` in observer mode
@@ -25,7 +25,7 @@ from ..smb import smb2_wire as s2
 from .authtokens import TokenInfo, inspect_token
 from .model import AUTH_EVENT_KINDS, MAX_EVENTS, Connection, SmbSession
 from .observer import ObservedContext, mechanism_name
-from .rpcconn import RpcConnection, SmbSessionInfo
+from .rpcconn import ObservedRpcConnection, SmbSessionInfo
 
 STATUS_SUCCESS = 0
 STATUS_MORE_PROCESSING_REQUIRED = 0xC0000016
@@ -75,7 +75,7 @@ class SmbWalker:
     """Consumes whole SMB messages (NetBIOS framing already removed) from one TCP stream."""
 
     def __init__(self, stream: int, client: str, server: str,
-                 on_connection: Callable[[RpcConnection], None], keyring: Any = None) -> None:
+                 on_connection: Callable[[ObservedRpcConnection], None], keyring: Any = None) -> None:
         self.stream, self.client, self.server = stream, client, server
         self._keyring = keyring
         self._on_connection = on_connection
@@ -86,7 +86,7 @@ class SmbWalker:
         self.sessions: list[SmbSession] = []  # every session setup exchange that ended
         self._trees: dict[int, tuple[str, bool]] = {}  # tid -> (path, is_ipc)
         self._tree_events: dict[int, list[dict[str, Any]]] = {}
-        self._files: dict[Any, RpcConnection] = {}
+        self._files: dict[Any, ObservedRpcConnection] = {}
         self._pending: dict[Any, dict[str, Any]] = {}
         self.partial = False
 
@@ -137,7 +137,7 @@ class SmbWalker:
         record = sess.record if sess is not None else None
         mechanism = "none" if record is None else "anonymous" if record.anonymous else record.mechanism
         info = SmbSessionInfo(user, domain, sess.frame if sess else None, [], mechanism=mechanism)
-        rpc = RpcConnection(conn, info, keyring=self._keyring)
+        rpc = ObservedRpcConnection(conn, info, keyring=self._keyring)
         rpc.event(frame, "smb.pipe_open", "s2c", pipe=pipe, tree=tree, session_user=info.user)
         self._files[key] = rpc
         self._on_connection(rpc)

@@ -17,7 +17,7 @@ from .model import Connection, SmbSession, add_event
 from .fileformat import CaptureError, ProgressFn
 from .reassembly import Reassembler, TcpStream
 from .scan import read_into as _read_into
-from .rpcconn import RpcConnection
+from .rpcconn import ObservedRpcConnection
 from .smbwalk import SmbWalker
 from .unseal import Keyring
 
@@ -63,7 +63,7 @@ class _Dir:
 class StreamWalker:
     """The reassembler's sink for one TCP stream."""
 
-    def __init__(self, st: TcpStream, emit: Callable[[TcpStream, list[RpcConnection]], None],
+    def __init__(self, st: TcpStream, emit: Callable[[TcpStream, list[ObservedRpcConnection]], None],
                  keyring: Keyring | None = None,
                  on_stream: Callable[[StreamSummary], None] | None = None) -> None:
         self.st = st
@@ -71,11 +71,11 @@ class StreamWalker:
         self._emit = emit
         self._on_stream = on_stream
         self._malformed: list[dict[str, Any]] = []
-        self.found: list[RpcConnection] = []
+        self.found: list[ObservedRpcConnection] = []
         self._found = self.found.append
         self.kind: str | None = None  # "smb" | "rpc" | "other"
         self._dirs = {True: _Dir(), False: _Dir()}
-        self._rpc: RpcConnection | None = None
+        self._rpc: ObservedRpcConnection | None = None
         self._smb: SmbWalker | None = None
         self._synced = {True: False, False: False}
         self._oriented = False
@@ -137,7 +137,6 @@ class StreamWalker:
                 return
             self._synced[from_a] = True
         if self.kind == "rpc":
-            assert self._rpc is not None
             # Which side is the client is read from the PDU types, so a capture that missed
             # the SYN still attributes requests correctly.
             self._rpc_data(from_a, payload, frame)
@@ -193,14 +192,15 @@ class StreamWalker:
         client, server = self._endpoints()
         if kind == "rpc":
             conn = Connection(self.st.number, "ncacn_ip_tcp", client, server, partial=self.st.partial)
-            self._rpc = RpcConnection(conn, keyring=self._keyring)
+            self._rpc = ObservedRpcConnection(conn, keyring=self._keyring)
             self._found(self._rpc)
         else:
             self._smb = SmbWalker(self.st.number, client, server, self._found, self._keyring)
 
     def _rpc_data(self, from_a: bool, payload: bytes, frame: int) -> None:
         rpc = self._rpc
-        assert rpc is not None
+        if rpc is None:
+            raise RuntimeError("DCE/RPC bytes before the stream was classified")
         if self._a_is_client is None:
             # Which side is the client is read from the first PDU type seen, so a capture
             # that missed the SYN still attributes requests correctly.
@@ -315,7 +315,7 @@ class CaptureScan:
             on_stream: Callable[[StreamSummary], None] | None = None) -> None:
         """`on_connection` gets each RPC connection, `on_stream` each stream summary that holds
         an SMB session setup or a malformed message."""
-        def emit(st: TcpStream, rpcs: list[RpcConnection]) -> None:
+        def emit(st: TcpStream, rpcs: list[ObservedRpcConnection]) -> None:
             for rpc in sorted(rpcs, key=lambda r: r.conn.first_frame):
                 on_connection(rpc.conn)
 
