@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import tempfile
 from typing import Any, Iterable, TextIO
 
 from .ladder import session_line, steps, verdicts
@@ -77,24 +79,27 @@ def to_json(analysis: Analysis) -> str:
 
 class JsonWriter:
     """Writes {"capture": ..., "connections": [...], "streams": [...]} (DESIGN.md section 5)
-    one connection per line, in the order the connections end. "streams" follows: one summary
-    per TCP stream that set up an SMB session (with or without a pipe) or carried a message the
-    reader could not decode. Nothing is written until a stream with traffic both
-    ways has been seen, so a capture that is rejected as one-sided prints nothing. If the
+    one connection per line, in the order the connections end. "streams" follows, in the
+    order the streams end: one summary per TCP stream that set up an SMB session (with or
+    without a pipe) or carried a message the reader could not decode. Nothing is written until
+    a stream with traffic both ways has been seen, so a capture that is rejected as one-sided prints nothing. If the
     capture turns out to be broken after connections were written, the document is still
     closed, with an "error" member, and the CaptureError is raised."""
 
     def __init__(self, out: TextIO, path: str) -> None:
         self.out, self.path = out, path
         self._held: list[Connection] = []
-        self._notes: list[StreamSummary] = []
+        # Stream summaries follow the connections in the document; they wait in a spool that
+        # moves to disk past 1 MiB, so a capture of many streams does not grow memory.
+        self._notes = tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+", encoding="utf-8")
+        self._note_count = 0
         self._started = False
         self._count = 0
 
     def run(self, scan: CaptureScan, progress: ProgressFn | None) -> None:
         self._scan = scan
         try:
-            scan.run(self._connection, progress, self._notes.append)
+            scan.run(self._connection, progress, self._note)
         except CaptureError as exc:
             if self._started:
                 self._end(str(exc))
@@ -103,6 +108,10 @@ class JsonWriter:
             self._write(c)
         self._held.clear()
         self._end(None)
+
+    def _note(self, n: StreamSummary) -> None:
+        self._notes.write(("," if self._note_count else "") + "\n" + json.dumps(n.to_json()))
+        self._note_count += 1
 
     def _connection(self, c: Connection) -> None:
         if not self._started and not self._scan.two_sided:
@@ -127,9 +136,11 @@ class JsonWriter:
     def _end(self, error: str | None) -> None:
         self._start()
         tail = "\n]" if self._count else "]"
-        self._notes.sort(key=lambda n: n.stream)
-        tail += ', "streams": [' + ",".join("\n" + json.dumps(n.to_json()) for n in self._notes)
-        tail += "\n]" if self._notes else "]"
+        self.out.write(tail + ', "streams": [')
+        self._notes.seek(0)
+        shutil.copyfileobj(self._notes, self.out)
+        self._notes.close()
+        tail = "\n]" if self._note_count else "]"
         if error is not None:
             tail += ', "error": %s' % json.dumps(error)
         self.out.write(tail + "}\n")

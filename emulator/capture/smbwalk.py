@@ -33,6 +33,7 @@ STATUS_BUFFER_OVERFLOW = 0x80000005
 STATUS_PENDING = 0x00000103
 MAX_PENDING = 4096
 MAX_SESSIONS = 1024
+MAX_SESSION_RECORDS = 4096  # session setups reported per stream; a stream of endless retries is cut
 DATA_STATUSES = (STATUS_SUCCESS, STATUS_BUFFER_OVERFLOW)
 
 SMB2_DIALECTS = {0x0202: "2.0.2", 0x0210: "2.1", 0x0300: "3.0", 0x0302: "3.0.2", 0x0311: "3.1.1",
@@ -193,7 +194,8 @@ class SmbWalker:
                             f"0x{status:08x}", ok, frame,
                             claimed.ntlm_version if claimed is not None else None)
         sess.record = record
-        self.sessions.append(record)
+        if len(self.sessions) < MAX_SESSION_RECORDS:
+            self.sessions.append(record)
         self._event(frame, "smb.session_setup", "s2c", sess, dialect=self.dialect or "SMB",
                     mechanism=mechanism, user=record.user, domain=domain,
                     ntlm_version=record.ntlm_version, anonymous=anonymous,
