@@ -552,3 +552,30 @@ def test_undecodable_rpc_stream_is_reported_malformed_beside_a_good_one(tmp_path
     notes = {n.stream: n for n in analysis.stream_notes}
     assert notes[0].malformed and all(m["kind"] == "malformed" for m in notes[0].malformed)
     assert 1 not in notes or not notes[1].malformed
+
+
+def test_bind_nak_after_an_authenticated_bind_acts_for_nobody(tmp_path):
+    """A bind that offers NTLM and is refused with a bind_nak: the server acted on nobody,
+    as tshark's reading of such a capture has it (the bind_nak is in the same stream)."""
+    import struct
+
+    from impacket import ntlm as imp
+
+    from emulator.rpc import pdu as P
+
+    negotiate = imp.getNTLMSSPType1("", "", signingRequired=True).getData()
+    body = struct.pack("<HHI", 4280, 4280, 0) + b"\x01\x00\x00\x00" + struct.pack("<HBB", 0, 1, 0)
+    body += P.syntax_bytes((EMSMDB_UUID, (0, 81))) + P.syntax_bytes(P.NDR32)
+    bind = P.assemble(P.BIND, 3, 1, body, auth=(10, 2, 0, negotiate))
+    nak = P.assemble(P.BIND_NAK, 3, 1, P.bind_nak_body(P.NAK_AUTHENTICATION_TYPE_NOT_RECOGNIZED))
+    client, server = ("10.1.1.1", 50300), ("10.1.1.2", 49601)
+    frames = [_raw_frame(client, server, 999, 0, 0x02, b""), _raw_frame(server, client, 4999, 1000, 0x12, b""),
+              _raw_frame(client, server, 1000, 5000, 0x18, bind),
+              _raw_frame(server, client, 5000, 1000 + len(bind), 0x18, nak)]
+    path = str(tmp_path / "nak.pcap")
+    wrpcap(path, [Ether(f) for f in frames])
+    [c] = analyse(path).connections
+    assert (c.identity_source, c.user, c.mechanism, c.auth_type) == ("none", None, "ntlm", "ntlm")
+    assert [b.result for b in c.binds] == ["nak"]
+    if TSHARK:
+        assert tshark_fields(path, "dcerpc.pkt_type == 13", "tcp.stream") == [["0"]]
