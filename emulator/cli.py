@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from typing import Callable, TextIO
 
 from .config import ConfigError, TcpTransport, default_config, load_config
 
@@ -183,6 +184,24 @@ def _passwords(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+def terminal_progress(stream: TextIO | None = None) -> Callable[[int, int], None] | None:
+    """A progress bar for reading a capture, on stderr when it is a terminal; otherwise None."""
+    out = stream or sys.stderr
+    if not out.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 40
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * width)
+        out.write(f"\rreading [{bar:<{width}}] {done >> 10} / {total >> 10} KiB")
+        if done >= total:
+            out.write("\n")
+        out.flush()
+
+    return show
+
+
 @_capture_cli
 def cmd_explain(args: argparse.Namespace) -> int:
     from .capture.explain import explain_to
@@ -190,7 +209,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     lab = load_config(args.lab) if args.lab else None
     # Written as it is read (JSON streams connection by connection), so memory stays flat.
     explain_to(sys.stdout, args.capture, args.format, passwords=_passwords(args), lab=lab,
-               progress=sys.stderr.isatty())
+               progress=terminal_progress())
     return 0
 
 

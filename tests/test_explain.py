@@ -85,9 +85,9 @@ def test_text_verdict_for_mapi_pcap():
 
 @needs_ref
 def test_json_contract_on_the_reference_captures():
-    for name, source, level, user in [("mapi.pcap", "rpc_ntlm", "connect", "ALeonard"),
+    for name, source, level, user in [("mapi.pcap", "rpc_auth", "connect", "ALeonard"),
                                       ("raw_ntlm_in_smb.pcap", "smb_session", "none", "test"),
-                                      ("dce_rpc_ntlm.pcapng", "rpc_spnego", "integrity", "Administrator")]:
+                                      ("dce_rpc_ntlm.pcapng", "rpc_auth", "integrity", "Administrator")]:
         doc = json.loads(explain(ref(name), "json", progress=False))
         assert doc["capture"] == ref(name)
         assert all(DESIGN_KEYS <= set(c) for c in doc["connections"])

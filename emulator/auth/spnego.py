@@ -397,3 +397,19 @@ class SpnegoAcceptor:
         events = events + [event(LAYER, "spnego.accept", user=result.user, result="bad_mic",
                                  detail=detail)]
         return self._fail(result, events)
+
+
+def read_neg_token(token: bytes) -> tuple[list[bytes], bytes | None]:
+    """(mechanism OIDs offered, inner mechanism token) of a NegTokenInit (with or without its
+    GSS wrapper) or a NegTokenResp (no OIDs; its responseToken), as the capture reader reads
+    either direction. Raises ProtocolError for anything else."""
+    try:
+        if token[:1] == bytes([der.APPLICATION_0]) or token[:1] == bytes([der.context(0)]):
+            oids, _raw, mech_token = _parse_init(token)
+            return oids, mech_token
+        _state, response, _mic = _parse_resp(token)
+        return [], response
+    except _BAD_INPUT as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError("spnego", f"undecodable token ({type(exc).__name__})") from None
