@@ -9,8 +9,9 @@ import json
 import os
 import signal
 import sys
+from typing import Callable, TextIO
 
-from .config import ConfigError, default_config, load_config
+from .config import ConfigError, TcpTransport, default_config, load_config
 
 PRIVILEGED = 1024
 
@@ -29,6 +30,29 @@ def _write_ready(path: str, info: dict) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------- the live view
+def _ui_address(args: argparse.Namespace, command: str):
+    """--ui [HOST:]PORT -> a web.UiAddress, None without --ui, False after printing an error."""
+    if not getattr(args, "ui", None):
+        return None
+    from .web import parse_address
+    from .web.address import AddressError
+
+    try:
+        return parse_address(args.ui)
+    except AddressError as exc:
+        print(f"rpcauth {command}: --ui: {exc}", file=sys.stderr)
+        return False
+
+
+def _announce_ui(url: str, address) -> None:
+    if address.needs_token:
+        print(f"rpcauth: WARNING: the live view listens on {address.host}, beyond this machine's own "
+              f"names. Anyone who can reach it and has the token can watch the lab and run logons "
+              f"against it. Token: {address.token}", file=sys.stderr)
+    print(f"rpcauth: live view at {url}", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------- serve
 def cmd_serve(args: argparse.Namespace) -> int:
     from .lab import Lab
@@ -38,10 +62,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"rpcauth serve: bad config: {exc}", file=sys.stderr)
         return 2
-    config = config.with_ports(smb=args.smb_port, epm=args.epm_port, emsmdb=args.emsmdb_port)
+    config = config.with_ports(smb=args.smb_port, epm=args.epm_port, emsmdb=args.emsmdb_port,
+                               kdc=args.kdc_port)
     t = config.transports
+    k = config.kerberos
     if os.geteuid() != 0:
-        for name, tr in (("smb", t.smb), ("epm", t.epm), ("emsmdb", t.emsmdb)):
+        for name, tr in (("smb", t.smb), ("epm", t.epm), ("emsmdb", t.emsmdb),
+                         ("kdc", TcpTransport(enabled=k.enabled, port=k.kdc_port))):
             if tr.enabled and 0 < tr.port < PRIVILEGED:
                 print(f"rpcauth serve: port {tr.port} for {name} needs root. Pick another with "
                       f"--{name}-port N (for example --{name}-port {tr.port + 10000}, or 0 for an "
@@ -52,9 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"records NTLM exchanges (user names, challenge responses) from anyone who can reach it.",
               file=sys.stderr)
 
+    ui = _ui_address(args, "serve")
+    if ui is False:
+        return 2
     # A served lab's events go to --events; only a short tail is kept in memory.
     lab = Lab(config, host=args.host, ephemeral=False, captures=args.captures,
-              events_path=args.events, seed=args.seed, keep_events=1000)
+              events_path=args.events, seed=args.seed, keep_events=1000, ui=ui)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -75,6 +105,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 _write_ready(args.ready_file, info)
             print(f"rpcauth: serving lab {config.source} on {args.host}: "
                   + ", ".join(f"{k} {v}" for k, v in lab.ports.items()), file=sys.stderr, flush=True)
+            if lab.ui_url:
+                _announce_ui(lab.ui_url, lab.ui_address)
+            if lab.realm is not None:
+                print(f"rpcauth: Kerberos realm {lab.realm.name}, KDC on {args.host}:{lab.realm.port}; "
+                      f"clients use KRB5_CONFIG={lab.realm.krb5_conf}", file=sys.stderr, flush=True)
+                for user in lab.realm.ntlm_only:
+                    print(f"rpcauth: user {user} has only an NT hash the KDC could not take: "
+                          f"NTLM only", file=sys.stderr, flush=True)
             await stop.wait()
         finally:
             if live is not None:
@@ -82,10 +120,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await lab.stop_async()
         print("rpcauth: stopped; captures closed and events flushed", file=sys.stderr)
 
+    from .kerberos.realm import RealmError
     from .server.live_capture import LiveCaptureError
 
     try:
         asyncio.run(main())
+    except RealmError as exc:
+        print(f"rpcauth serve: Kerberos realm: {exc}", file=sys.stderr)
+        return 2
     except LiveCaptureError as exc:
         print(f"rpcauth serve: {exc}", file=sys.stderr)
         return 2
@@ -104,6 +146,13 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- matrix
 def cmd_matrix(args: argparse.Namespace) -> int:
+    if getattr(args, "ui", None):
+        ui = _ui_address(args, "matrix")
+        if ui is False:
+            return 2
+        from .web.cli import run_matrix_with_ui
+
+        return run_matrix_with_ui(args, ui, _announce_ui)
     from .matrix import run_matrix_command
 
     return run_matrix_command(args)
@@ -135,6 +184,24 @@ def _passwords(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+def terminal_progress(stream: TextIO | None = None) -> Callable[[int, int], None] | None:
+    """A progress bar for reading a capture, on stderr when it is a terminal; otherwise None."""
+    out = stream or sys.stderr
+    if not out.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 40
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * width)
+        out.write(f"\rreading [{bar:<{width}}] {done >> 10} / {total >> 10} KiB")
+        if done >= total:
+            out.write("\n")
+        out.flush()
+
+    return show
+
+
 @_capture_cli
 def cmd_explain(args: argparse.Namespace) -> int:
     from .capture.explain import explain_to
@@ -142,7 +209,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     lab = load_config(args.lab) if args.lab else None
     # Written as it is read (JSON streams connection by connection), so memory stays flat.
     explain_to(sys.stdout, args.capture, args.format, passwords=_passwords(args), lab=lab,
-               progress=sys.stderr.isatty())
+               progress=terminal_progress())
     return 0
 
 
@@ -179,12 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smb-port", type=int, help="SMB port (0 = ephemeral; 445 needs root)")
     s.add_argument("--epm-port", type=int, help="endpoint mapper port (0 = ephemeral; 135 needs root)")
     s.add_argument("--emsmdb-port", type=int, help="EMSMDB port (0 = ephemeral)")
+    s.add_argument("--kdc-port", type=int,
+                   help="KDC port when kerberos.enabled (0 = ephemeral; 88 needs root)")
     s.add_argument("--captures", help="directory for one pcap per connection")
     s.add_argument("--events", help="JSON Lines event file")
     s.add_argument("--ready-file", help="written as JSON once every listener accepts")
     s.add_argument("--seed", type=int, help="deterministic challenges, handles and timestamps (labs only)")
     s.add_argument("--live-capture", metavar="IFACE",
                    help="also record the real traffic on IFACE (e.g. lo) with dumpcap; needs root")
+    s.add_argument("--ui", metavar="[HOST:]PORT",
+                   help="also serve the live view, a web page drawing each logon (host default 127.0.0.1; "
+                        "any other host needs the token printed at start-up)")
     s.set_defaults(func=cmd_serve)
 
     from .client.cli import add_client_arguments
@@ -200,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", help="lab config for the embedded lab (default: the KB lab)")
     m.add_argument("--report", help="also write the HTML teaching report to this directory")
     m.add_argument("--seed", type=int, help="deterministic server output (for reference captures)")
+    m.add_argument("--ui", metavar="[HOST:]PORT",
+                   help="run the rows against one lab with the live view, then keep serving it until Ctrl-C")
+    m.add_argument("--kerberos", action="store_true",
+                   help="add the rows beyond the KB: Kerberos at either layer (needs MIT Kerberos)")
     m.set_defaults(func=cmd_matrix)
 
     e = sub.add_parser("explain", help="explain who authenticated where in a capture")

@@ -94,10 +94,24 @@ class Policy:
     guest_allowed: bool = False
     encryption_required: bool = False
     smb_signing_required: bool = False
+    # SPNEGO must settle on Kerberos: NTLM through SPNEGO is refused as a downgrade.
+    require_kerberos: bool = False
     # SMB 3.x encryption (docs/security.md, "SMB3 encryption"): off (not offered), desired
     # (offered; a client that encrypts is answered encrypted), required (every session must).
     smb_encryption: str = "desired"
     limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class KerberosConfig:
+    """The lab's private MIT realm (docs/kerberos.md). Off unless a config turns it on."""
+    enabled: bool = False
+    realm: str = ""              # empty: the server domain, upper case, + ".TEST"
+    hostname: str = "localhost"  # the host name in the service principals
+    kdc_port: int = 88           # 0 = ephemeral
+
+    def realm_for(self, server: ServerConfig) -> str:
+        return (self.realm or f"{server.domain}.TEST").upper()
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,7 @@ class LabConfig:
     mailboxes: tuple[Mailbox, ...] = ()
     transports: Transports = Transports()
     policy: Policy = Policy()
+    kerberos: KerberosConfig = KerberosConfig()
     source: str = "<default>"
 
     def user(self, name: str) -> User | None:
@@ -128,7 +143,10 @@ class LabConfig:
             epm = replace(epm, port=ports["epm"])
         if ports.get("emsmdb") is not None:
             emsmdb = replace(emsmdb, port=ports["emsmdb"])
-        return replace(self, transports=Transports(smb=smb, epm=epm, emsmdb=emsmdb))
+        out = replace(self, transports=Transports(smb=smb, epm=epm, emsmdb=emsmdb))
+        if ports.get("kdc") is not None:
+            out = replace(out, kerberos=replace(out.kerberos, kdc_port=ports["kdc"]))
+        return out
 
 
 # ---------------------------------------------------------------- parsing with line numbers
@@ -207,7 +225,7 @@ def _nt_hash(password: str) -> bytes:
 
 def _parse(root: _Node, source: str) -> LabConfig:
     r = _Reader(source)
-    top = r.mapping(root, "", {"server", "users", "mailboxes", "transports", "policy"})
+    top = r.mapping(root, "", {"server", "users", "mailboxes", "transports", "policy", "kerberos"})
 
     server = ServerConfig()
     if "server" in top:
@@ -301,7 +319,8 @@ def _parse(root: _Node, source: str) -> LabConfig:
     if "policy" in top:
         p = r.mapping(top["policy"], "policy", {
             "min_auth_level", "ntlmv1_allowed", "anonymous_allowed", "guest_allowed",
-            "encryption_required", "smb_signing_required", "smb_encryption", "limits"})
+            "encryption_required", "smb_signing_required", "require_kerberos", "smb_encryption",
+            "limits"})
         levels = dict(Policy().min_auth_level)
         if "min_auth_level" in p:
             lv = r.mapping(p["min_auth_level"], "policy.min_auth_level", set(TRANSPORT_NAMES))
@@ -334,12 +353,33 @@ def _parse(root: _Node, source: str) -> LabConfig:
             guest_allowed=r.scalar(p, "guest_allowed", "policy", bool, False, pn),
             encryption_required=r.scalar(p, "encryption_required", "policy", bool, False, pn),
             smb_signing_required=r.scalar(p, "smb_signing_required", "policy", bool, False, pn),
+            require_kerberos=r.scalar(p, "require_kerberos", "policy", bool, False, pn),
             smb_encryption=smb_encryption,
             limits=limits,
         )
 
+    kerberos = KerberosConfig()
+    if "kerberos" in top:
+        kn = top["kerberos"]
+        k = r.mapping(kn, "kerberos", {"enabled", "realm", "hostname", "kdc_port"})
+        realm = r.scalar(k, "realm", "kerberos", str, "", kn)
+        if realm and (not all(c.isalnum() or c in ".-" for c in realm)):
+            raise r.fail(k["realm"], "kerberos.realm", "letters, digits, dots and hyphens only")
+        hostname = r.scalar(k, "hostname", "kerberos", str, "localhost", kn)
+        if not hostname or not all(c.isalnum() or c in ".-" for c in hostname):
+            raise r.fail(k["hostname"], "kerberos.hostname", "a host name (letters, digits, dots, hyphens)")
+        kdc_port = r.scalar(k, "kdc_port", "kerberos", int, 88, kn)
+        if not 0 <= kdc_port <= 65535:
+            raise r.fail(k["kdc_port"], "kerberos.kdc_port", f"{kdc_port} is not a port (0-65535; 0 = ephemeral)")
+        kerberos = KerberosConfig(enabled=r.scalar(k, "enabled", "kerberos", bool, False, kn),
+                                  realm=realm.upper(), hostname=hostname, kdc_port=kdc_port)
+
+    if policy.require_kerberos and not kerberos.enabled:
+        raise r.fail(top["policy"], "policy.require_kerberos",
+                     "needs kerberos.enabled: true (no realm, no Kerberos to require)")
+
     return LabConfig(server=server, users=tuple(users), mailboxes=tuple(mailboxes),
-                     transports=transports, policy=policy, source=source)
+                     transports=transports, policy=policy, kerberos=kerberos, source=source)
 
 
 def parse_config(text: str, source: str = "<string>") -> LabConfig:

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .config import LabConfig, coerce_config
 from .determinism import sources
 from .events import EventLog, event
+from .kerberos.realm import Realm
 from .server.captures import PerConnectionCaptures, SharedCapture
 from .server.listener import Listener
 from .server.services import LabServices
+
+if TYPE_CHECKING:
+    from .kerberos.acceptor import KerberosService
 
 # Ports written into captures, so Wireshark decodes SMB and the endpoint mapper by port.
 CAPTURE_PORTS = {"smb": 445, "epm": 135}
@@ -31,10 +37,11 @@ class Lab:
     def __init__(self, config: Any = None, *, host: str = "127.0.0.1", ephemeral: bool = True,
                  captures: str | None = None, capture_file: str | None = None,
                  events_path: str | None = None, seed: int | None = None,
-                 ports: dict[str, int | None] | None = None, keep_events: int = 200_000) -> None:
+                 ports: dict[str, int | None] | None = None, keep_events: int = 200_000,
+                 ui: Any = None) -> None:
         cfg: LabConfig = coerce_config(config)
         if ephemeral:
-            cfg = cfg.with_ports(smb=0, epm=0, emsmdb=0)
+            cfg = cfg.with_ports(smb=0, epm=0, emsmdb=0, kdc=0)
         if ports:
             cfg = cfg.with_ports(**ports)
         self.config = cfg
@@ -44,6 +51,18 @@ class Lab:
         # Records kept in memory for `records()`; the events file, if any, gets every one.
         self.events = EventLog(events_path, clock=self.now, keep=keep_events)
         self.captures_dir = captures
+        # The live view (`ui`: "[HOST:]PORT" or a web.UiAddress) offers each connection's pcap,
+        # so it records one per connection, into a directory of its own unless told where.
+        self.ui_address = None
+        self.ui: Any = None
+        self._own_captures_dir = False
+        if ui is not None:
+            from .web import UiAddress, parse_address
+
+            self.ui_address = ui if isinstance(ui, UiAddress) else parse_address(ui)
+            if captures is None and capture_file is None:
+                self.captures_dir = tempfile.mkdtemp(prefix="rpcauth-live-")
+                self._own_captures_dir = True
         self._capture_file = capture_file
         self._capture: Any = None
         self.ports: dict[str, int] = {}
@@ -54,10 +73,28 @@ class Lab:
         self._ready = threading.Event()
         self._stopped: asyncio.Event | None = None
         self._error: BaseException | None = None
+        # The lab's private Kerberos realm and its running KDC, when config.kerberos.enabled.
+        self.realm: Realm | None = None
 
     # ------------------------------------------------------------------ async core
     async def start_async(self) -> None:
-        self.services = LabServices(self.config, random_bytes=self.random_bytes, now=self.now, host=self.host)
+        kerberos = None
+        if self.config.kerberos.enabled:
+            kerberos = await asyncio.to_thread(self._start_realm)
+        try:
+            await self._start_listeners(kerberos)
+        except BaseException:
+            # A listener that could not bind must not leave the KDC running.
+            await asyncio.gather(*(lst.stop() for lst in self.listeners))
+            self.listeners = []
+            if self.realm is not None:
+                await asyncio.to_thread(self.realm.stop)
+                self.realm = None
+            raise
+
+    async def _start_listeners(self, kerberos: "KerberosService | None") -> None:
+        self.services = LabServices(self.config, random_bytes=self.random_bytes, now=self.now,
+                                    host=self.host, kerberos=kerberos)
         stable = self.seed is not None
         if self._capture_file:
             self._capture = SharedCapture(self._capture_file, self.now, stable_ports=stable)
@@ -78,17 +115,46 @@ class Lab:
             self.listeners.append(lst)
             self.ports[name] = lst.port
         self.services.bound_ports = dict(self.ports)
+        if self.ui_address is not None:
+            from .web.app import LiveView
+
+            self.ui = LiveView(self, self.ui_address)
+            await self.ui.start()
         self.events.emit("lab", event("lab", "lab.ready", host=self.host, ports=dict(self.ports),
                                       config=self.config.source))
 
+    def _start_realm(self) -> "KerberosService":
+        """Create the realm and start its KDC (blocking: MIT's tools run as child processes)."""
+        from .kerberos.acceptor import KerberosService
+
+        k = self.config.kerberos
+        self.realm = Realm.create(self.config, realm=k.realm_for(self.config.server),
+                                  hostname=k.hostname, port=k.kdc_port, host=self.host)
+        for user in self.realm.ntlm_only:
+            self.events.emit("lab", event("kerberos", "kerberos.ntlm_only", user=user,
+                                          detail="configured by NT hash only; its RC4-HMAC key "
+                                                 "could not be placed in the KDC"))
+        self.events.emit("lab", event("kerberos", "kerberos.kdc_ready", realm=self.realm.name,
+                                      kdc=self.realm.port, host=self.host,
+                                      services=self.realm.service_principals()))
+        return KerberosService(keytab=self.realm.keytab, rcache=self.realm.rcache,
+                               realm=self.realm.name, domain=self.config.server.domain)
+
     async def stop_async(self) -> None:
+        if self.ui is not None:
+            await self.ui.stop()
         # All listeners at once: one busy listener must not hold the others' connections open.
         await asyncio.gather(*(lst.stop() for lst in self.listeners))
         self.listeners = []
+        if self.realm is not None:
+            await asyncio.to_thread(self.realm.stop)
+            self.realm = None
         if self._capture is not None:
             self._capture.close()
         self.events.emit("lab", event("lab", "lab.stopped"))
         self.events.close()
+        if self._own_captures_dir and self.captures_dir:
+            shutil.rmtree(self.captures_dir, ignore_errors=True)
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         await self.start_async()
@@ -144,6 +210,15 @@ class Lab:
 
     # ------------------------------------------------------------------ conveniences
     @property
+    def per_connection_capture_dir(self) -> str | None:
+        """Where each connection's own pcap is written, if captures are per connection."""
+        return self.captures_dir if self._capture_file is None and self.captures_dir else None
+
+    @property
+    def ui_url(self) -> str | None:
+        return self.ui.url if self.ui is not None else None
+
+    @property
     def capture_paths(self) -> list[str]:
         if isinstance(self._capture, SharedCapture):
             return [self._capture.path]
@@ -165,5 +240,9 @@ class Lab:
         return iter(self.events)
 
     def ready_info(self) -> dict[str, Any]:
-        return {"host": self.host, "smb": self.ports.get("smb"), "epm": self.ports.get("epm"),
-                "emsmdb": self.ports.get("emsmdb"), "pid": os.getpid()}
+        info: dict[str, Any] = {"host": self.host, "smb": self.ports.get("smb"),
+                                "epm": self.ports.get("epm"), "emsmdb": self.ports.get("emsmdb"),
+                                "pid": os.getpid(), "ui": self.ui_url}
+        if self.realm is not None:
+            info.update(self.realm.ready_info())
+        return info

@@ -17,7 +17,8 @@ import yaml
 
 from .client.profile import Endpoint, Profile, lab_credentials
 from .client.runner import ClientReport, run_client
-from .config import LabConfig, coerce_config, default_config_with, load_config
+from .client.tickets import workstation_logon
+from .config import KerberosConfig, LabConfig, coerce_config, default_config_with, load_config
 from .lab import Lab
 
 COLUMNS = ("prompt_shown", "acting_user", "auth_layer", "outcome", "status_name", "typed_on_wire")
@@ -43,6 +44,15 @@ class Scenario:
     disable: tuple[str, ...] = ()
     call: str = "EcDoConnect"
     expect: dict[str, Any] = field(default_factory=dict)
+    # Beyond the KB (docs/kerberos.md): Outlook's logon network security, and whether the
+    # logged-on user has a Kerberos ticket. Either makes the row's lab run a realm.
+    logon_security: str = "password"
+    ticket: bool = False
+    beyond_kb: bool = False
+
+    @property
+    def needs_realm(self) -> bool:
+        return self.ticket or self.logon_security != "password"
 
 
 @dataclass
@@ -107,7 +117,9 @@ def load_scenarios(text: str, source: str) -> list[Scenario]:
                 binding_order=tuple(row["binding_order"]), use_network_security=bool(v),
                 logged_on=row.get("logged_on", "alice"), typed=row.get("typed"),
                 ipc_session=row.get("ipc_session"), mailbox=row.get("mailbox", KB_DN.format("bob")),
-                disable=tuple(row.get("disable", ())), call=row.get("call", "EcDoConnect"), expect=expect))
+                disable=tuple(row.get("disable", ())), call=row.get("call", "EcDoConnect"), expect=expect,
+                logon_security=row.get("logon_security", "password"), ticket=bool(row.get("ticket", False)),
+                beyond_kb=bool(row.get("beyond_kb", False))))
     return out
 
 
@@ -116,11 +128,25 @@ def kb_scenarios() -> list[Scenario]:
     return load_scenarios(text, "<KB matrix>")
 
 
+def kerberos_scenarios() -> list[Scenario]:
+    """The rows beyond the KB: Kerberos at either layer (each lab runs a private MIT realm)."""
+    text = resources.files("emulator").joinpath("kerberos_matrix.yaml").read_text(encoding="utf-8")
+    return load_scenarios(text, "<Kerberos matrix>")
+
+
 # ---------------------------------------------------------------------- running one row
 
 
-def _lab_config(base: LabConfig, disable: tuple[str, ...]) -> LabConfig:
+# Samba's and impacket's clients name the server as its service principals do; Samba refuses
+# Kerberos to "localhost", so the matrix's realm uses a dotted name reached at 127.0.0.1.
+MATRIX_KERBEROS_HOST = "exch01.corp.test"
+
+
+def _lab_config(base: LabConfig, disable: tuple[str, ...], realm: bool = False) -> LabConfig:
     t = base.transports
+    if realm:
+        base = replace(base, kerberos=KerberosConfig(enabled=True, realm=base.kerberos.realm,
+                                                     hostname=MATRIX_KERBEROS_HOST, kdc_port=0))
     return replace(base, transports=replace(
         t, smb=replace(t.smb, enabled=t.smb.enabled and "smb" not in disable),
         epm=replace(t.epm, enabled=t.epm.enabled and "epm" not in disable),
@@ -157,14 +183,22 @@ def observe(report: ClientReport, records: list[dict[str, Any]], typed_user: str
 
 def run_row(s: Scenario, base: LabConfig, *, capture_dir: str | None = None, seed: int | None = None) -> RowResult:
     capture = os.path.join(capture_dir, f"{s.id}.pcap") if capture_dir else None
-    lab = Lab(_lab_config(base, s.disable), capture_file=capture, seed=seed,
+    lab = Lab(_lab_config(base, s.disable, s.needs_realm), capture_file=capture, seed=seed,
               ports=SEEDED_PORTS if seed is not None else None)
     with lab, _seeded_client(seed):
+        logged_on = lab_credentials(base, s.logged_on)
+        if logged_on is None:
+            raise ValueError(f"{s.id}: no logged-on user")
+        kerberos = None
+        if s.ticket and lab.realm is not None:
+            kerberos = workstation_logon(lab.realm.krb5_conf, lab.realm.name, lab.realm.hostname,
+                                         logged_on.user, logged_on.password, lab.realm.directory)
         profile = Profile(
-            mailbox_dn=s.mailbox, logged_on=lab_credentials(base, s.logged_on),
+            mailbox_dn=s.mailbox, logged_on=logged_on,
             binding_order=s.binding_order, use_network_security=s.use_network_security,
             prompt_answer=lab_credentials(base, s.typed), ipc_session=lab_credentials(base, s.ipc_session),
-            server=_endpoint(lab), connect_call=s.call, timeout=5.0)
+            server=_endpoint(lab), connect_call=s.call, timeout=5.0,
+            logon_security=s.logon_security, kerberos=kerberos)
         report = run_client(profile, events=lab.events)
         records = lab.records()
     typed_user = s.typed.partition(":")[0] if s.typed else None
@@ -239,7 +273,8 @@ def render_table(results: list[RowResult]) -> str:
     rows = []
     for r in results:
         s = r.scenario
-        cells = [s.id, ">".join(x.replace("ncacn_", "") for x in s.binding_order),
+        cells = [f"{s.id} (beyond the KB)" if s.beyond_kb else s.id,
+                 ">".join(x.replace("ncacn_", "") for x in s.binding_order),
                  "on" if s.use_network_security else "off", _typed_label(s.typed) or "-"]
         for c in COLUMNS:
             exp, obs = r.expected.get(c), r.observed.get(c)
@@ -272,6 +307,8 @@ def run_matrix_command(args: argparse.Namespace) -> int:
                 scenarios = load_scenarios(fh.read(), args.scenarios)
         else:
             scenarios = kb_scenarios()
+        if args.kerberos:
+            scenarios += kerberos_scenarios()
         config = load_config(args.config) if args.config else None
     except (OSError, ValueError) as exc:
         print(f"rpcauth matrix: {exc}", file=sys.stderr)

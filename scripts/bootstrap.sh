@@ -2,16 +2,17 @@
 # Installs everything the lab and its tests need on a fresh Debian machine (run as root):
 # the independent peers (Samba's smbclient, rpcclient and smbtorture, and smbd for the
 # conformance and bench comparisons; tshark; Chromium with its driver for the browser tests),
-# MIT Kerberos for the lab's KDC and its headers for python-gssapi, and this package with its
+# MIT Kerberos for the lab's KDC, and its headers, a compiler and Python's headers for
+# python-gssapi (it builds from source on Linux), and this package with its
 # test extras. Safe to run again: apt runs only when something is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES="smbclient samba-common-bin samba samba-testsuite tshark chromium chromium-driver
-  krb5-kdc krb5-admin-server krb5-user libkrb5-dev gcc"
+  krb5-kdc krb5-admin-server krb5-user libkrb5-dev gcc python3-dev"
 # One command each package brings, to tell whether it is there.
 TOOLS="smbclient rpcclient smbd smbtorture tshark chromium chromedriver krb5kdc kdb5_util
-  kadmin.local kinit krb5-config gcc"
+  kadmin.local kinit krb5-config gcc python3-config"
 
 have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
 

@@ -1,11 +1,11 @@
-"""Shared fixtures: a running lab on loopback, the KB cast's DNs, and skips for missing peers."""
+"""Shared fixtures: a running lab on loopback. Shared helpers live in tests/harness/."""
 
 from __future__ import annotations
 
 import pytest
 
 from emulator.lab import Lab
-from harness.cast import REFERENCE, dn, need_tool  # noqa: F401  (the names tests import)
+
 
 @pytest.fixture(scope="module")
 def lab():

@@ -17,7 +17,8 @@ from scapy.utils import PcapNgWriter, wrpcap
 from emulator.capture import CaptureError, analyse
 from emulator.capture.pcapread import parse_tcp, read_packets
 
-from conftest import REFERENCE
+from harness.cast import REFERENCE
+from harness.recording import record_tcp_path
 
 REF = os.path.normpath(REFERENCE)
 TSHARK = shutil.which("tshark")
@@ -46,7 +47,7 @@ def tshark_fields(path: str, display_filter: str, *fields: str) -> list[list[str
 def test_mapi_pcap_is_the_explicit_credentials_path():
     conns = analyse(ref("mapi.pcap")).connections
     [c] = [c for c in conns if c.emsmdb]
-    assert (c.transport, c.identity_source, c.auth_level) == ("ncacn_ip_tcp", "rpc_ntlm", "connect")
+    assert (c.transport, c.identity_source, c.mechanism, c.auth_level) == ("ncacn_ip_tcp", "rpc_auth", "ntlm", "connect")
     assert (c.user, c.domain) == ("ALeonard", "CNAMIS")
     [call] = c.emsmdb
     assert call.call == "EcDoConnect"
@@ -65,7 +66,7 @@ def test_mapi_pcap_agrees_with_tshark():
             if e["kind"] == "ntlm.authenticate"}
     assert ours == {(int(f), int(s), u, d) for f, s, u, d, _ in auths}
     levels = {int(lv) for *_, lv in auths}
-    assert {c.auth_level for c in conns if c.identity_source == "rpc_ntlm"} == \
+    assert {c.auth_level for c in conns if c.identity_source == "rpc_auth"} == \
         {["none", "none", "connect", "call", "packet", "integrity", "privacy"][lv] for lv in levels}
     names = tshark_fields(path, "mapi.EcDoConnect.name", "frame.number", "mapi.EcDoConnect.name")
     calls = [e for c in conns for e in c.emsmdb]
@@ -107,7 +108,7 @@ def test_raw_ntlm_in_smb_agrees_with_tshark():
 @needs_ref
 def test_dce_rpc_ntlm_is_spnego_at_integrity():
     [c] = analyse(ref("dce_rpc_ntlm.pcapng")).connections
-    assert (c.identity_source, c.auth_level) == ("rpc_spnego", "integrity")
+    assert (c.identity_source, c.mechanism, c.auth_level) == ("rpc_auth", "spnego-ntlm", "integrity")
     assert (c.user, c.domain) == ("Administrator", "BLACKCLOVER")
     assert any(e["kind"] == "kerberos.token" for e in c.events)  # tried first, then NTLM
 
@@ -158,15 +159,13 @@ def _skeleton(path: str):
 @pytest.fixture(scope="module")
 def tcp_capture(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cap") / "tcp.pcap")
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_capture_recorder import record_tcp_path  # noqa: E402
     assert record_tcp_path(path) == 0
     return path
 
 
 def test_reordered_and_duplicated_segments_give_the_same_events(tcp_capture, tmp_path):
     want = _skeleton(tcp_capture)
-    assert want[0][0] == "rpc_ntlm"
+    assert want[0][0] == "rpc_auth"
     segs = _segments(tcp_capture)
     # Split every data segment in three, then shuffle neighbours and retransmit some pieces.
     pieces = []
@@ -199,7 +198,7 @@ def test_capture_starting_mid_stream_is_partial_but_readable(tcp_capture, tmp_pa
     out = str(tmp_path / "late.pcap")
     _rebuild(segs[3:], out)  # no SYN, no SYN-ACK
     [c] = analyse(out).connections
-    assert c.partial and c.identity_source == "rpc_ntlm"
+    assert c.partial and c.identity_source == "rpc_auth"
 
 
 def test_pcapng_and_other_link_types_read_the_same(tcp_capture, tmp_path):
@@ -365,13 +364,13 @@ def test_memory_stays_flat_on_a_long_capture(tcp_capture, tmp_path):
     finally:
         tracemalloc.stop()
     [c] = conns
-    assert c.identity_source == "rpc_ntlm" and not c.partial
+    assert c.identity_source == "rpc_auth" and not c.partial
     assert peak < 2 << 20, f"peak {peak >> 10} KiB while reading a {size >> 20} MiB capture"
 
 
 def test_terminal_progress_bar_only_on_a_tty(tcp_capture):
     import io
-    from emulator.capture.pcapread import terminal_progress
+    from emulator.cli import terminal_progress
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -401,3 +400,181 @@ def test_mutated_real_captures_give_results_or_capture_errors(name, tmp_path):
             analyse(p)
         except CaptureError:
             pass
+
+
+# ------------------------------------------------------------------------- tokens the live parsers read
+
+
+def _authenticate(user: str, domain: str, nt: bytes, lm: bytes = b"\x00" * 24) -> bytes:
+    """An AUTHENTICATE_MESSAGE laid out by impacket's structure (MS-NLMP 2.2.1.3)."""
+    from impacket import ntlm as imp
+    m = imp.NTLMAuthChallengeResponse()
+    m["flags"] = imp.NTLMSSP_NEGOTIATE_UNICODE | imp.NTLMSSP_NEGOTIATE_NTLM
+    m["domain_name"] = domain.encode("utf-16-le")
+    m["user_name"] = user.encode("utf-16-le")
+    m["host_name"] = "WS1".encode("utf-16-le")
+    m["lanman"], m["ntlm"], m["session_key"] = lm, nt, b""
+    return m.getData()
+
+
+def _ntlmv2_response(av_pairs: bytes) -> bytes:
+    # NTProofStr, then NTLMv2_CLIENT_CHALLENGE (MS-NLMP 2.2.2.7): RespType, HiRespType,
+    # reserved, timestamp, client challenge, reserved, then the AV pairs as the client sent them.
+    header = b"\x01\x01" + b"\x00" * 6 + b"\x11" * 8 + b"\x22" * 8 + b"\x00" * 4
+    return b"\x33" * 16 + header + av_pairs
+
+
+AV_LISTS = {
+    "empty": b"",
+    "unterminated": b"\x02\x00\x08\x00" + "CORP".encode("utf-16-le"),
+    "odd": b"\x02\x00\x08\x00" + "CORP".encode("utf-16-le") + b"\x07\x00\x30\x00\x01",
+    "terminated": b"\x02\x00\x08\x00" + "CORP".encode("utf-16-le") + b"\x00\x00\x00\x00",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(AV_LISTS))
+def test_ntlmv2_identity_is_read_whatever_the_av_pair_list(shape):
+    from emulator.capture.authtokens import inspect_token
+    from emulator.ntlm import messages
+    from emulator.sansio import ProtocolError
+
+    token = _authenticate("bob", "CORP", _ntlmv2_response(AV_LISTS[shape]))
+    info = inspect_token(token)
+    assert (info.mechanism, info.message, info.user, info.domain, info.ntlm_version) == \
+        ("ntlm", "authenticate", "bob", "CORP", "v2")
+    # The live acceptor's own AV-pair reader stays strict: what it refused, it still refuses.
+    if shape in ("empty", "unterminated", "odd"):
+        with pytest.raises(ProtocolError):
+            messages.parse_av_pairs(AV_LISTS[shape])
+
+
+def test_ntlmv1_and_anonymous_authenticate():
+    from emulator.capture.authtokens import inspect_token
+
+    v1 = inspect_token(_authenticate("carol", "CORP", b"\x44" * 24))
+    assert (v1.user, v1.ntlm_version, v1.anonymous) == ("carol", "v1", False)
+    anon = inspect_token(_authenticate("", "", b"", lm=b"\x00"))
+    assert anon.anonymous and anon.message == "authenticate"
+
+
+def test_schannel_negotiate_names_the_machine_account():
+    from emulator.capture.authtokens import AUTH_TYPE_SCHANNEL, inspect_token
+
+    # NL_AUTH_MESSAGE (MS-NRPC 2.2.1.3.1): negotiate, flags 0x17 (OEM domain, OEM computer,
+    # DNS domain, UTF-8 computer), then the names in flag order.
+    token = (b"\x00\x00\x00\x00\x17\x00\x00\x00" + b"THESHIRE\x00" + b"WORKSTATION6\x00"
+             + b"\x08theshire\x05local\x00" + b"\x0cWORKSTATION6\x00")
+    info = inspect_token(token, AUTH_TYPE_SCHANNEL)
+    assert (info.mechanism, info.user, info.domain) == ("schannel", "WORKSTATION6$", "THESHIRE")
+    assert inspect_token(token[:6], AUTH_TYPE_SCHANNEL).user is None  # cut short: no name, no error
+
+
+# ------------------------------------------------------------------------- big-endian, multi-fragment
+
+
+EMSMDB_UUID = "a4f1db00-ca47-1067-b31f-00dd010662da"
+NDR32 = "8a885d04-1ceb-11c9-9fe8-08002b104860"
+
+
+def _be_pdu(ptype: int, flags: int, call_id: int, body: bytes) -> bytes:
+    """A DCE/RPC PDU from a big-endian sender (NDR drep 0x00, C706 14.1)."""
+    import struct
+    return struct.pack(">BBBB4sHHI", 5, 0, ptype, flags, b"\x00\x00\x00\x00", 16 + len(body), 0,
+                       call_id) + body
+
+
+def _be_syntax(u: str, major: int, minor: int) -> bytes:
+    import struct
+    import uuid
+    return uuid.UUID(u).bytes + struct.pack(">I", major | minor << 16)
+
+
+def _be_conversation(dn: str, status: int) -> list[tuple[bool, bytes]]:
+    import struct
+    bind = _be_pdu(11, 3, 1, struct.pack(">HHI", 4280, 4280, 0) + b"\x01\x00\x00\x00"
+                   + struct.pack(">HBB", 0, 1, 0) + _be_syntax(EMSMDB_UUID, 0, 81) + _be_syntax(NDR32, 2, 0))
+    ack = _be_pdu(12, 3, 1, struct.pack(">HHIH", 4280, 4280, 0x1234, 6) + b"49601\x00"
+                  + b"\x01\x00\x00\x00" + struct.pack(">HH", 0, 0) + _be_syntax(NDR32, 2, 0))
+    text = dn.encode("ascii") + b"\x00"
+    stub = struct.pack(">III", len(text), 0, len(text)) + text
+    stub += b"\x00" * (-len(stub) % 4) + struct.pack(">7I4HI", 0, 0, 0, 1252, 1033, 1033, 0, 1, 11, 0, 8206, 0)
+    half = len(stub) // 2
+    prefix = struct.pack(">IHH", len(stub), 0, 0)  # alloc_hint, context, opnum 0 (EcDoConnect)
+    first = _be_pdu(0, 1, 2, prefix + stub[:half])
+    last = _be_pdu(0, 2, 2, prefix + stub[half:])
+    reply = _be_pdu(2, 3, 2, struct.pack(">IHBB", 24, 0, 0, 0) + b"\x00" * 20 + struct.pack(">I", status))
+    return [(True, bind), (False, ack), (True, first), (True, last), (False, reply)]
+
+
+def test_big_endian_multi_fragment_ecdoconnect_agrees_with_tshark(tmp_path):
+    """A big-endian client's bind and a two-fragment EcDoConnect over TCP: explain reads the
+    interface, the DN and the status, and tshark reads the same DN from the same bytes."""
+    client, server = ("10.1.1.1", 50123), ("10.1.1.2", 49601)
+    seq = {True: 1000, False: 5000}
+    frames = [_raw_frame(client, server, 999, 0, 0x02, b""), _raw_frame(server, client, 4999, 1000, 0x12, b"")]
+    for from_client, pdu in _be_conversation("/o=Corp/ou=Site/cn=Recipients/cn=bob", 0x3F2):
+        src, dst = (client, server) if from_client else (server, client)
+        frames.append(_raw_frame(src, dst, seq[from_client], seq[not from_client], 0x18, pdu))
+        seq[from_client] += len(pdu)
+    path = str(tmp_path / "be.pcap")
+    wrpcap(path, [Ether(f) for f in frames])
+    [c] = analyse(path).connections
+    assert [(b.interface_name, b.result) for b in c.binds] == [("emsmdb", "ok")]
+    assert (c.identity_source, c.mechanism) == ("anonymous", "none")
+    [call] = c.emsmdb
+    assert (call.user_dn, call.status) == ("/o=Corp/ou=Site/cn=Recipients/cn=bob", "0x000003f2")
+    if TSHARK:
+        names = tshark_fields(path, "dcerpc", "mapi.EcDoConnect.name", "dcerpc.drep.byteorder")
+        assert ["/o=Corp/ou=Site/cn=Recipients/cn=bob"] in [[r[0]] for r in names if r and r[0]]
+
+
+def test_undecodable_rpc_stream_is_reported_malformed_beside_a_good_one(tmp_path):
+    """One stream of garbage that starts like DCE/RPC, one good stream: the good one is read,
+    the bad one is listed as malformed, neither hides the other."""
+    good = _be_conversation("/o=Corp/ou=Site/cn=Recipients/cn=alice", 0)
+    bad = [(True, b"\x05\x00\x0b\x03\x10\x00\x00\x00\x08\x00\x00\x00\x01\x00\x00\x00"),
+           (True, b"\x06\x09" + b"\xee" * 40), (False, b"\x05\x00\x0c\x03\x10\x00\x00\x00\xff\xff")]
+    frames = []
+    for n, (conv, port) in enumerate(((bad, 50200), (good, 50201))):
+        client, server = ("10.1.1.1", port), ("10.1.1.2", 49601)
+        seq = {True: 1000, False: 5000}
+        frames += [_raw_frame(client, server, 999, 0, 0x02, b""), _raw_frame(server, client, 4999, 1000, 0x12, b"")]
+        for from_client, pdu in conv:
+            src, dst = (client, server) if from_client else (server, client)
+            frames.append(_raw_frame(src, dst, seq[from_client], seq[not from_client], 0x18, pdu))
+            seq[from_client] += len(pdu)
+    path = str(tmp_path / "mixed.pcap")
+    wrpcap(path, [Ether(f) for f in frames])
+    analysis = analyse(path)
+    assert [c.emsmdb[0].user_dn for c in analysis.connections if c.emsmdb] == \
+        ["/o=Corp/ou=Site/cn=Recipients/cn=alice"]
+    notes = {n.stream: n for n in analysis.stream_notes}
+    assert notes[0].malformed and all(m["kind"] == "malformed" for m in notes[0].malformed)
+    assert 1 not in notes or not notes[1].malformed
+
+
+def test_bind_nak_after_an_authenticated_bind_acts_for_nobody(tmp_path):
+    """A bind that offers NTLM and is refused with a bind_nak: the server acted on nobody,
+    as tshark's reading of such a capture has it (the bind_nak is in the same stream)."""
+    import struct
+
+    from impacket import ntlm as imp
+
+    from emulator.rpc import pdu as P
+
+    negotiate = imp.getNTLMSSPType1("", "", signingRequired=True).getData()
+    body = struct.pack("<HHI", 4280, 4280, 0) + b"\x01\x00\x00\x00" + struct.pack("<HBB", 0, 1, 0)
+    body += P.syntax_bytes((EMSMDB_UUID, (0, 81))) + P.syntax_bytes(P.NDR32)
+    bind = P.assemble(P.BIND, 3, 1, body, auth=(10, 2, 0, negotiate))
+    nak = P.assemble(P.BIND_NAK, 3, 1, P.bind_nak_body(P.NAK_AUTHENTICATION_TYPE_NOT_RECOGNIZED))
+    client, server = ("10.1.1.1", 50300), ("10.1.1.2", 49601)
+    frames = [_raw_frame(client, server, 999, 0, 0x02, b""), _raw_frame(server, client, 4999, 1000, 0x12, b""),
+              _raw_frame(client, server, 1000, 5000, 0x18, bind),
+              _raw_frame(server, client, 5000, 1000 + len(bind), 0x18, nak)]
+    path = str(tmp_path / "nak.pcap")
+    wrpcap(path, [Ether(f) for f in frames])
+    [c] = analyse(path).connections
+    assert (c.identity_source, c.user, c.mechanism, c.auth_type) == ("none", None, "ntlm", "ntlm")
+    assert [b.result for b in c.binds] == ["nak"]
+    if TSHARK:
+        assert tshark_fields(path, "dcerpc.pkt_type == 13", "tcp.stream") == [["0"]]

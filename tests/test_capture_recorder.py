@@ -3,161 +3,24 @@ loopback) as pcap that tshark decodes cleanly, and is deterministic with an inje
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
-import socket
-import subprocess
 import threading
-from typing import Any, Callable
 
 import pytest
-from impacket.dcerpc.v5 import rpcrt, transport
-from impacket.smbconnection import SMBConnection
-from impacket.uuid import uuidtup_to_bin
 
 from emulator.capture import CaptureWriter, analyse
-from emulator.config import default_config_with
-from emulator.directory import Directory
-from emulator.identity import ANONYMOUS
 
-# impacket encrypts SMB3 whenever a server offers it; these captures are of the clear path
-# (reading encrypted captures is the analyser's SMB3 decryption).
-CONFIG = default_config_with({"policy": {"smb_encryption": "off"}})
-BOB_DN = "/o=Corp/ou=Site/cn=Recipients/cn=bob"
-EMSMDB = ("a4f1db00-ca47-1067-b31f-00dd010662da", "0.81")
+from harness.recording import (BOB_DN, EMSMDB, fake_clock, record_pipe_path, record_tcp_path,
+                               tshark_fields, tshark_problems)
+
 TSHARK = shutil.which("tshark")
 needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")
 
 
-def fake_clock(start: float = 1_764_000_000.0) -> Callable[[], float]:
-    ticks = itertools.count()
-    return lambda: start + next(ticks) * 0.000125
-
-
-def _auth():
-    from emulator.auth import AuthFactory
-    return AuthFactory(Directory(CONFIG), CONFIG.policy, CONFIG.server)
-
-
-def _rpc_engine(transport_name: str, identity=ANONYMOUS, info: dict | None = None):
-    from emulator.interfaces.emsmdb import EmsmdbInterface
-    from emulator.rpc.connection import RpcConnection
-    return RpcConnection(transport=transport_name, transport_identity=identity,
-                         interfaces=[EmsmdbInterface(Directory(CONFIG), CONFIG.policy, CONFIG.server)],
-                         auth=_auth(), policy=CONFIG.policy, info=info or {"peer": "test"})
-
-
-def _smb_engine():
-    from emulator.smb.connection import SmbConnection
-    from emulator.smb.pipe import PipeFactory
-    pipes = PipeFactory({"emsmdb": lambda identity, info: _rpc_engine("ncacn_np", identity, info)})
-    return SmbConnection(config=CONFIG, auth=_auth(), pipes=pipes, info={"transport": "ncacn_np"})
-
-
-class RecordingServer:
-    """Loopback server feeding a sans-IO engine and recording every byte both ways, the way the
-    live listener does. `capture_port` is the server port written into the capture."""
-
-    def __init__(self, writer: CaptureWriter, engine_factory: Callable[[], Any], capture_port: int) -> None:
-        self.writer, self.factory, self.capture_port = writer, engine_factory, capture_port
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.port = self.sock.getsockname()[1]
-        self.done = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        client, peer = self.sock.accept()
-        engine = self.factory()
-        stream = self.writer.stream(("10.0.0.10", peer[1]), ("10.0.0.20", self.capture_port))
-        try:
-            while True:
-                data = client.recv(65536)
-                if not data:
-                    break
-                stream.client_data(data)
-                out = engine.receive(data)
-                if out.data:
-                    stream.server_data(out.data)
-                    client.sendall(out.data)
-                if out.close:
-                    break
-        except OSError:
-            pass
-        finally:
-            stream.close()
-            client.close()
-            self.sock.close()
-            self.done.set()
-
-
-def record_tcp_path(path: str, user: str = "bob", level: int = rpcrt.RPC_C_AUTHN_LEVEL_CONNECT) -> int | None:
-    """bob types his password; the client binds EMSMDB over TCP with NTLM and opens his mailbox."""
-    from emulator.interfaces.emsmdb import hEcDoConnect
-    writer = CaptureWriter(path, clock=fake_clock())
-    # The port a real Exchange 5.5 server handed out in mapi.pcap. (6001, the lab default, is
-    # in X11's range 6000-6063, which Wireshark decodes as X11 by port.)
-    srv = RecordingServer(writer, lambda: _rpc_engine("ncacn_ip_tcp"), 1032)
-    t = transport.DCERPCTransportFactory(f"ncacn_ip_tcp:127.0.0.1[{srv.port}]")
-    t.set_credentials(user, CONFIG.user(user).password, "CORP")
-    dce = t.get_dce_rpc()
-    dce.set_auth_type(rpcrt.RPC_C_AUTHN_WINNT)
-    dce.set_auth_level(level)
-    dce.connect()
-    dce.bind(uuidtup_to_bin(EMSMDB))
-    status = _connect_status(lambda: hEcDoConnect(dce, BOB_DN))
-    dce.disconnect()
-    srv.done.wait(10)
-    writer.close()
-    return status
-
-
-def record_pipe_path(path: str, dialect: str | None = None) -> int | None:
-    """alice is logged on; the client opens \\emsmdb over her SMB session and asks for bob's
-    mailbox: the bind carries no auth, so the server acts as alice (KB Q146188)."""
-    from emulator.interfaces.emsmdb import hEcDoConnect
-    writer = CaptureWriter(path, clock=fake_clock())
-    srv = RecordingServer(writer, _smb_engine, 445)
-    smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=srv.port, preferredDialect=dialect)
-    smb.login("alice", CONFIG.user("alice").password, "CORP")
-    t = transport.SMBTransport("127.0.0.1", srv.port, r"\emsmdb", smb_connection=smb)
-    dce = t.get_dce_rpc()
-    dce.connect()
-    dce.bind(uuidtup_to_bin(EMSMDB))
-    status = _connect_status(lambda: hEcDoConnect(dce, BOB_DN))
-    dce.disconnect()
-    smb.close()
-    srv.done.wait(10)
-    writer.close()
-    return status
-
-
-def _connect_status(call: Callable[[], Any]) -> int | None:
-    try:
-        result = call()
-    except Exception as exc:  # DCERPCSessionError carries the MAPISTATUS
-        return getattr(exc, "error_code", None)
-    if isinstance(result, tuple):
-        return result[0]
-    return 0
-
-
-def tshark(path: str, *args: str) -> str:
-    out = subprocess.run([TSHARK, "-r", path, *args], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
-def tshark_fields(path: str, display_filter: str, *fields: str) -> list[list[str]]:
-    cmd = ["-Y", display_filter, "-T", "fields"] + [x for f in fields for x in ("-e", f)]
-    return [line.split("\t") for line in tshark(path, *cmd).splitlines() if line.strip()]
-
-
 def assert_clean_for_tshark(path: str) -> None:
-    bad = tshark(path, "-Y", "_ws.malformed || _ws.expert.severity >= error")
-    assert bad.strip() == "", f"tshark reports malformed or error-level packets:\n{bad}"
+    bad = tshark_problems(path)
+    assert bad == "", f"tshark reports malformed or error-level packets:\n{bad}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,3 +155,34 @@ def test_smb1_pipe_path_capture_agrees_with_tshark(tmp_path):
     assert (c.identity_source, c.user, c.smb_user) == ("smb_session", "alice", "alice")
     assert any(e["kind"] == "smb.negotiate" and e["dialect"] == "NT LM 0.12" for e in c.events)
     assert [(e.user_dn, e.status_name) for e in c.emsmdb] == [(BOB_DN, "ecLoginPerm")]
+
+
+def test_frames_are_the_bytes_scapy_builds(tmp_path):
+    """The recorder packs headers itself for speed; scapy, an independent implementation of
+    Ethernet, IPv4 and TCP, must build the very same bytes (checksums included) for every frame,
+    and read the file back as the same records."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import RawPcapReader
+
+    path = str(tmp_path / "frames.pcap")
+    client, server = ("127.0.0.1", 50123), ("127.0.0.1", 445)
+    with CaptureWriter(path, clock=fake_clock(), mss=100) as w:
+        s = w.stream(client, server)
+        for size in (1, 2, 99, 100, 101, 333):          # odd and even lengths, one and many segments
+            s.client_data(bytes(range(256))[:size] * 1)
+            s.server_data(b"\xff" * size)
+        s.close(by="server")
+    records = list(RawPcapReader(path))
+    assert len(records) > 20
+    for n, (raw, _meta) in enumerate(records, 1):
+        got = Ether(raw)
+        rebuilt = (Ether(src=got.src, dst=got.dst)
+                   / IP(src=got[IP].src, dst=got[IP].dst, id=got[IP].id, flags="DF", ttl=128)
+                   / TCP(sport=got[TCP].sport, dport=got[TCP].dport, seq=got[TCP].seq, ack=got[TCP].ack,
+                         flags=int(got[TCP].flags), window=65535)
+                   / bytes(got[TCP].payload))
+        assert bytes(rebuilt) == raw, f"frame {n} differs from scapy's"
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    assert head.hex() == "d4c3b2a1020004000000000000000000ffff000001000000"

@@ -39,3 +39,39 @@ def test_unknown_protseq_rejected():
 
 def test_credentials_repr_hides_password():
     assert "s3cr3t" not in repr(Credentials("bob", "s3cr3t"))
+
+
+# ---------------------------------------------------------------- beyond the KB: Kerberos
+
+from emulator.client.profile import KerberosLogon  # noqa: E402
+
+TICKET = KerberosLogon(ccache="FILE:/nonexistent", realm="CORP.TEST", hostname="exch01.corp.test")
+
+
+@pytest.mark.parametrize("security", ["kerberos", "negotiate"])
+def test_tcp_with_a_ticket_uses_the_logged_on_user_without_a_prompt(security):
+    a = plan(Profile("/o=X", ALICE, prompt_answer=BOB, logon_security=security, kerberos=TICKET),
+             "ncacn_ip_tcp")
+    assert (a.prompt_shown, a.rpc_credentials, a.mech) == (False, ALICE, "kerberos")
+
+
+def test_negotiate_without_a_ticket_falls_back_to_the_typed_ntlm_credentials():
+    a = plan(Profile("/o=X", ALICE, prompt_answer=BOB, logon_security="negotiate"), "ncacn_ip_tcp")
+    assert (a.prompt_shown, a.rpc_credentials, a.mech) == (True, BOB, "ntlm")
+
+
+def test_kerberos_without_a_ticket_still_asks_for_kerberos():
+    a = plan(Profile("/o=X", ALICE, prompt_answer=BOB, logon_security="kerberos"), "ncacn_ip_tcp")
+    assert (a.prompt_shown, a.mech) == (False, "kerberos")
+
+
+def test_named_pipe_session_is_kerberos_for_the_logged_on_user_only():
+    own = plan(Profile("/o=X", ALICE, kerberos=TICKET), "ncacn_np")
+    assert (own.smb_credentials, own.mech) == (ALICE, "kerberos")
+    other = plan(Profile("/o=X", ALICE, ipc_session=BOB, kerberos=TICKET), "ncacn_np")
+    assert (other.smb_credentials, other.mech) == (BOB, "ntlm")
+
+
+def test_unknown_logon_security_is_refused():
+    with pytest.raises(ValueError):
+        Profile("/o=X", ALICE, logon_security="smartcard")

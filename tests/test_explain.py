@@ -14,10 +14,8 @@ import pytest
 
 from emulator.capture import compare, explain, write_report
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_capture_recorder import record_pipe_path, record_tcp_path  # noqa: E402
-
-from conftest import REFERENCE  # noqa: E402
+from harness.cast import REFERENCE
+from harness.recording import CONFIG, record_pipe_path, record_tcp_path
 
 REF = os.path.normpath(REFERENCE)
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF),
@@ -87,9 +85,9 @@ def test_text_verdict_for_mapi_pcap():
 
 @needs_ref
 def test_json_contract_on_the_reference_captures():
-    for name, source, level, user in [("mapi.pcap", "rpc_ntlm", "connect", "ALeonard"),
+    for name, source, level, user in [("mapi.pcap", "rpc_auth", "connect", "ALeonard"),
                                       ("raw_ntlm_in_smb.pcap", "smb_session", "none", "test"),
-                                      ("dce_rpc_ntlm.pcapng", "rpc_spnego", "integrity", "Administrator")]:
+                                      ("dce_rpc_ntlm.pcapng", "rpc_auth", "integrity", "Administrator")]:
         doc = json.loads(explain(ref(name), "json", progress=False))
         assert doc["capture"] == ref(name)
         assert all(DESIGN_KEYS <= set(c) for c in doc["connections"])
@@ -262,7 +260,6 @@ def test_privacy_stubs_stay_sealed_without_a_key(sealed):
 
 
 def test_password_unseals_and_verifies(sealed):
-    from test_capture_recorder import CONFIG
     bob_pw = CONFIG.user("bob").password
     doc = explain(sealed, "json", passwords={"bob": bob_pw}, progress=False)
     c = _conn(doc)
@@ -283,7 +280,6 @@ def test_wrong_password_reads_nothing(sealed):
 
 
 def test_tampered_sealed_stub_fails_verification(sealed, tmp_path):
-    from test_capture_recorder import CONFIG
     from emulator.capture.pcapread import parse_tcp, read_packets
     data = bytearray(open(sealed, "rb").read())
     # Find the EcDoConnect request (the first request PDU) and flip one sealed stub byte.

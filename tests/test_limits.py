@@ -25,7 +25,7 @@ from emulator.config import default_config
 from emulator.interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect
 from emulator.lab import Lab
 
-from conftest import dn
+from harness.cast import dn
 
 EMSMDB = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
 EPM = uuidtup_to_bin(("e1af8308-5d1f-11c9-91a4-08002b14a0fa", "3.0"))

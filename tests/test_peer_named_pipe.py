@@ -15,7 +15,7 @@ from impacket.uuid import uuidtup_to_bin
 
 from emulator.interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect
 
-from conftest import dn, need_tool
+from harness.cast import dn, need_tool
 
 EMSMDB = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
 DIALECTS = {"SMB1": SMB_DIALECT, "2.0.2": SMB2_DIALECT_002, "2.1": SMB2_DIALECT_21, "3.0": SMB2_DIALECT_30,

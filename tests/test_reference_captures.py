@@ -13,7 +13,7 @@ from scapy.utils import RawPcapReader
 from emulator.capture import analyse
 from emulator.matrix import kb_scenarios, run_matrix
 
-from conftest import need_tool
+from harness.cast import need_tool
 
 CAPTURES = os.path.join(os.path.dirname(__file__), "..", "captures")
 ROWS = kb_scenarios()
@@ -57,7 +57,7 @@ def test_every_row_has_a_capture_that_tells_the_kb_story():
         else:
             assert f"{conns[-1].domain}\\{conns[-1].user}" == want
             assert connect.status_name == s.expect["status_name"]
-            expected_source = "smb_session" if s.expect["auth_layer"] == "smb_session_setup" else "rpc_ntlm"
+            expected_source = "smb_session" if s.expect["auth_layer"] == "smb_session_setup" else "rpc_auth"
             assert conns[-1].identity_source == expected_source
 
 
@@ -86,7 +86,9 @@ def test_tshark_decodes_reference_capture(row):
                             capture_output=True, text=True, timeout=60).stdout.split()
     c = [c for c in analyse(path, progress=None).connections if c.emsmdb][-1]
     assert c.emsmdb[0].user_dn in fields
-    if c.identity_source == "rpc_ntlm":
+    if c.identity_source == "rpc_auth":
         assert c.user in fields
+    elif c.identity_source == "none":   # the bind's logon was refused: the user it offered
+        assert c.offered_user in fields and c.emsmdb[0].fault
     else:
         assert c.smb_user in fields

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import yaml
-from conftest import REFERENCE, dn
+from harness.cast import REFERENCE, dn
 
 from emulator.capture.unseal import Keyring
 from emulator.config import default_config, default_config_with

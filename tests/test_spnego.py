@@ -254,3 +254,56 @@ def test_repr_hides_keys():
     key = acc.session_key
     text = repr(acc) + str(acc) + repr(acc.result) + repr(final) + repr(final.events)
     assert key and key.hex() not in text and repr(key)[2:-1] not in text
+
+
+# ---------------------------------------------------------------- with a realm: Kerberos offered
+
+def kerberos_factory(**policy) -> AuthFactory:
+    """A factory whose labs have a realm. Nothing here reaches Kerberos itself (its keys are
+    read on the first Kerberos token), so no KDC is needed for what SPNEGO offers and refuses."""
+    pytest.importorskip("gssapi")
+    from emulator.kerberos.acceptor import KerberosService
+
+    service = KerberosService(keytab="/nonexistent/lab.keytab", rcache="none:", realm="CORP.TEST",
+                              domain="CORP")
+    return AuthFactory(DIRECTORY, replace(CFG.policy, **policy), CFG.server, kerberos=service)
+
+
+def offered(init2: bytes) -> list[bytes]:
+    outer = der.read_exact(init2, der.APPLICATION_0)
+    _, pos = der.read(outer.value)
+    init = der.read_exact(outer.value[pos:], der.context(0))
+    seq = der.fields(der.read_exact(init.value, der.SEQUENCE).value)
+    return [el.value for el in der.children(der.read_exact(seq[0].value, der.SEQUENCE).value)]
+
+
+def test_a_realm_adds_both_kerberos_oids_before_ntlm():
+    assert offered(factory().spnego_init_token()) == [NTLMSSP_OID]
+    assert offered(kerberos_factory().spnego_init_token()) == [MS_KRB5, KRB5, NTLMSSP_OID]
+    assert offered(kerberos_factory(require_kerberos=True).spnego_init_token()) == [MS_KRB5, KRB5]
+
+
+def test_ntlm_still_works_beside_kerberos():
+    acc = kerberos_factory().spnego()
+    t1 = ntlm.getNTLMSSPType1("WS01", "CORP", True)
+    r1 = acc.step(init_token([NTLMSSP, KRB5], t1.getData()))
+    assert not r1.complete
+    t3, _ = ntlm.getNTLMSSPType3(t1, parse_resp(r1.token)[2], "alice", PASSWORDS["alice"], "CORP")
+    final = acc.step(resp_token(t3.getData()))
+    assert final.ok and acc.result.user == "alice" and acc.result.mech == "spnego"
+
+
+@pytest.mark.parametrize("how", ["spnego", "raw"])
+def test_ntlm_is_a_downgrade_when_kerberos_is_required(how):
+    acc = kerberos_factory(require_kerberos=True).spnego()
+    t1 = ntlm.getNTLMSSPType1("WS01", "CORP", True).getData()
+    r = acc.step(init_token([NTLMSSP], t1) if how == "spnego" else t1)
+    assert r.complete and not r.ok and acc.result.reason == "downgrade"
+    assert [(e.kind, e.get("result")) for e in r.events][-1] == ("spnego.accept", "downgrade")
+    assert acc.session_key == b""
+
+
+def test_plain_ntlm_rpc_auth_is_refused_when_kerberos_is_required():
+    assert kerberos_factory(require_kerberos=True).acceptor(10) is None
+    assert kerberos_factory().acceptor(10) is not None
+    assert factory().acceptor(16) is None          # no realm, no Kerberos

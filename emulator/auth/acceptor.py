@@ -9,7 +9,7 @@ one through its states and decides, once, whose identity the server acts on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .results import AuthResult, StepResult
 
@@ -54,6 +54,23 @@ class PacketProtection(Protocol):
 
     def unseal_packet(self, parts: PacketParts, signature: bytes) -> bytes | None:
         """The plaintext data, or None when the seal or signature does not verify."""
+        ...
+
+
+@runtime_checkable
+class LevelSizedSignatures(Protocol):
+    """A mechanism whose DCE/RPC auth_value differs in size between signing and sealing
+    (GSS-API Kerberos: a MIC token at integrity, a wrap token's header at privacy). NTLM's is
+    16 bytes at every level and does not provide this; `sig_size()` serves it."""
+
+    def signature_size(self, sealed: bool) -> int:
+        """Bytes of the auth_value this side writes."""
+        ...
+
+    def accepts_signature_size(self, size: int, sealed: bool) -> bool:
+        """Whether a peer's auth_value of `size` bytes can be a valid token at all. A GSS wrap
+        token says its own lengths (EC, RRC; RFC 4121 4.2.4), and clients differ in the filler
+        they choose, so sealed sizes vary."""
         ...
 
 

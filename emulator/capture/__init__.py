@@ -4,7 +4,7 @@ the teaching report of a matrix run."""
 
 from typing import Any
 
-from .pcapread import CaptureError
+from .fileformat import CaptureError
 from .streams import Analysis, analyse
 from .explain import explain  # noqa: E402  (the function shadows the submodule on purpose)
 from .compare import CompareResult, compare

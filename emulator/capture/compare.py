@@ -54,11 +54,13 @@ class CompareResult:
     lines: list[str] = field(default_factory=list)
 
 
-_LAYER = {"smb_session": "smb_session_setup", "rpc_ntlm": "rpc_bind", "rpc_spnego": "rpc_bind",
-          "kerberos": "rpc_bind", "anonymous": "none", "none": "unknown"}
-_KIND = {"smb_session": "the SMB session's user", "rpc_ntlm": "typed credentials",
-         "rpc_spnego": "typed credentials", "kerberos": "a Kerberos ticket",
+_LAYER = {"smb_session": "smb_session_setup", "rpc_auth": "rpc_bind", "anonymous": "none",
+          "none": "unknown"}
+_KIND = {"smb_session": "the SMB session's user", "rpc_auth": "typed credentials",
          "anonymous": "anonymous", "none": "unknown"}
+# What an RPC-layer logon proves, when it is not a password typed for NTLM.
+_KIND_OF_MECHANISM = {"kerberos": "a Kerberos ticket", "spnego-kerberos": "a Kerberos ticket",
+                      "schannel": "a machine's secure channel"}
 
 
 def _status_class(c: Connection) -> str | None:
@@ -69,9 +71,11 @@ def _status_class(c: Connection) -> str | None:
 
 
 def skeleton(c: Connection, with_status: bool) -> Skeleton:
+    kind = _KIND.get(c.identity_source, c.identity_source)
+    if c.identity_source == "rpc_auth":
+        kind = _KIND_OF_MECHANISM.get(c.mechanism, kind)
     return Skeleton(c.transport, _LAYER.get(c.identity_source, c.identity_source),
-                    c.auth_type, c.auth_level, _KIND.get(c.identity_source, c.identity_source),
-                    _status_class(c) if with_status else None)
+                    c.auth_type, c.auth_level, kind, _status_class(c) if with_status else None)
 
 
 def _is_epm(c: Connection) -> bool:

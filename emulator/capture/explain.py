@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import tempfile
 from typing import Any, Iterable, TextIO
 
-from .ladder import steps, verdicts
+from .ladder import session_line, steps, verdicts
 from .model import Connection
-from .pcapread import CaptureError, ProgressFn, terminal_progress
-from .streams import Analysis, CaptureScan, analyse
+from .fileformat import CaptureError, ProgressFn
+from .streams import Analysis, CaptureScan, StreamSummary, analyse
 from .unseal import Keyring
 
 FORMATS = ("text", "json", "mermaid", "html")
 
 
 def _progress(progress: ProgressFn | bool | None) -> ProgressFn | None:
-    if progress is None or progress is True:
-        return terminal_progress()
+    # A progress bar is the command line's business (emulator/cli.py); the library only
+    # reports bytes read to a callable it is given. False is accepted as "none".
     return progress or None
 
 
 def explain(path: str, fmt: str = "text", *, passwords: Iterable[str] | None = None,
             lab: Any = None, progress: ProgressFn | bool | None = None) -> str:
-    """Explain a pcap/pcapng. `progress`: None shows a bar when stderr is a terminal, False is
-    silent, a callable receives (bytes read, file size). Raises CaptureError for unreadable
+    """Explain a pcap/pcapng. `progress`: a callable receiving (bytes read, file size), or
+    None/False for none. Raises CaptureError for unreadable
     captures. `passwords` ({user: password} or "user:password" strings) and `lab` (a LabConfig
     or its path) give NT hashes to verify signatures and read PKT_PRIVACY stubs of NTLMv2
     contexts; without them sealed stubs are reported as sealed."""
@@ -70,27 +72,34 @@ def connection_json(c: Connection) -> dict[str, Any]:
 
 def to_json(analysis: Analysis) -> str:
     doc = {"capture": analysis.path,
-           "connections": [connection_json(c) for c in analysis.connections]}
+           "connections": [connection_json(c) for c in analysis.connections],
+           "streams": [n.to_json() for n in analysis.stream_notes]}
     return json.dumps(doc, indent=2)
 
 
 class JsonWriter:
-    """Writes {"capture": ..., "connections": [...]} (DESIGN.md section 5) one connection per
-    line, in the order the connections end. Nothing is written until a stream with traffic both
-    ways has been seen, so a capture that is rejected as one-sided prints nothing. If the
+    """Writes {"capture": ..., "connections": [...], "streams": [...]} (DESIGN.md section 5)
+    one connection per line, in the order the connections end. "streams" follows, in the
+    order the streams end: one summary per TCP stream that set up an SMB session (with or
+    without a pipe) or carried a message the reader could not decode. Nothing is written until
+    a stream with traffic both ways has been seen, so a capture that is rejected as one-sided prints nothing. If the
     capture turns out to be broken after connections were written, the document is still
     closed, with an "error" member, and the CaptureError is raised."""
 
     def __init__(self, out: TextIO, path: str) -> None:
         self.out, self.path = out, path
         self._held: list[Connection] = []
+        # Stream summaries follow the connections in the document; they wait in a spool that
+        # moves to disk past 1 MiB, so a capture of many streams does not grow memory.
+        self._notes = tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+", encoding="utf-8")
+        self._note_count = 0
         self._started = False
         self._count = 0
 
     def run(self, scan: CaptureScan, progress: ProgressFn | None) -> None:
         self._scan = scan
         try:
-            scan.run(self._connection, progress)
+            scan.run(self._connection, progress, self._note)
         except CaptureError as exc:
             if self._started:
                 self._end(str(exc))
@@ -99,6 +108,10 @@ class JsonWriter:
             self._write(c)
         self._held.clear()
         self._end(None)
+
+    def _note(self, n: StreamSummary) -> None:
+        self._notes.write(("," if self._note_count else "") + "\n" + json.dumps(n.to_json()))
+        self._note_count += 1
 
     def _connection(self, c: Connection) -> None:
         if not self._started and not self._scan.two_sided:
@@ -123,6 +136,11 @@ class JsonWriter:
     def _end(self, error: str | None) -> None:
         self._start()
         tail = "\n]" if self._count else "]"
+        self.out.write(tail + ', "streams": [')
+        self._notes.seek(0)
+        shutil.copyfileobj(self._notes, self.out)
+        self._notes.close()
+        tail = "\n]" if self._note_count else "]"
         if error is not None:
             tail += ', "error": %s' % json.dumps(error)
         self.out.write(tail + "}\n")
@@ -156,6 +174,18 @@ def to_text(analysis: Analysis) -> str:
         out.extend(text_ladder(c))
         for v in verdicts(c):
             out.append(f"  Verdict: {v}")
+    # Sessions whose stream opened a pipe are in that connection's ladder already.
+    with_pipes = {c.stream for c in analysis.connections if c.transport == "ncacn_np"}
+    notes = [n for n in analysis.stream_notes
+             if n.malformed or (n.smb_sessions and n.stream not in with_pipes)]
+    if notes:
+        out.append("")
+        out.append("SMB sessions that opened no pipe, and undecodable messages, by TCP stream:")
+    for n in notes:
+        for sess in n.smb_sessions if n.stream not in with_pipes else ():
+            out.append(f"  tcp.stream {n.stream}: {session_line(sess)}")
+        for m in n.malformed:
+            out.append(f"  tcp.stream {n.stream}: frame {m['frame']} malformed {m['layer']}: {m['reason']}")
     return "\n".join(out) + "\n"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from .ladder import steps, verdicts
+from .ladder import AUTHENTICATED, IDENTITY, Step, steps, verdicts
 from .model import Connection
 
 CSS = """
@@ -22,33 +22,51 @@ WIDTH = 760
 LEFT, RIGHT = 160, 640
 
 
+HIGHLIGHT_WORDS = {AUTHENTICATED: "\u25c6 auth", IDENTITY: "\u25c6 identity"}
+
+
 def ladder_svg(conn: Connection) -> str:
-    st = steps(conn)
+    """The ladder of a connection read from a capture."""
+    return draw_ladder(steps(conn), f"client {conn.client}", f"server {conn.server}",
+                       f"ladder of stream {conn.stream}")
+
+
+def draw_ladder(st: list[Step], client: str, server: str, caption: str, number: str = "frame") -> str:
+    """One SVG ladder: the drawing behind the static report, `explain --format html`, the replay
+    report and the live view. `number` heads the left column (Wireshark frames, or the live
+    view's message count). Highlighted steps get a thick outline and a word in the margin, so
+    colour is never the only signal."""
     height = 60 + ROW * max(1, len(st))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
-             f'viewBox="0 0 {WIDTH} {height}" role="img" aria-label="ladder of stream {conn.stream}">',
+             f'viewBox="0 0 {WIDTH} {height}" role="img" aria-label="{escape(caption)}">',
              '<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="7" refY="4" '
              'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#333"/></marker></defs>',
              f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#ffffff"/>',
-             f'<text x="{LEFT}" y="18" text-anchor="middle" font-weight="bold">client {escape(conn.client)}</text>',
-             f'<text x="{RIGHT}" y="18" text-anchor="middle" font-weight="bold">server {escape(conn.server)}</text>',
-             '<text x="10" y="18" fill="#666">frame</text>',
+             f'<text x="{LEFT}" y="18" text-anchor="middle" font-weight="bold">{escape(client)}</text>',
+             f'<text x="{RIGHT}" y="18" text-anchor="middle" font-weight="bold">{escape(server)}</text>',
+             f'<text x="10" y="18" fill="#666">{escape(number)}</text>',
              f'<line x1="{LEFT}" y1="26" x2="{LEFT}" y2="{height - 6}" stroke="#555" stroke-width="2"/>',
              f'<line x1="{RIGHT}" y1="26" x2="{RIGHT}" y2="{height - 6}" stroke="#555" stroke-width="2"/>']
     for i, s in enumerate(st):
         y = 48 + i * ROW
         parts.append(f'<text x="10" y="{y + 4}" fill="#666">{s.frame}</text>')
         mid = (LEFT + RIGHT) // 2
+        weight = ' font-weight="bold"' if s.highlight else ""
+        if s.highlight:
+            parts.append(f'<rect x="{LEFT + 4}" y="{y - 13}" width="{RIGHT - LEFT - 8}" height="24" '
+                         f'fill="none" stroke="#a40000" stroke-width="2.5" class="hl-{s.highlight}"/>')
+            parts.append(f'<text x="{LEFT - 6}" y="{y + 4}" text-anchor="end" fill="#a40000" '
+                         f'font-weight="bold">{HIGHLIGHT_WORDS.get(s.highlight, s.highlight)}</text>')
         if s.note:
             parts.append(f'<rect x="{LEFT + 10}" y="{y - 11}" width="{RIGHT - LEFT - 20}" height="18" '
                          f'fill="#fff6d5" stroke="#c4a000"/>')
-            parts.append(f'<text x="{mid}" y="{y + 2}" text-anchor="middle">{escape(s.label)}</text>')
+            parts.append(f'<text x="{mid}" y="{y + 2}" text-anchor="middle"{weight}>{escape(s.label)}</text>')
             continue
         x1, x2 = (LEFT, RIGHT) if s.to_server else (RIGHT, LEFT)
         colour = "#3465a4" if s.to_server else "#4e9a06"
         parts.append(f'<line x1="{x1}" y1="{y + 6}" x2="{x2}" y2="{y + 6}" stroke="{colour}" '
                      f'stroke-width="1.5" marker-end="url(#arrow)"/>')
-        parts.append(f'<text x="{mid}" y="{y + 1}" text-anchor="middle">{escape(s.label)}</text>')
+        parts.append(f'<text x="{mid}" y="{y + 1}" text-anchor="middle"{weight}>{escape(s.label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -6,14 +6,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .model import Connection
+from .model import Connection, SmbSession
 
 LADDER_KINDS = (
     "smb.negotiate", "smb.session_setup", "smb.tree_connect", "smb.pipe_open", "smb.encrypted",
     "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
     "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "rpc.identity",
+    "schannel.negotiate", "schannel.challenge",
     "kerberos.token", "ntlm.session_keys", "rpc.verify", "emsmdb.connect_request", "emsmdb.connect", "rpc.fault", "malformed",
 )
+
+
+# What a highlighted step decided: the layer that authenticated, or whose identity the server
+# then acted on. Drawings mark these with words as well as colour.
+AUTHENTICATED = "authenticated"
+IDENTITY = "identity"
+NOTE_KINDS = ("rpc.identity", "ntlm.session_keys", "rpc.verify")
 
 
 @dataclass
@@ -22,6 +30,21 @@ class Step:
     to_server: bool
     label: str
     note: bool = False  # a statement about state rather than a message on the wire
+    highlight: str | None = None  # AUTHENTICATED, IDENTITY or None
+
+
+def highlight(ev: dict[str, Any]) -> str | None:
+    """Which decision an event records, if any: an SMB session or an RPC bind's NTLM
+    AUTHENTICATE that logged someone on, or the identity an RPC connection then acts on."""
+    k = ev["kind"]
+    if k == "rpc.identity":
+        return IDENTITY
+    if k == "smb.session_setup" and ev.get("result") == "ok" and ev.get("user"):
+        return AUTHENTICATED
+    if k == "ntlm.authenticate" and ev.get("leg") not in (None, "session_setup") \
+            and ev.get("result", "ok") == "ok" and ev.get("user"):
+        return AUTHENTICATED
+    return None
 
 
 def _who(user: Any, domain: Any) -> str:
@@ -37,7 +60,8 @@ def label(ev: dict[str, Any]) -> str:
     if k == "smb.session_setup":
         mech = ev.get("mechanism") or "?"
         ver = f" NTLM{ev['ntlm_version']}" if ev.get("ntlm_version") else ""
-        who = _who(ev.get("user"), ev.get("domain")) if mech != "kerberos" else "(Kerberos ticket)"
+        who = "(Kerberos ticket)" if "kerberos" in mech else (
+            "anonymous" if ev.get("anonymous") else _who(ev.get("user"), ev.get("domain")))
         return f"SMB session setup{ver} as {who}: {ev.get('result')}"
     if k == "smb.tree_connect":
         return f"SMB tree connect {ev.get('path')}: {ev.get('result')}"
@@ -63,14 +87,24 @@ def label(ev: dict[str, Any]) -> str:
         ver = f"NTLM{ev['ntlm_version']} " if ev.get("ntlm_version") else "NTLM "
         return f"{ver}AUTHENTICATE as {_who(ev.get('user'), ev.get('domain'))} (in {ev.get('leg')})"
     if k == "rpc.identity":
-        src = ev.get("source")
+        src, mech = ev.get("source"), ev.get("mechanism") or "none"
         if src == "smb_session":
-            return f"identity: {_who(ev.get('user'), ev.get('domain'))} from the SMB session"
+            who = _who(ev.get("user"), ev.get("domain"))
+            if ev.get("user") is None:
+                sm = ev.get("session_mechanism") or ""
+                who = "anonymous" if sm == "anonymous" else (
+                    "the Kerberos ticket's principal" if "kerberos" in sm else who)
+            return f"identity: {who} from the SMB session"
         if src == "anonymous":
-            return "identity: anonymous (no RPC authentication)"
-        if src == "kerberos":
-            return f"identity: Kerberos ({ev.get('auth_level')}), not parsed"
-        return f"identity: {_who(ev.get('user'), ev.get('domain'))} via {src} ({ev.get('auth_level')})"
+            return "identity: anonymous" + (" (no RPC authentication)" if mech == "none" else f" ({mech})")
+        if src == "none":
+            return f"identity: nobody ({mech} logon {ev.get('result') or 'not completed'})"
+        if ev.get("user") is None and "kerberos" in mech:
+            return f"identity: the Kerberos ticket's principal via {mech} ({ev.get('auth_level')}), not parsed"
+        return f"identity: {_who(ev.get('user'), ev.get('domain'))} via {mech} ({ev.get('auth_level')})"
+    if k in ("schannel.negotiate", "schannel.challenge"):
+        who = f" for {_who(ev.get('user'), ev.get('domain'))}" if ev.get("user") else ""
+        return f"schannel NL_AUTH_MESSAGE{who} (in {ev.get('leg')})"
     if k == "emsmdb.connect_request":
         dn = ev.get("user_dn") or ("(sealed)" if ev.get("sealed") else "?")
         return f"{ev.get('call')}({dn})"
@@ -98,8 +132,8 @@ def steps(conn: Connection) -> list[Step]:
     for ev in conn.events:
         if ev["kind"] not in LADDER_KINDS:
             continue
-        note = ev["kind"] in ("rpc.identity", "ntlm.session_keys", "rpc.verify")
-        out.append(Step(ev["frame"], ev.get("dir") == "c2s", label(ev), note))
+        note = ev["kind"] in NOTE_KINDS
+        out.append(Step(ev["frame"], ev.get("dir") == "c2s", label(ev), note, highlight(ev)))
     return out
 
 
@@ -109,15 +143,21 @@ def how(conn: Connection) -> str:
         if conn.smb_session_frame:
             return f"inherited from the SMB session set up in frame {conn.smb_session_frame}"
         return "inherited from an SMB session set up before the capture started"
-    if src in ("rpc_ntlm", "rpc_spnego"):
+    if src == "rpc_auth":
         ntlm = f"NTLM{conn.ntlm_version}" if conn.ntlm_version else "NTLM"
-        mech = ntlm if src == "rpc_ntlm" else f"SPNEGO ({ntlm})"
+        mech = {"ntlm": ntlm, "spnego-ntlm": f"SPNEGO ({ntlm})", "kerberos": "Kerberos",
+                "spnego-kerberos": "SPNEGO (Kerberos)", "schannel": "the Netlogon secure channel"
+                }.get(conn.mechanism, conn.mechanism)
+        ticket = " (ticket not parsed)" if "kerberos" in conn.mechanism else ""
         return (f"authenticated in the RPC bind with {mech} at level {conn.auth_level}"
-                f" in frame {conn.identity_frame}")
-    if src == "kerberos":
-        return f"authenticated in the RPC bind with Kerberos at level {conn.auth_level} (ticket not parsed)"
+                f" in frame {conn.identity_frame}{ticket}")
     if src == "anonymous":
+        if conn.mechanism != "none":
+            return f"with an anonymous {conn.mechanism} logon in the RPC bind"
         return "with no authentication at any layer"
+    if conn.mechanism != "none":
+        offered = f" offered by {_who(conn.offered_user, conn.offered_domain)}" if conn.offered_user else ""
+        return f"after a {conn.mechanism} logon{offered} in the RPC bind that the server did not accept"
     return "with an identity the capture does not show (the connection started before the capture)"
 
 
@@ -126,11 +166,12 @@ def verdicts(conn: Connection) -> list[str]:
     for call in conn.emsmdb:
         dn = call.user_dn or ("a sealed DN" if call.sealed else "an unread DN")
         if call.fault:
+            rpc_logon = conn.mechanism != "none"
             refused = "the RPC layer refused the call" + (
-                " (the NTLM logon in the bind failed)" if call.status == "0x00000005"
-                and conn.identity_source.startswith("rpc") else "")
-            claimed = (f"; the bind offered credentials of {conn.acting} in frame {conn.identity_frame}"
-                       if conn.identity_source.startswith("rpc") else "")
+                " (the logon in the bind failed)" if call.status == "0x00000005" and rpc_logon else "")
+            offered = _who(conn.offered_user, conn.offered_domain) if conn.offered_user else conn.acting
+            claimed = (f"; the bind offered credentials of {offered} in frame {conn.identity_frame}"
+                       if rpc_logon else "")
             out.append(f"{call.call} for {dn} never ran: {refused} -> fault {call.status_name} "
                        f"({call.status}){claimed}")
             continue
@@ -153,3 +194,15 @@ def verdicts(conn: Connection) -> list[str]:
     if conn.partial:
         out.append("(part of this connection is missing from the capture)")
     return out
+
+
+def session_line(s: SmbSession) -> str:
+    """One SMB session setup, for the text view."""
+    who = "anonymous" if s.anonymous else (
+        "a Kerberos ticket's principal" if s.user is None and "kerberos" in s.mechanism
+        else _who(s.user, s.domain))
+    outcome = "established" if s.established else f"refused ({s.status})"
+    line = f"SMB {s.dialect or ''} session setup ({s.mechanism}) as {who}: {outcome}, frame {s.frame}"
+    if s.encrypted_messages:
+        line += f"; then {s.encrypted_messages} encrypted message(s), not readable"
+    return line

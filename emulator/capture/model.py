@@ -36,6 +36,7 @@ MAX_EVENTS = 4096
 AUTH_EVENT_KINDS = frozenset({
     "smb.negotiate", "smb.session_setup", "smb.tree_connect", "smb.pipe_open",
     "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "ntlm.session_keys", "kerberos.token",
+    "schannel.negotiate", "schannel.challenge",
     "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
     "rpc.identity", "emsmdb.connect_request", "emsmdb.connect"})
 
@@ -85,14 +86,23 @@ class Connection:
     transport: str  # ncacn_np | ncacn_ip_tcp
     client: str
     server: str
+    # The live rpc.identity vocabulary: smb_session | rpc_auth | anonymous; "none" when the
+    # server acted on nobody the capture shows (a failed or unfinished logon, or a connection
+    # whose bind came before the capture started).
     identity_source: str = "none"
     user: str | None = None
     domain: str | None = None
     auth_level: str = "none"
     auth_type: str = "none"
+    # ntlm | spnego-ntlm | kerberos | spnego-kerberos | schannel | none (auth/results.py)
+    mechanism: str = "none"
+    # Who the RPC-layer token named, whether or not the server accepted it.
+    offered_user: str | None = None
+    offered_domain: str | None = None
     smb_user: str | None = None
     smb_domain: str | None = None
     smb_session_frame: int | None = None
+    smb_mechanism: str | None = None  # how the SMB session was set up; "anonymous" for a null session
     ntlm_version: str | None = None
     identity_frame: int | None = None
     pipes: list[str] = field(default_factory=list)
@@ -110,7 +120,13 @@ class Connection:
     def acting(self) -> str:
         """DOMAIN\\user the server acted on, as far as the capture shows."""
         if self.user is None:
-            return "anonymous" if self.identity_source == "anonymous" else "an unknown user"
+            if self.identity_source == "anonymous" or (
+                    self.identity_source == "smb_session" and self.smb_mechanism == "anonymous"):
+                return "anonymous"
+            how = self.smb_mechanism if self.identity_source == "smb_session" else self.mechanism
+            if self.identity_source != "none" and "kerberos" in (how or ""):
+                return "the Kerberos ticket's principal (not parsed)"
+            return "an unknown user"
         return f"{self.domain}\\{self.user}" if self.domain else self.user
 
     def to_json(self) -> dict[str, Any]:
@@ -119,11 +135,15 @@ class Connection:
         d: dict[str, Any] = {
             "stream": self.stream, "transport": self.transport, "client": self.client,
             "server": self.server, "identity_source": self.identity_source, "user": self.user,
-            "domain": self.domain, "auth_level": self.auth_level, "auth_type": self.auth_type}
+            "domain": self.domain, "auth_level": self.auth_level, "auth_type": self.auth_type,
+            "mechanism": self.mechanism}
+        if self.offered_user is not None:
+            d["offered_user"], d["offered_domain"] = self.offered_user, self.offered_domain
         # smb_user only when there is an SMB session, as DESIGN.md section 5 says.
         if self.transport == "ncacn_np":
             d["smb_user"], d["smb_domain"] = self.smb_user, self.smb_domain
             d["smb_session_frame"] = self.smb_session_frame
+            d["smb_mechanism"] = self.smb_mechanism
         d["ntlm_version"], d["identity_frame"] = self.ntlm_version, self.identity_frame
         d["pipes"] = list(self.pipes)
         d["binds"] = [dict(b.__dict__) for b in self.binds]
@@ -134,3 +154,25 @@ class Connection:
         if self.events_dropped:
             d["events_dropped"] = self.events_dropped
         return d
+
+
+@dataclass
+class SmbSession:
+    """One SMB session setup exchange on a TCP stream, whether or not it opened a pipe."""
+    stream: int
+    client: str
+    server: str
+    session_id: int
+    dialect: str | None
+    mechanism: str  # ntlm | spnego-ntlm | kerberos | spnego-kerberos | plain | unknown
+    user: str | None
+    domain: str | None
+    anonymous: bool
+    status: str  # the final NT status, hex
+    established: bool
+    frame: int
+    ntlm_version: str | None = None
+    encrypted_messages: int = 0  # SMB3 TRANSFORM messages of this session (not readable)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)

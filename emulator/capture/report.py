@@ -22,7 +22,7 @@ from html import escape
 from typing import Any, Iterable
 
 from .html import connection_section, page
-from .pcapread import CaptureError
+from .fileformat import CaptureError
 from .streams import analyse
 
 REPORT_NAME = "report.html"

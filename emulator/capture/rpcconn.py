@@ -1,9 +1,11 @@
 """One RPC connection seen in a capture: binds, the security context, and EMSMDB calls.
 
-The identity rule is the one in DESIGN.md section 2 and MS-RPCE 3.3.3.4: an authenticated bind
-(or alter_context/auth3 leg) replaces the transport's identity; a bind without authentication
-keeps it. On a named pipe the transport identity is the SMB session's user; on TCP it is
-nobody.
+Everything is read with the live server's decoders: `rpc.pdu` frames and decodes the PDUs,
+`interfaces.emsmdb_wire` reads EcDoConnect's user DN, and the tokens go through the NTLM,
+SPNEGO and schannel readers of `authtokens`. Whose identity the connection acts on is decided by
+the live `SecurityContext` (auth/context.py), driven in observer mode (observer.py): a bind
+without authentication keeps the transport's identity (the SMB session's user on a pipe,
+anonymous on TCP), an authenticated one replaces it, a failed one yields nobody.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ..auth.context import State
 from ..directory import status_hex, status_name
+from ..identity import ANONYMOUS, RPC_AUTH, SMB_SESSION, Identity
 from ..sansio import ProtocolError
 from ..rpc import pdu as w
 from ..rpc.verifier import VerifyError
-from .authtokens import inspect_token
+from .authtokens import (AUTH_TYPE_KERBEROS, AUTH_TYPE_NTLM, AUTH_TYPE_SCHANNEL, AUTH_TYPE_SPNEGO,
+                         TokenInfo, inspect_token)
+from .observer import NO_MECHANISM, ObservedContext, mechanism_name
 from .unseal import Keyring, Unsealer, derive
 from .model import (AUTH_LEVEL_NAMES, AUTH_TYPE_NAMES, EMSMDB_CALLS, EMSMDB_UUID,
                     INTERFACE_NAMES, BindInfo, Connection, EmsmdbCall, add_event)
@@ -26,11 +32,13 @@ from .model import (AUTH_LEVEL_NAMES, AUTH_TYPE_NAMES, EMSMDB_CALLS, EMSMDB_UUID
 MAX_STUB = 64 * 1024
 MAX_OPEN_CALLS = 256
 
-
 # C706 / MS-RPCE fault statuses a refused EMSMDB call comes back with.
 FAULT_NAMES = {0x5: "nca_s_fault_access_denied", 0x721: "nca_s_fault_sec_pkg_error",
                0x1C010002: "nca_s_op_rng_error", 0x1C010003: "nca_s_unk_if",
                0x1C00001A: "nca_s_fault_context_mismatch", 0x6F7: "rpc_x_bad_stub_data"}
+# Faults that mean the security context was refused (MS-RPCE 3.3.3.4.1: a failed AUTH3 is
+# reported on the first call).
+AUTH_REFUSED_FAULTS = frozenset({0x5, 0x721})
 
 
 @dataclass
@@ -39,72 +47,29 @@ class SmbSessionInfo:
     domain: str | None
     frame: int | None
     events: list[dict[str, Any]]
+    mechanism: str = NO_MECHANISM
+    established: bool = True
 
 
 def read_user_dn(stub: bytes, endian: str = "<") -> str | None:
-    """szUserDN of EcDoConnect/EcDoConnectEx (MS-OXCRPC 3.1.4.1/3.1.4.11): the first [in]
-    parameter, an NDR conformant varying string of 8-bit characters (C706 14.3.4.2).
-
-    The string is read straight from the front of the stub; when that is not printable ASCII
-    the interface's own request structure is tried, and then the string behind a unique-pointer
-    referent (clients of other eras append different trailing parameters)."""
-    dn = _read_ndr_string(stub, 0, endian)
-    if dn is not None:
-        return dn
-    if endian == "<":
-        from ..interfaces.emsmdb import EcDoConnect  # impacket's NDR: slow to import and to run
-        try:
-            req = EcDoConnect(data=stub)
-            dn = req["szUserDN"]
-            dn = dn.decode("latin-1") if isinstance(dn, bytes) else str(dn)
-            dn = dn.rstrip("\x00")
-            if dn and dn.isprintable():
-                return dn
-        except Exception:  # impacket's NDR raises assorted errors on foreign stubs
-            pass
-    return _read_ndr_string(stub, 4, endian)
-
-
-def _read_ndr_string(stub: bytes, pos: int, endian: str) -> str | None:
-    """A conformant varying string of printable ASCII at `pos` (at 4: behind a unique-pointer
-    referent), or None."""
-    if len(stub) < pos + 12:
-        return None
-    max_count, offset, actual = struct.unpack(endian + "III", stub[pos:pos + 12])
-    if offset == 0 and 0 < actual <= max_count <= 4096 and pos + 12 + actual <= len(stub):
-        text = stub[pos + 12:pos + 12 + actual].rstrip(b"\x00")
-        if all(32 <= c < 127 for c in text):
-            return text.decode("ascii")
-    return None
+    """szUserDN of EcDoConnect/EcDoConnectEx (MS-OXCRPC 3.1.4.1/3.1.4.11), as emsmdb_wire
+    reads it from a captured request."""
+    # Imported here: the interfaces package pulls in impacket's NDR, which a capture without
+    # EMSMDB never needs and which costs a noticeable part of a short run.
+    from ..interfaces.emsmdb_wire import observed_user_dn
+    return observed_user_dn(stub, endian == "<")
 
 
 _LE_AUTH_CALL, _BE_AUTH_CALL = struct.Struct("<HI"), struct.Struct(">HI")
 _LE_CTX_OP, _BE_CTX_OP = struct.Struct("<HH"), struct.Struct(">HH")
 RESPONSE = w.RESPONSE
+# Client PDU types: a request, a bind, an alter_context, an auth3, a co_cancel, an orphaned.
+CLIENT_PTYPES = frozenset({w.REQUEST, w.BIND, w.ALTER_CONTEXT, w.AUTH3, w.CO_CANCEL, w.ORPHANED})
 
 
-def _cut(data: bytes | bytearray) -> tuple[Any, int | None]:
-    """Cut complete fragments by frag_length (C706 12.6.3.1): ([(start, end)], where the
-    incomplete rest begins), or (reason, None) when the bytes are not DCE/RPC framing."""
-    frags = []
-    pos, n = 0, len(data)
-    while n - pos >= 2:
-        if data[pos] != 5 or data[pos + 1] > 1:
-            return f"rpc version {data[pos]}.{data[pos + 1]} is not 5.0/5.1", None
-        if n - pos < 10:
-            break
-        frag_length = data[pos + 8] | data[pos + 9] << 8 if data[pos + 4] & 0x10 else \
-            data[pos + 8] << 8 | data[pos + 9]
-        if frag_length < w.HEADER_SIZE:
-            return f"frag_length {frag_length} is smaller than the header", None
-        if n - pos < frag_length:
-            break
-        frags.append((pos, pos + frag_length))
-        pos += frag_length
-    return frags, pos
-
-
-class RpcConnection:
+class ObservedRpcConnection:
+    """One RPC connection as a capture shows it: the live engine (rpc/connection.py) answers
+    a client; this one only watches both sides and records what the engine would have said."""
     def __init__(self, conn: Connection, smb: SmbSessionInfo | None = None,
                  keyring: Keyring | None = None) -> None:
         self.conn = conn
@@ -113,17 +78,24 @@ class RpcConnection:
         self._finished = self._released = False
         self._server_challenge: bytes | None = None
         self._unsealer: Unsealer | None = None
-        self._buffers = {True: bytearray(), False: bytearray()}
+        self._frames = {True: w.FrameBuffer(), False: w.FrameBuffer()}
         self._contexts: dict[int, str] = {}
         self._calls: dict[int, dict[str, Any]] = {}
         self._pending_binds: dict[int, list[BindInfo]] = {}
         self.rpc_seen = False
         self.malformed = 0  # malformed events so far (the walker resynchronises on them)
-        self._identity_auth: tuple[str, str] | None = None  # (auth_type name, level name)
-        self._authenticated = False
-        self._kerberos: tuple[int, str, str] | None = None
         if smb is not None:
+            transport = Identity(user=smb.user, domain=smb.domain or "", source=SMB_SESSION,
+                                 auth_layer="smb_session_setup")
             conn.smb_user, conn.smb_domain, conn.smb_session_frame = smb.user, smb.domain, smb.frame
+            conn.smb_mechanism = smb.mechanism
+        else:
+            transport = ANONYMOUS
+        self._security = ObservedContext(transport, RPC_AUTH)
+        self._auth: tuple[int, int] | None = None  # (auth_type, auth_level) of the context
+        self._answered = False  # a response came back since the context began
+        self._kerberos_seen = False
+        self._offered: TokenInfo | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -135,52 +107,51 @@ class RpcConnection:
     def feed(self, from_client: bool, data: bytes, frame: int) -> None:
         if self._released:
             return
-        buf = self._buffers[from_client]
-        if buf:
-            buf += data
-            data = buf
-        frags, rest = _cut(data)
-        if rest is None:
-            # Not DCE/RPC framing (C706 12.6.3.1): drop this direction's bytes and start afresh.
-            self._buffers[from_client] = bytearray()
-            if self.rpc_seen:
+        frames = self._frames[from_client]
+        frames.append(data)
+        while True:
+            try:
+                fragment = frames.pop()
+            except ProtocolError as exc:
+                # Not DCE/RPC framing (C706 12.6.3.1): drop this direction's bytes and start afresh.
+                self._frames[from_client] = w.FrameBuffer()
                 self.event(frame, "malformed", "c2s" if from_client else "s2c", layer="dcerpc",
-                           reason=frags)
-            return
-        self._buffers[from_client] = bytearray(data[rest:]) if rest < len(data) else bytearray()
-        for start, end in frags:
-            if self._skip(data, start, end, frame):
+                           reason=exc.reason)
+                return
+            if fragment is None:
+                return
+            if self._skip(fragment, frame):
                 continue
             try:
-                self._pdu(w.decode(bytes(data[start:end])), frame)
+                self._pdu(w.decode(fragment), frame)
             except ProtocolError as exc:
                 self.event(frame, "malformed", "c2s" if from_client else "s2c", layer="dcerpc",
                            reason=exc.reason)
 
-    def _skip(self, data: bytes | bytearray, start: int, end: int, frame: int) -> bool:
+    def _skip(self, data: bytes, frame: int) -> bool:
         """Pass over a request or response that cannot matter without decoding it.
 
         Only EcDoConnect/EcDoConnectEx requests (and the responses to them) are read; every
         other call's stub is skipped by length. With keys to verify signatures every PDU must
         go through the verifier in order, so nothing is skipped then. A fragment whose header
         or sec_trailer does not hold together is left to the full decoder, which reports it."""
-        ptype = data[start + 2]
+        ptype = data[2]
         if ptype > RESPONSE or ptype == 1 or self._unsealer is not None:
             return False
-        e = "<" if data[start + 4] & 0x10 else ">"
-        flags = data[start + 3]
-        auth_length, call_id = (_LE_AUTH_CALL if e == "<" else _BE_AUTH_CALL).unpack_from(data, start + 10)
-        length = end - start
+        e = "<" if data[4] & 0x10 else ">"
+        flags = data[3]
+        auth_length, call_id = (_LE_AUTH_CALL if e == "<" else _BE_AUTH_CALL).unpack_from(data, 10)
+        length = len(data)
         body_start = 40 if ptype == w.REQUEST and flags & w.PFC_OBJECT_UUID else 24
         if body_start > length:
             return False
         if auth_length:
             trailer = length - auth_length - w.SEC_TRAILER_SIZE
-            if trailer < body_start or data[start + trailer + 2] > trailer - body_start:
+            if trailer < body_start or data[trailer + 2] > trailer - body_start:
                 return False
         calls = self._calls
         if ptype == w.REQUEST:
-            ctx, opnum = (_LE_CTX_OP if e == "<" else _BE_CTX_OP).unpack_from(data, start + 20)
+            ctx, opnum = (_LE_CTX_OP if e == "<" else _BE_CTX_OP).unpack_from(data, 20)
             if opnum in (0, 10) and self._contexts.get(ctx) == EMSMDB_UUID:
                 return False
             if call_id in calls:
@@ -188,6 +159,8 @@ class RpcConnection:
                     return False  # a later fragment of a call being read
                 del calls[call_id]  # the call id is reused by a call that does not matter
         else:
+            if not self._answered:
+                self._answer(frame)
             call = calls.get(call_id)
             if call is not None:
                 if "ec" in call:
@@ -202,7 +175,7 @@ class RpcConnection:
     def gap(self, from_client: bool) -> None:
         if self._released:
             return
-        self._buffers[from_client] = bytearray()
+        self._frames[from_client] = w.FrameBuffer()
         self.conn.partial = True
 
     # -- PDUs --------------------------------------------------------------------------------
@@ -220,9 +193,14 @@ class RpcConnection:
         elif isinstance(f, w.Request):
             self._request(f, frame)
         elif isinstance(f, w.Response):
+            if not self._answered:
+                self._answer(frame)
             self._response(f, frame)
         elif isinstance(f, w.Fault):
             self.event(frame, "rpc.fault", "s2c", call_id=f.call_id, status=f"0x{f.status:08x}")
+            if f.status in AUTH_REFUSED_FAULTS and self._auth is not None and not self._answered:
+                # The first call after the handshake was refused: the logon failed.
+                self._settle(frame, ok=False, reason=FAULT_NAMES[f.status])
             call = self._calls.pop(f.call_id, None)
             if call is not None and "ec" in call:
                 # The call never ran: the RPC runtime refused it (after a failed NTLM
@@ -255,39 +233,39 @@ class RpcConnection:
                    auth_type=auth_type, auth_level=auth_level)
         self._pending_binds[f.call_id] = infos
         if f.auth is not None:
-            self._identity_auth = (auth_type, auth_level)
             self._auth_token(f, frame, kind)
-        elif not self._authenticated and kind == "bind":
-            self._inherit(frame)
-
-    def _inherit(self, frame: int) -> None:
-        """A bind without an auth verifier keeps the transport's identity."""
-        c = self.conn
-        if c.transport == "ncacn_np":
-            c.identity_source = "smb_session"
-            c.user = self.smb.user if self.smb else None
-            c.domain = self.smb.domain if self.smb else None
-            self.event(frame, "rpc.identity", "c2s", source="smb_session", user=c.user,
-                       domain=c.domain, session_frame=self.smb.frame if self.smb else None)
-        else:
-            c.identity_source = "anonymous"
-            self.event(frame, "rpc.identity", "c2s", source="anonymous", user=None)
-        c.identity_frame = frame
-        c.auth_level, c.auth_type = "none", "none"
+        elif kind == "bind" and self._auth is None:
+            # A bind without an auth verifier: the context never begins, so the transport's
+            # identity stands (SecurityContext.acting_identity in state NONE).
+            self._record_identity(frame, "c2s")
 
     def _auth_token(self, f: w.Pdu, frame: int, leg: str) -> None:
-        assert f.auth is not None
-        c = self.conn
-        auth_type = AUTH_TYPE_NAMES.get(f.auth.auth_type, str(f.auth.auth_type))
-        level = AUTH_LEVEL_NAMES.get(f.auth.auth_level, str(f.auth.auth_level))
-        info = inspect_token(f.auth.token)
-        d = "c2s" if isinstance(f, (w.Bind, w.Auth3)) else "s2c"
-        if auth_type == "kerberos" or info.mechanism == "kerberos":
-            # Kerberos is named, not parsed. A client may try it and fall back to NTLM in the
-            # same SPNEGO exchange, so the identity is settled in finish().
+        if f.auth is None:
+            return
+        info = inspect_token(f.auth.token, f.auth.auth_type)
+        client = isinstance(f, (w.Bind, w.Auth3))
+        d = "c2s" if client else "s2c"
+        restart = self._security.state in (State.NONE, State.FAILED) or (
+            self._security.state is State.ESTABLISHED and info.message == "negotiate")
+        if client and (self._auth is None or restart):
+            self._auth = (f.auth.auth_type, f.auth.auth_level)
+            self._answered = False
+            self._security.begin(self._mechanism(f.auth.auth_type, info))
+        if info.mechanism == "kerberos" or f.auth.auth_type == AUTH_TYPE_KERBEROS:
+            # Kerberos is named, not parsed: the client principal is inside the ticket. A client
+            # may try it and fall back to NTLM in the same SPNEGO exchange.
+            self._kerberos_seen = True
             self.event(frame, "kerberos.token", d, leg=leg)
-            if self._kerberos is None:
-                self._kerberos = (frame, auth_type, level)
+            if client:
+                self._claim(info, f.auth.auth_type)
+            return
+        if info.mechanism == "schannel":
+            self.event(frame, f"schannel.{info.message or 'token'}", d, leg=leg,
+                       **({"user": info.user, "domain": info.domain} if client else {}))
+            if client:
+                self._claim(info, f.auth.auth_type)
+            elif not isinstance(f, w.BindNak):
+                self._settle(frame, ok=True)  # the server's NL_AUTH_MESSAGE answers the bind
             return
         if info.mechanism != "ntlm" or info.message is None:
             return
@@ -296,16 +274,12 @@ class RpcConnection:
         self.event(frame, f"ntlm.{info.message}", d, leg=leg,
                    **({"user": info.user, "domain": info.domain, "ntlm_version": info.ntlm_version}
                       if info.message == "authenticate" else {}))
-        if info.message == "authenticate":
-            source = "rpc_spnego" if auth_type == "spnego" else "rpc_ntlm"
-            c.identity_source = "anonymous" if info.anonymous else source
-            c.user = None if info.anonymous else info.user
-            c.domain = None if info.anonymous else info.domain
-            c.auth_level, c.auth_type, c.ntlm_version = level, auth_type, info.ntlm_version
-            c.identity_frame = frame
-            self._authenticated = True
-            self.event(frame, "rpc.identity", d, source=c.identity_source, user=c.user,
-                       domain=c.domain, auth_type=auth_type, auth_level=level)
+        if info.message == "authenticate" and client:
+            self._claim(info, f.auth.auth_type)
+            # The server's verdict shows later, if at all: a bind_nak, or an access-denied fault
+            # on the first call (AUTH3 has no answer, MS-RPCE 3.3.1.5.7). Until the capture
+            # shows one, the logon stands, as tshark's reading of a capture takes it.
+            self._settle(frame, ok=True)
             if self._keyring and f.auth.auth_level >= 3:
                 keys = derive(info.raw, self._server_challenge, self._keyring)
                 self.event(frame, "ntlm.session_keys", d, user=info.user, result=keys.reason)
@@ -313,12 +287,80 @@ class RpcConnection:
                     self._unsealer = Unsealer(keys.readers, f.auth.auth_type, f.auth.auth_level,
                                               f.auth.context_id)
 
+    def _mechanism(self, auth_type: int, info: TokenInfo) -> str:
+        if auth_type == AUTH_TYPE_SCHANNEL:
+            return "schannel"
+        if auth_type == AUTH_TYPE_KERBEROS:
+            return "kerberos"
+        if auth_type == AUTH_TYPE_NTLM:
+            return "ntlm"
+        if auth_type == AUTH_TYPE_SPNEGO:
+            return mechanism_name(info, self._kerberos_seen) if info.mechanism != "unknown" else "spnego"
+        return AUTH_TYPE_NAMES.get(auth_type, str(auth_type))
+
+    def _claim(self, info: TokenInfo, auth_type: int) -> None:
+        """The client's token names (or hides) who it is."""
+        mech = self._security.mechanism
+        if mech is None:
+            return
+        if info.mechanism == "ntlm" or mech.claimed is None or mech.claimed.mechanism == "unknown":
+            mech.claim(info)
+            mech.mechanism = self._mechanism(auth_type, info)
+            if info.user is not None:
+                self._offered = info
+
+    def _answer(self, frame: int) -> None:
+        """A response came back: the context under way (or just settled) was accepted."""
+        self._answered = True
+        if self._security.state is State.PENDING:
+            self._settle(frame, ok=True)
+
+    def _settle(self, frame: int, ok: bool, reason: str = "ok") -> None:
+        if ok:
+            self._security.conclude(True)
+        elif self._security.state is State.PENDING:
+            self._security.conclude(False, reason)
+        else:
+            self._security.fail(reason)
+        self._record_identity(frame, "s2c" if not ok else "c2s", reason=None if ok else reason)
+
+    def _record_identity(self, frame: int, direction: str, reason: str | None = None) -> None:
+        c = self.conn
+        acting = self._security.acting()
+        mech = self._security.mechanism
+        c.mechanism = mech.mechanism if mech is not None else NO_MECHANISM
+        if self._auth is not None:
+            c.auth_type = AUTH_TYPE_NAMES.get(self._auth[0], str(self._auth[0]))
+            c.auth_level = AUTH_LEVEL_NAMES.get(self._auth[1], str(self._auth[1]))
+        else:
+            c.auth_type = c.auth_level = "none"
+        claimed = mech.claimed if mech is not None else None
+        c.ntlm_version = claimed.ntlm_version if claimed is not None else None
+        if acting is None:
+            c.identity_source, c.user, c.domain = "none", None, None
+        else:
+            c.identity_source, c.user, c.domain = acting.source, acting.user, acting.domain or None
+        if self._offered is not None:
+            c.offered_user, c.offered_domain = self._offered.user, self._offered.domain
+        c.identity_frame = frame
+        fields: dict[str, Any] = {"source": c.identity_source, "user": c.user, "domain": c.domain,
+                                  "mechanism": c.mechanism, "auth_type": c.auth_type,
+                                  "auth_level": c.auth_level}
+        if c.identity_source == SMB_SESSION and self.smb is not None:
+            fields["session_frame"] = self.smb.frame
+            fields["session_mechanism"] = self.smb.mechanism
+        if reason is not None:
+            fields["result"] = reason
+        self.event(frame, "rpc.identity", direction, **fields)
+
     def _bind_reply(self, f: w.BindAck | w.BindNak, frame: int) -> None:
         infos = self._pending_binds.pop(f.call_id, [])
         if isinstance(f, w.BindNak):
             for info in infos:
                 info.result, info.result_frame = "nak", frame
             self.event(frame, "rpc.bind_nak", "s2c", call_id=f.call_id, reason=f.reject_reason)
+            if self._security.state in (State.PENDING, State.ESTABLISHED) and self._auth is not None:
+                self._settle(frame, ok=False, reason="bind_nak")
             return
         results = [r.result for r in f.results]
         for info, res in zip(infos, results):
@@ -397,7 +439,7 @@ class RpcConnection:
         """The connection has ended: settle it and drop everything but its summary."""
         self.finish()
         self._released = True
-        self._buffers.clear()
+        self._frames.clear()
         self._calls.clear()
         self._pending_binds.clear()
         self._unsealer = None
@@ -407,16 +449,15 @@ class RpcConnection:
         if self._finished:
             return
         self._finished = True
-        c = self.conn
-        if self._kerberos is not None and not self._authenticated:
-            frame, auth_type, level = self._kerberos
-            c.identity_source, c.user, c.domain = "kerberos", None, None
-            c.auth_type, c.auth_level, c.identity_frame = auth_type, level, frame
-            self.event(frame, "rpc.identity", "c2s", source="kerberos", user=None,
-                       auth_type=auth_type, auth_level=level)
-            c.events.sort(key=lambda e: e["frame"])
-        elif self._identity_auth is not None and not self._authenticated:
-            # An authenticated bind whose handshake the capture does not complete: the server
-            # never acted on anyone we can name.
-            c.identity_source = "none"
-            c.auth_type, c.auth_level = self._identity_auth
+        if self._auth is not None and self._security.state is State.PENDING:
+            frame = self.conn.binds[-1].frame if self.conn.binds else self.conn.first_frame
+            mech = self._security.mechanism
+            if mech is not None and mech.claimed is not None and mech.claimed.mechanism != "unknown":
+                # The client proved itself (a ticket, a secure-channel negotiate) and nothing in
+                # the capture says the server refused it.
+                self._settle(frame, ok=True)
+            else:
+                # An authenticated bind whose handshake the capture does not complete: the
+                # server never acted on anyone we can name (a pending context acts for nobody).
+                self._record_identity(frame, "c2s", reason="incomplete")
+            self.conn.events.sort(key=lambda e: e["frame"])

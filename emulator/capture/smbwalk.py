@@ -1,71 +1,93 @@
 """Follow SMB1 (MS-CIFS) and SMB2 (MS-SMB2) on one TCP stream far enough to know who set up
 each session and which named pipes carried DCE/RPC, and feed the pipe bytes into one
-RpcConnection per open pipe.
+ObservedRpcConnection per open pipe.
 
-Only headers and the few commands that matter are read: negotiate, session setup, tree
-connect, create, read, write, ioctl (FSCTL_PIPE_TRANSCEIVE), transaction (TransactNmPipe),
-close. Requests and responses are matched by MID (SMB1) or MessageId (SMB2).
+Messages are read with the live server's decoders (`smb1_wire`, `smb2_wire`), in both
+directions; the session's identity comes from the live `SecurityContext` in observer mode
+(observer.py), given the server's status. Only the commands that matter are read: negotiate,
+session setup, tree connect, create, read, write, ioctl (FSCTL_PIPE_TRANSCEIVE), transaction
+(TransactNmPipe) and close. Requests and responses are matched by MID (SMB1) or MessageId (SMB2).
+Every session setup is reported (`SmbSession`), whether or not it opened a pipe; an SMB3
+session whose later traffic is encrypted is reported from its clear-text setup, with a count of
+the messages that could not be read.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..auth.context import State
+from ..identity import ANONYMOUS, SMB_SESSION
 from ..sansio import ProtocolError
-from .authtokens import inspect_token
-from .model import AUTH_EVENT_KINDS, MAX_EVENTS, Connection
-from .rpcconn import RpcConnection, SmbSessionInfo
+from ..smb import smb1_wire as s1
+from ..smb import smb2_wire as s2
+from .authtokens import TokenInfo, inspect_token
+from .model import AUTH_EVENT_KINDS, MAX_EVENTS, Connection, SmbSession
+from .observer import ObservedContext, mechanism_name
+from .rpcconn import ObservedRpcConnection, SmbSessionInfo
 
 STATUS_SUCCESS = 0
 STATUS_MORE_PROCESSING_REQUIRED = 0xC0000016
 STATUS_BUFFER_OVERFLOW = 0x80000005
 STATUS_PENDING = 0x00000103
-FSCTL_PIPE_TRANSCEIVE = 0x0011C017
 MAX_PENDING = 4096
-SMB1_FLAGS2_UNICODE = 0x8000
-SMB1_REPLY = 0x80
-SMB2_FLAGS_SERVER_TO_REDIR = 0x1
-SMB2_FLAGS_ASYNC = 0x2
+MAX_SESSIONS = 1024
+MAX_SESSION_RECORDS = 4096  # session setups reported per stream; a stream of endless retries is cut
+DATA_STATUSES = (STATUS_SUCCESS, STATUS_BUFFER_OVERFLOW)
 
 SMB2_DIALECTS = {0x0202: "2.0.2", 0x0210: "2.1", 0x0300: "3.0", 0x0302: "3.0.2", 0x0311: "3.1.1",
                  0x02FF: "2.??? (SMB1 negotiate offered SMB2)"}
+# SMB2 commands (MS-SMB2 2.2.1.2).
+NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, CLOSE, READ, WRITE, IOCTL = 0, 1, 3, 5, 6, 8, 9, 11
+# TRANS_TRANSACT_NMPIPE (MS-CIFS 2.2.5.6).
+TRANSACT_NMPIPE = 0x26
 
 
 @dataclass
 class _Session:
-    user: str | None = None
-    domain: str | None = None
+    security: ObservedContext = field(default_factory=lambda: ObservedContext(ANONYMOUS, SMB_SESSION))
+    info: TokenInfo | None = None  # the most telling client token so far
+    kerberos: bool = False
+    spnego: bool = False
     frame: int | None = None
-    ntlm_version: str | None = None
-    mechanism: str | None = None
+    record: SmbSession | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
 
+    def identity(self) -> tuple[str | None, str | None]:
+        acting = self.security.acting()
+        if acting is None:
+            return None, None
+        return acting.user, acting.domain or None
 
-def _utf16z(b: bytes) -> str:
-    out = b.decode("utf-16-le", "replace")
-    return out.split("\x00", 1)[0]
 
-
-def _asciiz(b: bytes) -> str:
-    return b.split(b"\x00", 1)[0].decode("latin-1")
+def _data_buffer(data: bytes) -> bytes:
+    """The bytes of an SMB_COM_READ response or SMB_COM_WRITE request: BufferFormat 0x01, a
+    16-bit length, the bytes (MS-CIFS 2.2.4.11.2, 2.2.4.12.1)."""
+    if len(data) < 3 or data[0] != 0x01:
+        raise ProtocolError(s1.LAYER, "bad_data_buffer")
+    length = int.from_bytes(data[1:3], "little")
+    if 3 + length > len(data):
+        raise ProtocolError(s1.LAYER, "data_buffer_exceeds_bytes")
+    return data[3:3 + length]
 
 
 class SmbWalker:
     """Consumes whole SMB messages (NetBIOS framing already removed) from one TCP stream."""
 
     def __init__(self, stream: int, client: str, server: str,
-                 on_connection: Callable[[RpcConnection], None], keyring: Any = None) -> None:
+                 on_connection: Callable[[ObservedRpcConnection], None], keyring: Any = None) -> None:
         self.stream, self.client, self.server = stream, client, server
         self._keyring = keyring
         self._on_connection = on_connection
         self.common_events: list[dict[str, Any]] = []
         self.dropped = 0
+        self.dialect: str | None = None
         self._sessions: dict[int, _Session] = {}
+        self.sessions: list[SmbSession] = []  # every session setup exchange that ended
         self._trees: dict[int, tuple[str, bool]] = {}  # tid -> (path, is_ipc)
         self._tree_events: dict[int, list[dict[str, Any]]] = {}
-        self._files: dict[Any, RpcConnection] = {}
+        self._files: dict[Any, ObservedRpcConnection] = {}
         self._pending: dict[Any, dict[str, Any]] = {}
         self.partial = False
 
@@ -88,7 +110,17 @@ class SmbWalker:
             self.common_events.append(ev)
 
     def _session(self, key: int) -> _Session:
-        return self._sessions.setdefault(key, _Session())
+        sess = self._sessions.get(key)
+        if sess is None:
+            if len(self._sessions) >= MAX_SESSIONS:
+                self._sessions.pop(next(iter(self._sessions)))
+            sess = self._sessions[key] = _Session()
+        return sess
+
+    def _request(self, key: Any, frame: int) -> dict[str, Any]:
+        if key not in self._pending and len(self._pending) >= MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))  # requests never answered in the capture
+        return self._pending.setdefault(key, {"frame": frame})
 
     def _open_pipe(self, key: Any, name: str, session_key: int, frame: int, tree: str | None,
                    tid: int | None = None) -> None:
@@ -102,46 +134,92 @@ class SmbWalker:
         history += self._tree_events.get(tid, []) if tid is not None else []
         conn.events.extend(sorted(history, key=lambda e: e["frame"]))
         conn.events_dropped = self.dropped
-        info = SmbSessionInfo(sess.user if sess else None, sess.domain if sess else None,
-                              sess.frame if sess else None, [])
-        rpc = RpcConnection(conn, info, keyring=self._keyring)
-        rpc.event(frame, "smb.pipe_open", "s2c", pipe=pipe, tree=tree,
-                  session_user=info.user)
+        user, domain = sess.identity() if sess is not None else (None, None)
+        record = sess.record if sess is not None else None
+        mechanism = "none" if record is None else "anonymous" if record.anonymous else record.mechanism
+        info = SmbSessionInfo(user, domain, sess.frame if sess else None, [], mechanism=mechanism)
+        rpc = ObservedRpcConnection(conn, info, keyring=self._keyring)
+        rpc.event(frame, "smb.pipe_open", "s2c", pipe=pipe, tree=tree, session_user=info.user)
         self._files[key] = rpc
         self._on_connection(rpc)
 
-    def _security_blob(self, frame: int, blob: bytes, session_key: int, is_request: bool,
-                       mid: Any) -> None:
+    def _setup_request(self, frame: int, blob: bytes, key: Any) -> None:
+        """A session setup request's security blob."""
         info = inspect_token(blob)
-        if is_request and info.message == "authenticate":
-            self._pending.setdefault(mid, {})["auth"] = info
-            self._event(frame, "ntlm.authenticate", "c2s", self._session(session_key),
-                        leg="session_setup", user=info.user, domain=info.domain,
-                        ntlm_version=info.ntlm_version)
-        elif is_request and info.mechanism == "kerberos":
-            self._pending.setdefault(mid, {})["auth"] = info
+        req = self._request(key, frame)
+        req["token"] = info
+        if info.message == "authenticate":
+            self._event(frame, "ntlm.authenticate", "c2s", None, leg="session_setup", user=info.user,
+                        domain=info.domain, ntlm_version=info.ntlm_version)
 
-    def _session_result(self, frame: int, status: int, session_key: int, mid: Any,
-                        dialect: str) -> None:
-        req = self._pending.get(mid, {})
-        info = req.get("auth")
-        if info is None and status == STATUS_MORE_PROCESSING_REQUIRED:
-            return
+    def _setup_result(self, frame: int, status: int, session_key: int, key: Any,
+                      null_session: bool = False) -> None:
+        """A session setup response: the server's verdict on the exchange under way."""
+        req = self._pending.get(key, {})
         sess = self._session(session_key)
-        result = "ok" if status == STATUS_SUCCESS else f"0x{status:08x}"
+        info: TokenInfo | None = req.get("token")
+        plain: TokenInfo | None = req.get("plain")
+        if sess.security.state is not State.PENDING:
+            if info is None and plain is None:
+                return  # a response to a request the capture does not hold
+            sess.info, sess.kerberos, sess.spnego, sess.record = None, False, False, None
+            sess.security.begin("unknown")
         if info is not None:
-            if status == STATUS_SUCCESS:
-                sess.user, sess.domain = info.user, info.domain
-                sess.frame, sess.ntlm_version, sess.mechanism = frame, info.ntlm_version, info.mechanism
-            self._event(frame, "smb.session_setup", "s2c", sess, dialect=dialect,
-                        mechanism=info.mechanism, user=info.user, domain=info.domain,
-                        ntlm_version=info.ntlm_version, result=result, request_frame=req.get("frame"))
-        elif req.get("plain_user") is not None:
-            if status == STATUS_SUCCESS:
-                sess.user, sess.domain, sess.frame = req["plain_user"], req.get("plain_domain"), frame
-            self._event(frame, "smb.session_setup", "s2c", sess, dialect=dialect,
-                        mechanism="plain", user=req["plain_user"], domain=req.get("plain_domain"),
-                        result=result, request_frame=req.get("frame"))
+            sess.kerberos = sess.kerberos or info.mechanism == "kerberos"
+            sess.spnego = sess.spnego or info.spnego
+            if info.mechanism in ("ntlm", "kerberos") and (
+                    sess.info is None or info.message == "authenticate" or sess.info.mechanism != "ntlm"):
+                sess.info = info
+        if plain is not None:
+            sess.info = plain
+        mech = sess.security.mechanism
+        if mech is not None and sess.info is not None:
+            mech.claim(sess.info)
+            mech.mechanism = self._mechanism(sess)
+        if status == STATUS_MORE_PROCESSING_REQUIRED:
+            return
+        ok = status == STATUS_SUCCESS
+        sess.security.conclude(ok, "ok" if ok else f"0x{status:08x}")
+        claimed = sess.info
+        anonymous = null_session or (claimed is not None and claimed.anonymous) or (
+            plain is not None and not plain.user)
+        user, domain = sess.identity()
+        if not ok:  # a failed logon grants nothing, but the capture shows whom it tried
+            user = claimed.user if claimed is not None else None
+            domain = claimed.domain if claimed is not None else None
+        mechanism = self._mechanism(sess)
+        sess.frame = frame if ok else sess.frame
+        record = SmbSession(self.stream, self.client, self.server, session_key, self.dialect,
+                            mechanism, None if anonymous else user, domain, anonymous,
+                            f"0x{status:08x}", ok, frame,
+                            claimed.ntlm_version if claimed is not None else None)
+        sess.record = record
+        if len(self.sessions) < MAX_SESSION_RECORDS:
+            self.sessions.append(record)
+        self._event(frame, "smb.session_setup", "s2c", sess, dialect=self.dialect or "SMB",
+                    mechanism=mechanism, user=record.user, domain=domain,
+                    ntlm_version=record.ntlm_version, anonymous=anonymous,
+                    result="ok" if ok else f"0x{status:08x}", request_frame=req.get("frame"))
+
+    @staticmethod
+    def _mechanism(sess: _Session) -> str:
+        info = sess.info
+        if info is not None and info.mechanism == "plain":
+            return "plain"
+        name = mechanism_name(info, sess.kerberos)
+        if sess.spnego and not name.startswith("spnego-") and name in ("ntlm", "kerberos"):
+            name = f"spnego-{name}"
+        return name
+
+    def encrypted(self, msg: bytes, frame: int, from_client: bool) -> None:
+        """An SMB3 TRANSFORM message: counted against its session, not read."""
+        session_id = s2.parse_transform_session(msg)
+        sess = self._sessions.get(session_id)
+        if sess is not None and sess.record is not None:
+            sess.record.encrypted_messages += 1
+        if sess is None or sess.record is None or sess.record.encrypted_messages == 1:
+            self.note({"frame": frame, "kind": "smb.encrypted", "dir": "c2s" if from_client else "s2c",
+                       "session_id": session_id})
 
     def release(self) -> None:
         for rpc in self._files.values():
@@ -154,226 +232,193 @@ class SmbWalker:
         for rpc in self._files.values():
             rpc.conn.partial = True
 
-    # -- SMB1 (MS-CIFS 2.2.3.1 header, 2.2.4 commands) ----------------------------------------
-
-    def smb1(self, msg: bytes, frame: int) -> None:
-        if len(msg) < 33:
-            raise ProtocolError("smb", "SMB1 message shorter than its header")
-        cmd = msg[4]
-        status, flags, flags2 = struct.unpack("<IBH", msg[5:12])
-        tid, pid, uid, mid = struct.unpack("<HHHH", msg[24:32])
-        reply = bool(flags & SMB1_REPLY)
-        unicode = bool(flags2 & SMB1_FLAGS2_UNICODE)
-        key = ("smb1", pid, mid)
-        off = 32
-        seen = 0
-        while cmd != 0xFF and off < len(msg) and seen < 8:
-            seen += 1
-            wc = msg[off]
-            words = msg[off + 1:off + 1 + 2 * wc]
-            bpos = off + 1 + 2 * wc
-            bc = struct.unpack("<H", msg[bpos:bpos + 2])[0] if bpos + 2 <= len(msg) else 0
-            data = msg[bpos + 2:bpos + 2 + bc]
-            self._smb1_command(cmd, reply, status, frame, tid, uid, key, words, data, bpos + 2,
-                               msg, unicode)
-            if cmd not in (0x73, 0x75, 0xA2, 0x2E, 0x2F, 0x74, 0x2D, 0x24) or wc < 2:
-                break
-            cmd, next_off = words[0], struct.unpack("<H", words[2:4])[0]
-            if next_off <= off:
-                break
-            off = next_off
-        if reply and status != STATUS_PENDING:
-            self._pending.pop(key, None)
-
-    def _smb1_command(self, cmd: int, reply: bool, status: int, frame: int, tid: int, uid: int,
-                      key: Any, words: bytes, data: bytes, data_off: int, msg: bytes,
-                      unicode: bool) -> None:
-        d = "s2c" if reply else "c2s"
-        if cmd == 0x72 and reply:
-            self._event(frame, "smb.negotiate", d, dialect="NT LM 0.12" if len(words) >= 34 else "SMB1")
-        elif cmd == 0x73:
-            if not reply:
-                req = self._pending.setdefault(key, {})
-                req["frame"] = frame
-                if len(words) == 24:  # extended security: SecurityBlobLength at word 7
-                    blob_len = struct.unpack("<H", words[14:16])[0]
-                    self._security_blob(frame, data[:blob_len], uid, True, key)
-                elif len(words) == 26:  # MS-CIFS 2.2.4.53.1: account name in clear
-                    oem_len, uni_len = struct.unpack("<HH", words[14:18])
-                    rest = data[oem_len + uni_len:]
-                    if unicode:
-                        if (data_off + oem_len + uni_len) % 2:
-                            rest = rest[1:]
-                        parts = rest.decode("utf-16-le", "replace").split("\x00")
-                    else:
-                        parts = rest.decode("latin-1").split("\x00")
-                    req["plain_user"] = parts[0] if parts else ""
-                    req["plain_domain"] = parts[1] if len(parts) > 1 else ""
-            else:
-                self._session_result(frame, status, uid, key, "NT LM 0.12")
-        elif cmd == 0x75:
-            if not reply:
-                if len(words) >= 8:
-                    pw_len = struct.unpack("<H", words[6:8])[0]
-                    rest = data[pw_len:]
-                    if unicode:
-                        if (data_off + pw_len) % 2:
-                            rest = rest[1:]
-                        path = _utf16z(rest)
-                    else:
-                        path = _asciiz(rest)
-                    self._pending.setdefault(key, {}).update(tree=path, frame=frame)
-            else:
-                path = self._pending.get(key, {}).get("tree")
-                if path is not None:
-                    if status == STATUS_SUCCESS:
-                        self._trees[tid] = (path, path.upper().endswith("IPC$"))
-                        self._tree_events[tid] = [{"frame": frame, "kind": "smb.tree_connect", "dir": d,
-                                                   "path": path, "result": "ok"}]
-        elif cmd == 0xA2:
-            if not reply:
-                if len(words) >= 48:
-                    name_len = struct.unpack("<H", words[5:7])[0]
-                    if unicode:
-                        raw = data[1:] if data_off % 2 else data
-                        name = _utf16z(raw[:name_len + 2])
-                    else:
-                        name = _asciiz(data[:name_len + 1])
-                    self._pending.setdefault(key, {}).update(create=name, tid=tid, frame=frame)
-            else:
-                req = self._pending.get(key, {})
-                tree = self._trees.get(req.get("tid", tid))
-                if "create" in req and status == STATUS_SUCCESS and len(words) >= 7 and \
-                        (tree is None or tree[1]):
-                    fid = struct.unpack("<H", words[5:7])[0]
-                    self._open_pipe(("smb1", fid), req["create"], uid, frame,
-                                    tree[0] if tree else None, req.get("tid", tid))
-        elif cmd == 0x2F and not reply:
-            if len(words) >= 24:
-                fid, = struct.unpack("<H", words[4:6])
-                mode, = struct.unpack("<H", words[14:16])
-                length, offset = struct.unpack("<HH", words[20:24])
-                high = struct.unpack("<H", words[18:20])[0]
-                payload = msg[offset:offset + length + (high << 16)]
-                if mode & 0x000C == 0x000C:  # raw message-mode write starts with its length
-                    payload = payload[2:]
-                self._pipe_data(("smb1", fid), True, payload, frame)
-        elif cmd == 0x2E:
-            if not reply:
-                if len(words) >= 6:
-                    self._pending.setdefault(key, {})["read_fid"] = struct.unpack("<H", words[4:6])[0]
-            elif status in (STATUS_SUCCESS, STATUS_BUFFER_OVERFLOW) and len(words) >= 14:
-                fid = self._pending.get(key, {}).get("read_fid")
-                length, offset = struct.unpack("<HH", words[10:14])
-                if fid is not None:
-                    self._pipe_data(("smb1", fid), False, msg[offset:offset + length], frame)
-        elif cmd == 0x25:
-            if not reply:
-                if len(words) >= 32:
-                    count, offset = struct.unpack("<HH", words[22:26])
-                    setup_count = words[26]
-                    setup = words[28:28 + 2 * setup_count]
-                    if setup_count >= 2 and struct.unpack("<H", setup[:2])[0] == 0x26:
-                        fid = struct.unpack("<H", setup[2:4])[0]
-                        self._pending.setdefault(key, {})["trans_fid"] = fid
-                        self._pipe_data(("smb1", fid), True, msg[offset:offset + count], frame)
-            elif status in (STATUS_SUCCESS, STATUS_BUFFER_OVERFLOW) and len(words) >= 16:
-                fid = self._pending.get(key, {}).get("trans_fid")
-                count, offset = struct.unpack("<HH", words[12:16])
-                if fid is not None:
-                    self._pipe_data(("smb1", fid), False, msg[offset:offset + count], frame)
-        elif cmd == 0x04 and not reply and len(words) >= 2:
-            self._files.pop(("smb1", struct.unpack("<H", words[:2])[0]), None)
-
     def _pipe_data(self, key: Any, from_client: bool, data: bytes, frame: int) -> None:
         rpc = self._files.get(key)
         if rpc is not None and data:
             rpc.feed(from_client, data, frame)
 
+    # -- SMB1 (MS-CIFS 2.2.3.1 header, 2.2.4 commands) ----------------------------------------
+
+    def smb1(self, msg: bytes, frame: int) -> None:
+        h = s1.parse_observed_header(msg)
+        reply = bool(h.flags & s1.FLAGS_REPLY)
+        key = ("smb1", h.pid, h.mid)
+        try:
+            for block in s1.parse_chain(msg, h.command):
+                self._smb1_command(block, h, reply, frame, key, msg)
+        finally:
+            if reply and h.status != STATUS_PENDING:
+                self._pending.pop(key, None)
+
+    def _smb1_command(self, b: s1.Block, h: s1.Header, reply: bool, frame: int, key: Any,
+                      msg: bytes) -> None:
+        cmd, status, unicode = b.command, h.status, h.unicode
+        end = b.data_offset + len(b.data)
+        if cmd == s1.COM_NEGOTIATE and reply:
+            self.dialect = s1.DIALECT if b.word_count >= 17 else "SMB1"
+            self._event(frame, "smb.negotiate", "s2c", dialect=self.dialect)
+        elif cmd == s1.COM_SESSION_SETUP_ANDX:
+            if reply:
+                self._setup_result(frame, status, h.uid, key)
+            elif b.word_count == 12:  # extended security (MS-SMB 2.2.4.6.1)
+                blob_len = s1.unpack_words("<BBHHHHIHII", b)[7]
+                self._setup_request(frame, b.data[:blob_len], key)
+            elif b.word_count in (10, 13):  # the account name in clear (MS-CIFS 2.2.4.53.1)
+                self._plain_setup(b, h, frame, key, msg, end)
+        elif cmd == s1.COM_TREE_CONNECT_ANDX:
+            if not reply:
+                password_len = s1.unpack_words("<BBHHH", b)[4]
+                path, _ = s1.read_string(msg, b.data_offset + password_len, end, unicode)
+                self._request(key, frame).update(tree=path)
+            elif status == STATUS_SUCCESS:
+                path = self._pending.get(key, {}).get("tree")
+                if path is not None:
+                    self._tree_connected(h.tid, path, path.upper().endswith("IPC$"), frame)
+        elif cmd == s1.COM_NT_CREATE_ANDX:
+            if not reply:
+                name_len = s1.unpack_words("<BBHBH", b)[4]
+                start = b.data_offset
+                name, _ = s1.read_string(msg, start, end, unicode,
+                                         name_len if name_len <= end - start else None)
+                self._request(key, frame).update(create=name, tid=h.tid)
+            elif status == STATUS_SUCCESS and b.word_count >= 3:
+                req = self._pending.get(key, {})
+                fid = s1.unpack_words("<BBHBH", b)[4]
+                self._created(("smb1", fid), req, h.uid, frame, h.tid)
+        elif cmd == s1.COM_WRITE_ANDX and not reply:
+            (_c, _r, _o, fid, _off, _timeout, mode, _remaining, high, length,
+             offset) = s1.unpack_words("<BBHHIIHHHHH", b)
+            payload = s1.bytes_at(msg, offset, length | (high << 16), "write_data")
+            if mode & 0x000C == 0x000C:  # a raw message-mode write starts with its length
+                payload = payload[2:]
+            self._pipe_data(("smb1", fid), True, payload, frame)
+        elif cmd == s1.COM_READ_ANDX:
+            if not reply:
+                self._request(key, frame)["fid"] = s1.unpack_words("<BBHH", b)[3]
+            elif status in DATA_STATUSES and b.word_count >= 12:
+                fid = self._pending.get(key, {}).get("fid")
+                length, offset = s1.unpack_words("<BBHHHHHH", b)[6:8]
+                if fid is not None:
+                    self._pipe_data(("smb1", fid), False, s1.bytes_at(msg, offset, length, "read_data"), frame)
+        elif cmd == s1.COM_TRANSACTION:
+            if not reply:
+                values = s1.unpack_words("<HHHHBBHIHHHHHBB", b)
+                count, offset, setup_count = values[11], values[12], values[13]
+                setup = b.words[28:28 + 2 * setup_count]
+                if setup_count >= 2 and int.from_bytes(setup[:2], "little") == TRANSACT_NMPIPE:
+                    fid = int.from_bytes(setup[2:4], "little")
+                    self._request(key, frame)["fid"] = fid
+                    self._pipe_data(("smb1", fid), True, s1.bytes_at(msg, offset, count, "trans_data"), frame)
+            elif status in DATA_STATUSES and b.word_count >= 10:
+                fid = self._pending.get(key, {}).get("fid")
+                count, offset = s1.unpack_words("<HHHHHHHHHBB", b)[6:8]
+                if fid is not None:
+                    self._pipe_data(("smb1", fid), False, s1.bytes_at(msg, offset, count, "trans_data"), frame)
+        elif cmd == s1.COM_WRITE and not reply:
+            fid = s1.unpack_words("<HHIH", b)[0]
+            self._pipe_data(("smb1", fid), True, _data_buffer(b.data), frame)
+        elif cmd == s1.COM_READ:
+            if not reply:
+                self._request(key, frame)["fid"] = s1.unpack_words("<HHIH", b)[0]
+            elif status in DATA_STATUSES:
+                fid = self._pending.get(key, {}).get("fid")
+                if fid is not None:
+                    self._pipe_data(("smb1", fid), False, _data_buffer(b.data), frame)
+        elif cmd == s1.COM_CLOSE and not reply and b.word_count >= 1:
+            self._files.pop(("smb1", s1.unpack_words("<H", b)[0]), None)
+
+    def _plain_setup(self, b: s1.Block, h: s1.Header, frame: int, key: Any, msg: bytes,
+                     end: int) -> None:
+        if b.word_count == 13:  # NT LM 0.12: OEM and Unicode passwords, then the account
+            oem_len, uni_len = s1.unpack_words("<BBHHHHIHHII", b)[7:9]
+            skip, unicode = oem_len + uni_len, h.unicode
+        else:  # LANMAN: one password, OEM strings
+            skip, unicode = s1.unpack_words("<BBHHHHIH", b)[7], False
+        account, after = s1.read_string(msg, b.data_offset + skip, end, unicode)
+        domain, _ = s1.read_string(msg, after, end, unicode) if after < end else ("", end)
+        req = self._request(key, frame)
+        req["plain"] = TokenInfo("plain", "authenticate", account, domain, anonymous=not account)
+
+    def _tree_connected(self, tid: int, path: str, is_ipc: bool, frame: int) -> None:
+        self._trees[tid] = (path, is_ipc)
+        self._tree_events[tid] = [{"frame": frame, "kind": "smb.tree_connect", "dir": "s2c",
+                                   "path": path, "result": "ok"}]
+
+    def _created(self, file_key: Any, req: dict[str, Any], session_key: int, frame: int,
+                 tid: int | None) -> None:
+        if "create" not in req:
+            return
+        tid = req.get("tid", tid)
+        tree = self._trees.get(tid) if tid is not None else None
+        if tree is None or tree[1]:
+            self._open_pipe(file_key, req["create"], session_key, frame,
+                            tree[0] if tree else None, tid)
+
     # -- SMB2 (MS-SMB2 2.2.1 header, 2.2.3 onwards) ------------------------------------------
 
     def smb2(self, msg: bytes, frame: int) -> None:
-        pos, last_file = 0, None
-        for _ in range(32):  # a compound chain (MS-SMB2 3.2.4.1.4)
-            hdr = msg[pos:]
-            if len(hdr) < 64 or hdr[:4] != b"\xfeSMB":
-                raise ProtocolError("smb2", "SMB2 message shorter than its header")
-            last_file = self._smb2_one(hdr, frame, last_file)
-            nxt = struct.unpack("<I", hdr[20:24])[0]
-            if not nxt:
-                return
-            pos += nxt
+        last_file = None
+        for element in s2.split_compound(msg):  # a compound chain (MS-SMB2 3.2.4.1.4)
+            last_file = self._smb2_one(element, frame, last_file)
 
     def _smb2_one(self, m: bytes, frame: int, last_file: bytes | None) -> bytes | None:
-        status, cmd = struct.unpack("<IH", m[8:14])
-        flags, _next, mid = struct.unpack("<IIQ", m[16:32])
-        reply = bool(flags & SMB2_FLAGS_SERVER_TO_REDIR)
-        tid = struct.unpack("<I", m[36:40])[0] if not flags & SMB2_FLAGS_ASYNC else None
-        sid = struct.unpack("<Q", m[40:48])[0]
-        body = m[64:]
-        key = ("smb2", mid)
-        d = "s2c" if reply else "c2s"
-        if reply and status == STATUS_PENDING:
+        h = s2.parse_header(m)
+        reply = bool(h.flags & s2.FLAGS_SERVER_TO_REDIR)
+        if reply and h.status == STATUS_PENDING:
             return last_file  # an interim response; the final one follows
-        if not reply and len(self._pending) >= MAX_PENDING:
-            self._pending.pop(next(iter(self._pending)))  # requests never answered in the capture
-        req = self._pending.get(key, {}) if reply else self._pending.setdefault(key, {"frame": frame})
-        req.setdefault("cmd", cmd)
+        key = ("smb2", h.message_id)
+        tid = None if h.is_async else h.tree_id
+        cmd, status, sid = h.command, h.status, h.session_id
+        req = self._pending.get(key, {}) if reply else self._request(key, frame)
         try:
-            if cmd == 0 and reply and len(body) >= 6:
-                dialect = struct.unpack("<H", body[4:6])[0]
+            if cmd == NEGOTIATE and reply and status == STATUS_SUCCESS:
+                dialect = s2.parse_negotiate_response(m).dialect
                 self.dialect = SMB2_DIALECTS.get(dialect, f"0x{dialect:04x}")
-                self._event(frame, "smb.negotiate", d, dialect=self.dialect)
-            elif cmd == 1:
-                if not reply and len(body) >= 16:
-                    off, ln = struct.unpack("<HH", body[12:16])
-                    self._security_blob(frame, m[off:off + ln], sid, True, key)
-                elif reply:
-                    self._session_result(frame, status, sid, key, getattr(self, "dialect", "SMB2"))
-            elif cmd == 3:
-                if not reply and len(body) >= 8:
-                    off, ln = struct.unpack("<HH", body[4:8])
-                    req["tree"] = m[off:off + ln].decode("utf-16-le", "replace")
-                elif reply and "tree" in req:
-                    is_pipe = len(body) >= 3 and body[2] == 0x02
-                    if status == 0 and tid is not None:
-                        self._trees[tid] = (req["tree"], is_pipe or req["tree"].upper().endswith("IPC$"))
-                        self._tree_events[tid] = [{"frame": frame, "kind": "smb.tree_connect", "dir": d,
-                                                   "path": req["tree"], "result": "ok"}]
-            elif cmd == 5:
-                if not reply and len(body) >= 48:
-                    off, ln = struct.unpack("<HH", body[44:48])
-                    req["create"] = m[off:off + ln].decode("utf-16-le", "replace")
-                    req["tid"] = tid
-                elif reply and "create" in req and status == 0 and len(body) >= 80:
-                    tree = self._trees.get(req.get("tid"))
-                    if tree is None or tree[1]:
-                        self._open_pipe(("smb2", body[64:80]), req["create"], sid, frame,
-                                        tree[0] if tree else None, req.get("tid"))
-                    return body[64:80]
-            elif cmd == 9 and not reply and len(body) >= 32:
-                off, ln = struct.unpack("<HI", body[2:8])
-                fid = self._related(body[16:32], last_file)
-                self._pipe_data(("smb2", fid), True, m[off:off + ln], frame)
-            elif cmd == 8:
-                if not reply and len(body) >= 32:
-                    req["fid"] = self._related(body[16:32], last_file)
-                elif reply and status in (0, STATUS_BUFFER_OVERFLOW) and len(body) >= 8 and "fid" in req:
-                    off, ln = body[2], struct.unpack("<I", body[4:8])[0]
-                    self._pipe_data(("smb2", req["fid"]), False, m[off:off + ln], frame)
-            elif cmd == 11 and len(body) >= 40:
-                ctl = struct.unpack("<I", body[4:8])[0]
-                if ctl == FSCTL_PIPE_TRANSCEIVE:
-                    fid = self._related(body[8:24], last_file)
-                    if not reply:
-                        off, ln = struct.unpack("<II", body[24:32])
+                self._event(frame, "smb.negotiate", "s2c", dialect=self.dialect)
+            elif cmd == SESSION_SETUP:
+                if not reply:
+                    self._setup_request(frame, s2.parse_session_setup(m).token, key)
+                else:
+                    null = False
+                    if status == STATUS_SUCCESS:
+                        flags, _token = s2.parse_session_setup_response(m)
+                        null = bool(flags & s2.SESSION_FLAG_IS_NULL)
+                    self._setup_result(frame, status, sid, key, null_session=null)
+            elif cmd == TREE_CONNECT:
+                if not reply:
+                    req["tree"] = s2.parse_tree_connect(m)
+                elif status == STATUS_SUCCESS and "tree" in req and tid is not None:
+                    share_type = s2.parse_tree_connect_response(m)
+                    self._tree_connected(tid, req["tree"], share_type == s2.SHARE_TYPE_PIPE
+                                         or req["tree"].upper().endswith("IPC$"), frame)
+            elif cmd == CREATE:
+                if not reply:
+                    req["create"], req["tid"] = s2.parse_create(m).name, tid
+                elif status == STATUS_SUCCESS and "create" in req:
+                    file_id = s2.parse_create_response(m)
+                    self._created(("smb2", file_id), req, sid, frame, tid)
+                    return file_id
+            elif cmd == WRITE and not reply:
+                wr = s2.parse_write(m)
+                self._pipe_data(("smb2", self._related(wr.file_id, last_file)), True, wr.data, frame)
+            elif cmd == READ:
+                if not reply:
+                    req["fid"] = self._related(s2.parse_read(m).file_id, last_file)
+                elif status in DATA_STATUSES and "fid" in req:
+                    self._pipe_data(("smb2", req["fid"]), False, s2.parse_read_response(m), frame)
+            elif cmd == IOCTL:
+                if not reply:
+                    io = s2.parse_ioctl(m)
+                    if io.ctl_code == s2.FSCTL_PIPE_TRANSCEIVE:
+                        fid = self._related(io.file_id, last_file)
                         req["fid"] = fid
-                        self._pipe_data(("smb2", fid), True, m[off:off + ln], frame)
-                    elif status in (0, STATUS_BUFFER_OVERFLOW):
-                        off, ln = struct.unpack("<II", body[32:40])
-                        self._pipe_data(("smb2", req.get("fid", fid)), False, m[off:off + ln], frame)
-            elif cmd == 6 and not reply and len(body) >= 24:
-                self._files.pop(("smb2", self._related(body[8:24], last_file)), None)
+                        self._pipe_data(("smb2", fid), True, io.input, frame)
+                elif status in DATA_STATUSES:
+                    code, file_id, output = s2.parse_ioctl_response(m)
+                    if code == s2.FSCTL_PIPE_TRANSCEIVE:
+                        self._pipe_data(("smb2", req.get("fid", file_id)), False, output, frame)
+            elif cmd == CLOSE and not reply:
+                self._files.pop(("smb2", self._related(s2.parse_close(m), last_file)), None)
         finally:
             if reply:
                 self._pending.pop(key, None)
@@ -383,4 +428,5 @@ class SmbWalker:
     def _related(fid: bytes, last_file: bytes | None) -> bytes:
         # MS-SMB2 3.2.4.1.4: in a related compound, FileId all-ones means "the file the previous
         # operation opened".
-        return last_file if fid == b"\xff" * 16 and last_file is not None else fid
+        return last_file if fid == s2.FILE_ID_ANY and last_file is not None else fid
+

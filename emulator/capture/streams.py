@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..sansio import ProtocolError
-from .model import Connection, add_event
-from .pcapread import CaptureError, ProgressFn, Reassembler, TcpStream, read_into as _read_into
-from .rpcconn import RpcConnection
+from .model import Connection, SmbSession, add_event
+from .fileformat import CaptureError, ProgressFn
+from .reassembly import Reassembler, TcpStream
+from .scan import read_into as _read_into
+from .rpcconn import ObservedRpcConnection
 from .smbwalk import SmbWalker
 from .unseal import Keyring
 
+MAX_STREAM_NOTES = 16  # malformed messages kept per stream for its summary
 MAX_MESSAGE = 1 << 24  # NetBIOS/SMB2 direct TCP allows 24-bit lengths
 MAX_BUFFER = 1 << 20  # a message larger than this is skipped, not buffered
 DETECT_TRIES = 64
@@ -34,6 +37,23 @@ def _looks_like_smb(chunk: bytes) -> bool:
 
 
 @dataclass
+class StreamSummary:
+    """What one SMB or DCE/RPC stream showed besides its RPC connections: every SMB session
+    setup (with or without a pipe) and the first messages it could not decode."""
+    stream: int
+    kind: str  # smb | rpc
+    client: str
+    server: str
+    smb_sessions: list[SmbSession]
+    malformed: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": self.stream, "kind": self.kind, "client": self.client,
+                "server": self.server, "smb_sessions": [s.to_json() for s in self.smb_sessions],
+                "malformed": [dict(m) for m in self.malformed]}
+
+
+@dataclass
 class _Dir:
     buf: bytearray = field(default_factory=bytearray)
     skip: int = 0  # bytes of an oversized message still to discard
@@ -43,24 +63,32 @@ class _Dir:
 class StreamWalker:
     """The reassembler's sink for one TCP stream."""
 
-    def __init__(self, st: TcpStream, emit: Callable[[TcpStream, list[RpcConnection]], None],
-                 keyring: Keyring | None = None) -> None:
+    def __init__(self, st: TcpStream, emit: Callable[[TcpStream, list[ObservedRpcConnection]], None],
+                 keyring: Keyring | None = None,
+                 on_stream: Callable[[StreamSummary], None] | None = None) -> None:
         self.st = st
         self._keyring = keyring
         self._emit = emit
-        self.found: list[RpcConnection] = []
+        self._on_stream = on_stream
+        self._malformed: list[dict[str, Any]] = []
+        self.found: list[ObservedRpcConnection] = []
         self._found = self.found.append
         self.kind: str | None = None  # "smb" | "rpc" | "other"
         self._dirs = {True: _Dir(), False: _Dir()}
-        self._rpc: RpcConnection | None = None
+        self._rpc: ObservedRpcConnection | None = None
         self._smb: SmbWalker | None = None
         self._synced = {True: False, False: False}
         self._oriented = False
         self._a_is_client: bool | None = None
 
+    def _a_is_server(self) -> bool:
+        """No handshake seen and side A is on a service port: A is the server."""
+        cp, sp = self.st.client[1], self.st.server[1]
+        return not self.st.saw_syn and (cp in (445, 139, 135) or (cp < 1024 <= sp))
+
     def _endpoints(self) -> tuple[str, str]:
         (ca, cp), (sa, sp) = self.st.client, self.st.server
-        if not self.st.saw_syn and (cp in (445, 139, 135) or (cp < 1024 <= sp)):
+        if self._a_is_server():
             # No handshake seen and side A is on a service port: A is the server.
             (ca, cp), (sa, sp) = (sa, sp), (ca, cp)
         return f"{ca}:{cp}", f"{sa}:{sp}"
@@ -80,6 +108,8 @@ class StreamWalker:
         reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
         ev = {"frame": frame, "kind": "malformed", "dir": "c2s" if from_a else "s2c",
               "layer": self.kind or "tcp", "reason": reason}
+        if len(self._malformed) < MAX_STREAM_NOTES:
+            self._malformed.append(ev)
         if self._rpc is not None:
             add_event(self._rpc.conn, ev)
         elif self._smb is not None:
@@ -107,7 +137,6 @@ class StreamWalker:
                 return
             self._synced[from_a] = True
         if self.kind == "rpc":
-            assert self._rpc is not None
             # Which side is the client is read from the PDU types, so a capture that missed
             # the SYN still attributes requests correctly.
             self._rpc_data(from_a, payload, frame)
@@ -116,11 +145,13 @@ class StreamWalker:
 
     def close(self) -> None:
         """The TCP connection ended: settle its RPC connections, hand them on, keep nothing."""
-        self.kind = "other"
+        kind, self.kind = self.kind, "other"
         self._dirs = {True: _Dir(), False: _Dir()}
+        sessions: list[SmbSession] = []
         if self._rpc is not None:
             self._rpc.release()
         if self._smb is not None:
+            sessions = self._smb.sessions
             self._smb.release()
         found, self.found = self.found, []
         self._rpc = self._smb = None
@@ -129,6 +160,9 @@ class StreamWalker:
         settled = []
         for rpc in found:
             if not rpc.rpc_seen:
+                # Nothing decoded as DCE/RPC: what could not be read is the stream's to report.
+                room = MAX_STREAM_NOTES - len(self._malformed)
+                self._malformed += [e for e in rpc.conn.events if e["kind"] == "malformed"][:max(room, 0)]
                 continue
             rpc.finish()
             c = rpc.conn
@@ -136,6 +170,9 @@ class StreamWalker:
             settled.append(rpc)
         if settled:
             self._emit(st, settled)
+        if self._on_stream is not None and kind in ("smb", "rpc"):
+            client, server = self._endpoints()
+            self._on_stream(StreamSummary(st.number, kind, client, server, sessions, self._malformed))
 
     def gap(self, from_a: bool, frame: int) -> None:
         self._dirs[from_a] = _Dir()
@@ -155,14 +192,15 @@ class StreamWalker:
         client, server = self._endpoints()
         if kind == "rpc":
             conn = Connection(self.st.number, "ncacn_ip_tcp", client, server, partial=self.st.partial)
-            self._rpc = RpcConnection(conn, keyring=self._keyring)
+            self._rpc = ObservedRpcConnection(conn, keyring=self._keyring)
             self._found(self._rpc)
         else:
             self._smb = SmbWalker(self.st.number, client, server, self._found, self._keyring)
 
     def _rpc_data(self, from_a: bool, payload: bytes, frame: int) -> None:
         rpc = self._rpc
-        assert rpc is not None
+        if rpc is None:
+            raise RuntimeError("DCE/RPC bytes before the stream was classified")
         if self._a_is_client is None:
             # Which side is the client is read from the first PDU type seen, so a capture
             # that missed the SYN still attributes requests correctly.
@@ -210,20 +248,23 @@ class StreamWalker:
             del d.buf[:4 + length]
             if mtype != 0x00:
                 continue
+            smb = self._smb
+            if smb is None:
+                raise RuntimeError("SMB bytes before the stream was classified")
             try:
-                assert self._smb is not None
                 if msg[:4] == b"\xffSMB":
-                    self._smb.smb1(msg, frame)
+                    smb.smb1(msg, frame)
                 elif msg[:4] == b"\xfeSMB":
-                    self._smb.smb2(msg, frame)
+                    smb.smb2(msg, frame)
                 elif msg[:4] == b"\xfdSMB":
-                    self._smb.note(
-                        {"frame": frame, "kind": "smb.encrypted", "dir": "c2s" if from_a else "s2c"})
+                    smb.encrypted(msg, frame, from_a != self._a_is_server())
                 else:
                     self._desync(from_a)
                     return
-            except (ProtocolError, struct.error, IndexError, UnicodeDecodeError):
-                # One bad message does not end the stream: its length framed it, so carry on.
+            except (ProtocolError, struct.error, IndexError, UnicodeDecodeError) as exc:
+                # One bad message does not end the stream: its length framed it, so note it
+                # and carry on.
+                self._note_malformed(from_a, frame, exc)
                 continue
 
     def _desync(self, from_a: bool) -> None:
@@ -242,6 +283,8 @@ class Analysis:
     connections: list[Connection]
     streams: int
     partial_streams: list[int]
+    # Streams with SMB session setups or undecodable messages, in the order they ended.
+    stream_notes: list[StreamSummary] = field(default_factory=list)
 
 
 class CaptureScan:
@@ -268,13 +311,20 @@ class CaptureScan:
         return self._reassembler is not None and self._reassembler.two_sided
 
     def run(self, on_connection: Callable[[Connection], None],
-            progress: ProgressFn | None = None) -> None:
-        def emit(st: TcpStream, rpcs: list[RpcConnection]) -> None:
+            progress: ProgressFn | None = None,
+            on_stream: Callable[[StreamSummary], None] | None = None) -> None:
+        """`on_connection` gets each RPC connection, `on_stream` each stream summary that holds
+        an SMB session setup or a malformed message."""
+        def emit(st: TcpStream, rpcs: list[ObservedRpcConnection]) -> None:
             for rpc in sorted(rpcs, key=lambda r: r.conn.first_frame):
                 on_connection(rpc.conn)
 
+        def noted(summary: StreamSummary) -> None:
+            if on_stream is not None and (summary.smb_sessions or summary.malformed):
+                on_stream(summary)
+
         def sink(st: TcpStream) -> StreamWalker:
-            return StreamWalker(st, emit, self._keyring)
+            return StreamWalker(st, emit, self._keyring, noted)
 
         r = self._reassembler = Reassembler(sink, keep_streams=False)
         try:
@@ -294,7 +344,9 @@ def analyse(path: str, progress: ProgressFn | None = None, keyring: Keyring | No
     """Read a capture and return every RPC connection in it, ordered by first frame. With a
     keyring (NT hashes of known users) signed and sealed stubs are verified and read."""
     conns: list[Connection] = []
+    notes: list[StreamSummary] = []
     scan = CaptureScan(path, keyring)
-    scan.run(conns.append, progress)
+    scan.run(conns.append, progress, notes.append)
     conns.sort(key=lambda c: (c.first_frame, c.stream))
-    return Analysis(path, conns, scan.streams, scan.partial_streams)
+    notes.sort(key=lambda n: n.stream)
+    return Analysis(path, conns, scan.streams, scan.partial_streams, notes)

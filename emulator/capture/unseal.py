@@ -153,7 +153,7 @@ class Unsealer:
         if live is not None:
             sc = RpcProtection(live.sec, auth_type, level, ctx)
             return unprotect(sc, pdu)
-        last: VerifyError | None = None
+        last = VerifyError("no protected fragment verified")
         for after_mic in (False, True):
             candidate = self._base[from_client].fresh(after_mic)
             try:
@@ -163,5 +163,4 @@ class Unsealer:
                 continue
             self._live[from_client] = candidate
             return stub
-        assert last is not None
         raise last

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
+import shutil
+import tempfile
 
 from ..config import AUTH_LEVELS, ConfigError, default_config, load_config
-from .profile import KNOWN_PROTSEQS, Credentials, Endpoint, Profile, lab_credentials
+from .profile import KNOWN_PROTSEQS, LOGON_SECURITY, Credentials, Endpoint, Profile, lab_credentials
+from .tickets import workstation_logon
 
 # The client stack (impacket's SMB and DCE/RPC) is imported only when the client runs, so that
 # building the `rpcauth` parser stays cheap for every other command.
@@ -41,6 +45,9 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-level", choices=list(AUTH_LEVELS)[1:], default="connect",
                    help="RPC auth level of the TCP bind")
     p.add_argument("--lab", help="lab config to take omitted passwords from (default: the embedded lab)")
+    p.add_argument("--logon-security", choices=list(LOGON_SECURITY), default="password",
+                   help="Outlook's logon network security; kerberos and negotiate use the logged-on "
+                        "user's ticket, got from the realm named in --ready-file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -62,6 +69,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     domain = args.domain if args.domain is not None else lab.server.domain
     host, smb_port, epm_port = args.server, args.smb_port or 445, args.epm_port or 135
     emsmdb_port, pipe = args.emsmdb_port, args.pipe
+    ready: dict = {}
     if args.ready_file:
         with open(args.ready_file, encoding="utf-8") as fh:
             ready = json.load(fh)
@@ -84,13 +92,22 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     logged_on = _creds(args.logged_on, lab, domain)
     if logged_on is None:
         raise SystemExit("rpcauth client: --logged-on names nobody")
+    kerberos = None
+    if args.logon_security != "password" and ready.get("krb5_conf"):
+        # The workstation's logon: the logged-on user's TGT and service tickets, in a ccache of
+        # this run's own (removed when the process exits).
+        directory = tempfile.mkdtemp(prefix="rpcauth-client-krb5-")
+        atexit.register(shutil.rmtree, directory, True)
+        kerberos = workstation_logon(ready["krb5_conf"], ready["realm"], ready["kerberos_host"],
+                                     logged_on.user, logged_on.password, directory)
     return Profile(
         mailbox_dn=args.mailbox, logged_on=logged_on, binding_order=order,
         use_network_security=args.network_security == "on",
         prompt_answer=_creds(args.prompt_answer, lab, domain),
         ipc_session=_creds(args.ipc_session, lab, domain),
         server=Endpoint(host=host, smb_port=smb_port, epm_port=epm_port, emsmdb_port=emsmdb_port, pipe=pipe),
-        connect_call=args.call, auth_level=AUTH_LEVELS[args.auth_level])
+        connect_call=args.call, auth_level=AUTH_LEVELS[args.auth_level],
+        logon_security=args.logon_security, kerberos=kerberos)
 
 
 def render(profile: Profile, r) -> str:
@@ -104,7 +121,8 @@ def render(profile: Profile, r) -> str:
     tried = ", ".join(f"{t['protseq']} ({t['outcome']})" for t in r.transports_tried)
     lines.append(f"Transports:    {tried or '(none)'}")
     if r.transport_used:
-        layer = "SMB session setup" if r.auth_layer == "smb_session_setup" else "RPC bind (NTLM)"
+        mech = "Kerberos" if r.auth_mech == "kerberos" else "NTLM"
+        layer = f"SMB session setup ({mech})" if r.auth_layer == "smb_session_setup" else f"RPC bind ({mech})"
         lines.append(f"On the wire:   {r.wire_user or 'no credentials'} via {layer}")
         acted = r.acting_user or "nobody (authentication failed)"
         lines.append(f"Server acted:  {acted}" + (f" [{r.identity_source}]" if r.identity_source else "")

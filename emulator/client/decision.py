@@ -23,6 +23,7 @@ class Attempt:
     # Credentials put into the RPC bind's NTLM exchange (raw TCP), or None for a bind without auth.
     rpc_credentials: Credentials | None
     auth_layer: str          # "smb_session_setup" | "rpc_bind"
+    mech: str = "ntlm"       # how the authenticating layer proves the user: "ntlm" | "kerberos"
 
 
 def prompt_shown(protseq: str, use_network_security: bool) -> bool:
@@ -34,11 +35,19 @@ def prompt_shown(protseq: str, use_network_security: bool) -> bool:
 def plan(profile: Profile, protseq: str) -> Attempt:
     shown = prompt_shown(protseq, profile.use_network_security)
     typed = profile.prompt_answer if shown else None
+    ticket = profile.kerberos is not None
     if protseq == "ncacn_np":
         # The redirector's session wins: an explicit IPC$ session if one exists, else the
-        # logged-on user. What was typed at the prompt is not used.
+        # logged-on user. What was typed at the prompt is not used. The redirector negotiates
+        # Kerberos for the logged-on user's own session when a ticket can be had.
         smb = profile.ipc_session or profile.logged_on
-        return Attempt(protseq, shown, smb, None, "smb_session_setup")
+        mech = "kerberos" if ticket and profile.ipc_session is None else "ntlm"
+        return Attempt(protseq, shown, smb, None, "smb_session_setup", mech)
     if protseq == "ncacn_ip_tcp":
+        if profile.logon_security == "kerberos" or (profile.logon_security == "negotiate" and ticket):
+            # Beyond the KB: Kerberos uses the logged-on user's ticket, so nothing is asked and
+            # nothing typed reaches the wire (lab policy: no public source describes the dialog).
+            return Attempt(protseq, False, None, profile.logged_on, "rpc_bind", "kerberos")
+        # Password Authentication, or Negotiate without a ticket: NTLM with what was typed.
         return Attempt(protseq, shown, None, typed, "rpc_bind")
     raise ValueError(f"{protseq} is not served by this emulator")

@@ -21,6 +21,21 @@ class Credentials:
         return f"{self.domain}\\{self.user}" if self.domain else self.user
 
 
+# Outlook's "Logon network security" (later versions): Password Authentication (NTLM), Kerberos
+# Password Authentication, and Negotiate Authentication (Kerberos when a ticket can be had,
+# else NTLM).
+LOGON_SECURITY = ("password", "kerberos", "negotiate")
+
+
+@dataclass(frozen=True)
+class KerberosLogon:
+    """The logged-on user's Kerberos logon on the workstation: a ccache holding a TGT and the
+    service tickets, and the names the server's principals use."""
+    ccache: str
+    realm: str
+    hostname: str
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where to reach the server. A port of None means "ask the endpoint mapper"."""
@@ -44,11 +59,15 @@ class Profile:
     connect_call: str = "EcDoConnect"         # or "EcDoConnectEx"
     auth_level: int = 2                       # RPC_C_AUTHN_LEVEL_CONNECT, as the real capture shows
     timeout: float = 10.0
+    logon_security: str = "password"          # one of LOGON_SECURITY
+    kerberos: KerberosLogon | None = None     # None: no ticket can be had
 
     def __post_init__(self) -> None:
         for p in self.binding_order:
             if p not in KNOWN_PROTSEQS:
                 raise ValueError(f"unknown protocol sequence {p!r} (known: {', '.join(KNOWN_PROTSEQS)})")
+        if self.logon_security not in LOGON_SECURITY:
+            raise ValueError(f"logon_security is one of {', '.join(LOGON_SECURITY)}")
         if self.connect_call not in ("EcDoConnect", "EcDoConnectEx"):
             raise ValueError("connect_call is EcDoConnect or EcDoConnectEx")
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from impacket.dcerpc.v5 import epm, transport
-from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_WINNT, DCERPCException
+from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_GSS_NEGOTIATE, RPC_C_AUTHN_WINNT, DCERPCException
 from impacket.smbconnection import SessionError, SMBConnection
 from impacket.uuid import uuidtup_to_bin
 
@@ -18,6 +18,7 @@ from ..interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect, hEcDoConnectEx, hEcDo
 from . import dialogs
 from .decision import Attempt, plan
 from .profile import SERVED_PROTSEQS, Profile
+from .tickets import NoTicket, service_ticket
 
 EMSMDB_IF = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
 
@@ -30,6 +31,7 @@ class ClientReport:
     transports_tried: list[dict[str, str]] = field(default_factory=list)
     transport_used: str | None = None
     auth_layer: str | None = None          # smb_session_setup | rpc_bind
+    auth_mech: str | None = None           # ntlm | kerberos: how that layer proved the user
     wire_user: str | None = None           # whose credentials the client actually sent
     acting_user: str | None = None         # whose identity the server acted on
     identity_source: str | None = None     # smb_session | rpc_auth | anonymous (the server's words)
@@ -109,8 +111,11 @@ def _over_named_pipe(profile: Profile, attempt: Attempt, report: ClientReport) -
     creds = attempt.smb_credentials
     if creds is None:
         raise ValueError("a named-pipe attempt needs the credentials of an SMB session")
+    kerberos = profile.kerberos if attempt.mech == "kerberos" else None
+    # With Kerberos the server is named as its service principals name it.
+    name = kerberos.hostname if kerberos else profile.server.host
     try:
-        smb = SMBConnection(profile.server.host, profile.server.host, sess_port=profile.server.smb_port,
+        smb = SMBConnection(name, profile.server.host, sess_port=profile.server.smb_port,
                             timeout=profile.timeout)
     except SessionError:
         raise
@@ -119,7 +124,13 @@ def _over_named_pipe(profile: Profile, attempt: Attempt, report: ClientReport) -
     report.local_ports.append(smb.getSMBServer().get_socket().getsockname()[1])
     try:
         try:
-            smb.login(creds.user, creds.password, creds.domain)
+            if kerberos is not None:
+                smb.kerberosLogin(creds.user, "", kerberos.realm, kdcHost=profile.server.host,
+                                  TGS=service_ticket(kerberos, "cifs"), useCache=False)
+            else:
+                smb.login(creds.user, creds.password, creds.domain)
+        except NoTicket:
+            return None, "no_ticket"
         except SessionError:
             return None, "smb_logon_failed"
         pipe = profile.server.pipe or _pipe_via_epm(smb, profile)
@@ -141,14 +152,28 @@ def _over_named_pipe(profile: Profile, attempt: Attempt, report: ClientReport) -
 
 def _over_tcp(profile: Profile, attempt: Attempt, report: ClientReport) -> tuple[int | None, str]:
     port = profile.server.emsmdb_port or _port_via_epm(profile)
-    rt = transport.DCERPCTransportFactory(f"ncacn_ip_tcp:{profile.server.host}[{port}]")
-    rt.set_connect_timeout(profile.timeout)
     creds = attempt.rpc_credentials
-    if creds is not None:
-        rt.set_credentials(creds.user, creds.password, creds.domain)
+    if attempt.mech == "kerberos":
+        # The logged-on user's ticket for host/<server>; impacket binds with it through SPNEGO.
+        logon = profile.kerberos
+        if logon is None or creds is None:
+            return None, "no_ticket"
+        try:
+            tgs = service_ticket(logon, "host")
+        except NoTicket:
+            return None, "no_ticket"
+        rt = transport.DCERPCTransportFactory(f"ncacn_ip_tcp:{logon.hostname}[{port}]")
+        rt.setRemoteHost(profile.server.host)
+        rt.set_credentials(creds.user, "", logon.realm, TGS=tgs)
+        rt.set_kerberos(True, profile.server.host)
+    else:
+        rt = transport.DCERPCTransportFactory(f"ncacn_ip_tcp:{profile.server.host}[{port}]")
+        if creds is not None:
+            rt.set_credentials(creds.user, creds.password, creds.domain)
+    rt.set_connect_timeout(profile.timeout)
     dce = rt.get_dce_rpc()
     if creds is not None:
-        dce.set_auth_type(RPC_C_AUTHN_WINNT)
+        dce.set_auth_type(RPC_C_AUTHN_GSS_NEGOTIATE if attempt.mech == "kerberos" else RPC_C_AUTHN_WINNT)
         dce.set_auth_level(profile.auth_level)
     try:
         dce.connect()
@@ -204,6 +229,7 @@ def run_client(profile: Profile, *, events: Any = None) -> ClientReport:
         report.transports_tried.append({"protseq": protseq, "outcome": "used"})
         report.transport_used = protseq
         report.auth_layer = attempt.auth_layer
+        report.auth_mech = attempt.mech
         wire = attempt.smb_credentials or attempt.rpc_credentials
         report.wire_user = wire.qualified if wire else None
         report.prompt_answer_used = (attempt.rpc_credentials is not None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .ndr import MAX_STUB, bad_stub
+from .ndr import MAX_STUB, RpcFault, bad_stub
 
 # MS-OXCRPC 3.1.4.11: range(0, 0x1008) on *pcbAuxOut.
 MAX_CB_AUX_OUT = 0x1008
@@ -40,12 +40,15 @@ class ConnectRequest:
     cb_aux_out: int = 0
 
 
-def _dos_string(stub: bytes, pos: int, what: str) -> tuple[str, int]:
+_U32X3_BE = struct.Struct(">III")
+
+
+def _dos_string(stub: bytes, pos: int, what: str, counts: struct.Struct = _U32X3) -> tuple[str, int]:
     """A top-level `[string, charset(DOS)] char *` (C706 14.3.4.2 conformant varying string):
     max count, offset, actual count, then the characters including their NUL."""
     if len(stub) < pos + 12:
         raise bad_stub(f"{what}: truncated string header")
-    max_count, offset, actual = _U32X3.unpack_from(stub, pos)
+    max_count, offset, actual = counts.unpack_from(stub, pos)
     pos += 12
     if offset != 0:
         raise bad_stub(f"{what}: non-zero string offset")
@@ -161,3 +164,21 @@ def encode_connect_response(*, extended: bool, handle: bytes, polls_max: int, re
 def encode_disconnect_response(status: int) -> bytes:
     """EcDoDisconnect's [out] handle, zeroed (MS-OXCRPC 3.1.4.3), and the return value."""
     return b"\x00" * _HANDLE + _U32.pack(status)
+
+
+# ------------------------------------------------------------------ as a capture reader reads a request
+
+def observed_user_dn(stub: bytes, little_endian: bool = True) -> str | None:
+    """szUserDN of an EcDoConnect(Ex) request seen in a capture, or None when the stub does not
+    hold one. The DN is the first [in] parameter, at the front of the stub; some clients of
+    other eras send it behind a unique-pointer referent (4 bytes further). Big-endian senders
+    (NDR drep 0x00) write the counts in their own order."""
+    counts = _U32X3 if little_endian else _U32X3_BE
+    for pos in (0, 4):
+        try:
+            dn, _ = _dos_string(stub, pos, "szUserDN", counts)
+        except RpcFault:  # bad_stub: this position holds no DN
+            continue
+        if dn.isprintable() and dn.isascii():
+            return dn
+    return None

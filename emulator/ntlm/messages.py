@@ -210,3 +210,27 @@ def build_challenge(flags: int, server_challenge: bytes, target_name: bytes,
 def filetime(epoch: float) -> int:
     """FILETIME: 100 ns ticks since 1601-01-01 (MS-DTYP 2.3.3)."""
     return int(round((epoch + 11644473600) * 10_000_000))
+
+
+# ---------------------------------------------------------------- CHALLENGE, as a client or observer reads it
+
+@dataclass(frozen=True)
+class ChallengeMessage:
+    flags: int
+    server_challenge: bytes = field(repr=False)
+    target_info: bytes = field(repr=False)
+
+
+def parse_challenge(data: bytes) -> ChallengeMessage:
+    """MS-NLMP 2.2.1.2. The server builds this message; the capture reader reads it back for
+    the server challenge (to check a password an analyst supplies) and the flags."""
+    if message_type(data) != CHALLENGE:
+        raise fail("expected CHALLENGE_MESSAGE")
+    if len(data) < 32:
+        raise fail("truncated CHALLENGE_MESSAGE")
+    (flags,) = struct.unpack_from("<I", data, 20)
+    target_info = b""
+    if len(data) >= 48:
+        target_info, _ = _buffer(data, 40, minimum_offset=32)
+    return ChallengeMessage(flags=flags, server_challenge=bytes(data[24:32]),
+                            target_info=bytes(target_info))

@@ -28,8 +28,9 @@ from .verifier import (LEVEL_CONNECT, LEVEL_INTEGRITY, RpcProtection, VerifyErro
                        effective_level, overhead, protect, unprotect)
 
 LAYER = "rpc"
-AUTH_TYPE_NONE, AUTH_TYPE_SPNEGO, AUTH_TYPE_NTLM = 0, 9, 10
-AUTH_TYPE_NAMES = {AUTH_TYPE_NONE: "none", AUTH_TYPE_SPNEGO: "spnego", AUTH_TYPE_NTLM: "ntlm"}
+AUTH_TYPE_NONE, AUTH_TYPE_SPNEGO, AUTH_TYPE_NTLM, AUTH_TYPE_KERBEROS = 0, 9, 10, 16
+AUTH_TYPE_NAMES = {AUTH_TYPE_NONE: "none", AUTH_TYPE_SPNEGO: "spnego", AUTH_TYPE_NTLM: "ntlm",
+                   AUTH_TYPE_KERBEROS: "kerberos"}
 LEVEL_NONE = 1
 
 # What we offer as max_recv/max_xmit_frag: Windows uses 5840 on TCP and 4280 on named pipes.

@@ -260,19 +260,26 @@ class FrameBuffer:
     def pop(self) -> bytes | None:
         """The next complete fragment, or None. Checked against the limit in force now, so
         an engine that lowers it after a bind applies it to the very next fragment."""
-        if len(self._buf) >= 2:
-            self._check_version(self._buf)
-        if len(self._buf) < 10:
+        buf = self._buf
+        have = len(buf)
+        if have >= 2:
+            self._check_version(buf)
+        if have < 10:
             return None
-        frag_length = self._frag_length(self._buf)
+        # frag_length in the sender's byte order (drep[0] bit 0x10: little-endian).
+        frag_length = buf[8] | buf[9] << 8 if buf[4] & 0x10 else buf[8] << 8 | buf[9]
         if frag_length < HEADER_SIZE:
             raise _fail(f"frag_length {frag_length} is smaller than the header")
         if frag_length > self.max_fragment_size:
             raise FragmentTooLarge(frag_length, self.max_fragment_size)
-        if len(self._buf) < frag_length:
+        if have < frag_length:
             return None
-        frag = bytes(self._buf[:frag_length])
-        del self._buf[:frag_length]
+        if have == frag_length:  # the common case: the buffer holds exactly one fragment
+            frag = bytes(buf)
+            buf.clear()
+            return frag
+        frag = bytes(buf[:frag_length])
+        del buf[:frag_length]
         return frag
 
     @staticmethod

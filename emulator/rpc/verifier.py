@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..auth.acceptor import PacketParts, PacketProtection
+from ..auth.acceptor import LevelSizedSignatures, PacketParts, PacketProtection
 from . import pdu as P
 
 LEVEL_CONNECT, LEVEL_CALL, LEVEL_PACKET, LEVEL_INTEGRITY, LEVEL_PRIVACY = 2, 3, 4, 5, 6
@@ -39,6 +39,21 @@ class RpcProtection:
     header_signing: bool = False
 
 
+def signature_size(sc: RpcProtection) -> int:
+    """Bytes of the auth_value at this association's level (Kerberos: MIC or wrap header)."""
+    acceptor = sc.acceptor
+    if isinstance(acceptor, LevelSizedSignatures):
+        return acceptor.signature_size(sc.auth_level == LEVEL_PRIVACY)
+    return acceptor.sig_size()
+
+
+def signature_size_ok(sc: RpcProtection, size: int) -> bool:
+    acceptor = sc.acceptor
+    if isinstance(acceptor, LevelSizedSignatures):
+        return acceptor.accepts_signature_size(size, sc.auth_level == LEVEL_PRIVACY)
+    return size == acceptor.sig_size()
+
+
 def effective_level(level: int) -> int:
     # MS-RPCE 3.3.1.5.2: call level is upgraded to packet level on connection-oriented transports.
     return LEVEL_PACKET if level == LEVEL_CALL else level
@@ -54,7 +69,7 @@ def unprotect(sc: RpcProtection, req: P.Request | P.Response) -> bytes:
         raise VerifyError("missing_verifier")
     if (av.auth_type, av.auth_level, av.context_id) != (sc.auth_type, sc.auth_level, sc.context_id):
         raise VerifyError("verifier_mismatch")
-    if len(av.token) != sc.acceptor.sig_size():
+    if not signature_size_ok(sc, len(av.token)):
         raise VerifyError("bad_signature")
     raw = req.raw
     trailer_at = len(raw) - len(av.token) - P.SEC_TRAILER_SIZE
@@ -78,7 +93,7 @@ def protect(sc: RpcProtection, ptype: int, flags: int, call_id: int, prefix: byt
     pad = (-len(stub)) % _STUB_ALIGN
     body = stub + b"\x00" * pad
     trailer = P.sec_trailer_bytes(sc.auth_type, sc.auth_level, pad, sc.context_id)
-    sig_size = sc.acceptor.sig_size()
+    sig_size = signature_size(sc)
     total = P.HEADER_SIZE + len(prefix) + len(body) + P.SEC_TRAILER_SIZE + sig_size
     head = P.header_bytes(ptype, flags, total, sig_size, call_id) + prefix
     parts = PacketParts(head, body, trailer, sc.header_signing)
@@ -92,4 +107,4 @@ def overhead(sc: RpcProtection | None, signed: bool) -> int:
     """Bytes a fragment spends on verifier and worst-case padding."""
     if sc is None or not signed:
         return 0
-    return P.SEC_TRAILER_SIZE + sc.acceptor.sig_size() + _STUB_ALIGN - 1
+    return P.SEC_TRAILER_SIZE + signature_size(sc) + _STUB_ALIGN - 1

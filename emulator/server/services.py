@@ -8,7 +8,7 @@ PipeFactory). The RPC core then applies the one rule: an authenticated bind repl
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import LabConfig
 from ..directory import Directory
@@ -21,19 +21,23 @@ from ..rpc.connection import RpcConnection
 from ..smb.connection import SmbConnection
 from ..smb.pipe import PipeFactory
 
+if TYPE_CHECKING:
+    from ..kerberos.acceptor import KerberosService
+
 EPM_PIPE = "epmapper"
 SRVSVC_PIPE = "srvsvc"
 
 
 class LabServices:
     def __init__(self, config: LabConfig, *, random_bytes: Callable[[int], bytes],
-                 now: Callable[[], float], host: str = "127.0.0.1") -> None:
+                 now: Callable[[], float], host: str = "127.0.0.1",
+                 kerberos: "KerberosService | None" = None) -> None:
         self.config = config
         self.host = host
         self.random_bytes, self.now = random_bytes, now
         self.directory = Directory(config)
         self.auth = AuthFactory(self.directory, config.policy, config.server,
-                                random_bytes=random_bytes, now=now)
+                                random_bytes=random_bytes, now=now, kerberos=kerberos)
         interfaces = default_interfaces(config, self.endpoints, random_bytes=random_bytes)
         self.emsmdb = interfaces[EMSMDB_UUID]
         self.epm = interfaces[EPM_UUID]

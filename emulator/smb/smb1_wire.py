@@ -369,3 +369,30 @@ def verify(key: bytes, message: bytes, sequence: int) -> bool:
 def filetime(epoch: float) -> int:
     """Seconds since 1970 as a Windows FILETIME (100 ns since 1601)."""
     return max(0, int((epoch + 11644473600) * 10_000_000))
+
+
+# ---------------------------------------------------------------- both directions, as an observer reads them
+
+# The core (non-AndX) read and write (MS-CIFS 2.2.4.11, 2.2.4.12): older clients, and some
+# tools, carry named-pipe traffic in them. The engine does not serve them; the reader follows them.
+COM_READ = 0x0A
+COM_WRITE = 0x0B
+
+def parse_observed_header(message: bytes) -> Header:
+    """The header of a request or a reply. The engine's parse_header refuses replies (a client
+    never sends one); a capture reader sees both directions and tells them by FLAGS_REPLY."""
+    if len(message) < HEADER_SIZE + 3:
+        raise ProtocolError(LAYER, "short_message")
+    (magic, command, status, flags, flags2, pid_high, signature, _reserved,
+     tid, pid, uid, mid) = _HEADER.unpack_from(message)
+    if magic != MAGIC:
+        raise ProtocolError(LAYER, "bad_protocol_id")
+    return Header(command, status, flags, flags2, pid_high, signature, tid, pid, uid, mid)
+
+
+def bytes_at(message: bytes, offset: int, length: int, what: str) -> bytes:
+    """`length` bytes at an absolute `offset` (the TRANSACTION, READ_ANDX and WRITE_ANDX
+    offsets count from the header), or ProtocolError when they leave the message."""
+    if offset < HEADER_SIZE or offset + length > len(message):
+        raise ProtocolError(LAYER, f"{what}_outside_message")
+    return bytes(message[offset:offset + length])

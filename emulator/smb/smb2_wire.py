@@ -585,3 +585,50 @@ def smb1_negotiate_dialects(message: bytes) -> list[str] | None:
         dialects.append(data[i + 1:end].decode("latin-1"))
         i = end + 1
     return dialects
+
+
+# ---------------------------------------------------------------- responses as a client or observer reads them
+#
+# The server builds these; the capture reader (and a client) reads them. Each checks its
+# StructureSize and keeps every buffer inside the message, like the request parsers above.
+
+TREE_CONNECT_RESP = struct.Struct("<HBBIII")              # 16 bytes
+
+
+def parse_tree_connect_response(msg: bytes) -> int:
+    """ShareType of a successful TREE_CONNECT response (MS-SMB2 2.2.10)."""
+    return Body(msg, 16, TREE_CONNECT_RESP).values[1]
+
+
+def parse_create_response(msg: bytes) -> bytes:
+    """The FileId of a successful CREATE response (MS-SMB2 2.2.14)."""
+    return Body(msg, 89, CREATE_RESP).values[12]
+
+
+READ_RESP = struct.Struct("<HBBIII")                      # 16 bytes
+
+
+def parse_read_response(msg: bytes) -> bytes:
+    """The data of a READ response (MS-SMB2 2.2.20); DataOffset is a single byte."""
+    b = Body(msg, 17, READ_RESP)
+    _, off, _, length, _, _ = b.values
+    return b.buffer(off, length, "read data")
+
+
+def parse_ioctl_response(msg: bytes) -> tuple[int, bytes, bytes]:
+    """(CtlCode, FileId, output) of an IOCTL response (MS-SMB2 2.2.32)."""
+    b = Body(msg, 49, IOCTL_RESP)
+    _, _, code, file_id, _in_off, _in_count, out_off, out_count, _, _ = b.values
+    return code, file_id, b.buffer(out_off, out_count, "ioctl output")
+
+
+TRANSFORM_HEADER = struct.Struct("<4s16s16sIHHQ")        # 52 bytes (MS-SMB2 2.2.41)
+
+
+def parse_transform_session(message: bytes) -> int:
+    """The SessionId of an SMB2 TRANSFORM_HEADER (an encrypted message): all that can be read
+    of it without the session's keys."""
+    _need(len(message) >= TRANSFORM_HEADER.size, "transform header shorter than 52 bytes")
+    proto, _sig, _nonce, _size, _reserved, _flags, session_id = TRANSFORM_HEADER.unpack_from(message)
+    _need(proto == TRANSFORM_PROTOCOL_ID, "bad transform protocol id")
+    return session_id

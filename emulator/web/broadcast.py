@@ -1,0 +1,108 @@
+"""Server-Sent Events to every open page, at a bounded cost to the listeners.
+
+The listeners share this event loop, so the page must never make a logon wait:
+- server events only mark connection views dirty; pages are updated on a timer tick (at most
+  TICKS_PER_SECOND), one message per tick whatever the event rate, serialised once and handed
+  to every page;
+- a tick sends at most MAX_VIEWS_PER_TICK connections and reads at most MAX_FINALS_PER_TICK
+  closed connections' captures. More changed connections than that in one tick is a flood (a
+  load test, not a lesson): the tick then sends only how many changed and the newest one's
+  identity sentence, no ladders, and the page says so;
+- each page has a bounded queue; a page that does not keep up (or went away) is dropped, and
+  its browser reconnects and starts again from a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+TICK_SECONDS = 0.25
+FLOOD_SECONDS = 1.0          # while flooded, pages hear about it at most this often
+MAX_VIEWS_PER_TICK = 3
+MAX_FINALS_PER_TICK = 2
+QUEUE_SIZE = 32
+KEEPALIVE_SECONDS = 15.0
+
+
+def sse(event: str, data: Any) -> bytes:
+    """One Server-Sent Events message (JSON has no raw newlines, so one data line suffices)."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+@dataclass(eq=False)
+class Subscriber:
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    dropped: bool = False
+
+
+class Broadcaster:
+    def __init__(self, render: Callable[[list[str]], dict[str, Any] | None]) -> None:
+        # render(changed connection ids, newest last) -> the "conns" message, or None
+        self._render = render
+        self._subscribers: set[Subscriber] = set()
+        self._dirty: dict[str, None] = {}
+        self._tick: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.sent = 0
+        self.dropped = 0
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber()
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    def mark(self, conn: str) -> None:
+        """A connection changed. Cheap when nobody is watching: nothing is rendered."""
+        if not self._subscribers:
+            return
+        self._dirty.pop(conn, None)
+        self._dirty[conn] = None
+        if self._tick is None and self._loop is not None:
+            self._tick = self._loop.call_later(TICK_SECONDS, self._flush)
+
+    def publish(self, event: str, data: Any) -> None:
+        """A message for every page now (matrix rows, what-if results)."""
+        self._deliver(sse(event, data))
+
+    def _flush(self) -> None:
+        self._tick = None
+        dirty, self._dirty = list(self._dirty), {}
+        if not dirty or not self._subscribers:
+            return
+        message = self._render(dirty)
+        if message is not None:
+            self._deliver(sse("conns", message))
+
+    def _deliver(self, payload: bytes) -> None:
+        for sub in list(self._subscribers):
+            try:
+                sub.queue.put_nowait(payload)
+                self.sent += 1
+            except asyncio.QueueFull:
+                # Too slow or gone: drop it rather than buffer without bound.
+                self._subscribers.discard(sub)
+                sub.dropped = True
+                self.dropped += 1
+
+    def close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for sub in list(self._subscribers):
+            sub.dropped = True
+            if not sub.queue.full():
+                sub.queue.put_nowait(None)         # wakes its writer, which then ends
+        self._subscribers.clear()

@@ -1,0 +1,59 @@
+"""`rpcauth matrix --ui`: the KB matrix run row by row against one lab while the live view draws
+it, the table printed as `rpcauth matrix` prints it, then the page kept up until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from typing import Callable
+
+from ..config import ConfigError, load_config
+from ..matrix import kb_scenarios, load_scenarios, render_table
+from .address import UiAddress
+from .runs import result_message, run_scenario
+
+
+def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
+                       announce: Callable[[str, UiAddress], None]) -> int:
+    from ..lab import Lab
+
+    if args.seed is not None:
+        print("rpcauth matrix: --seed fixes ports and nonces per row; it does not mix with --ui", file=sys.stderr)
+        return 2
+    try:
+        if args.scenarios:
+            with open(args.scenarios, encoding="utf-8") as fh:
+                scenarios = load_scenarios(fh.read(), args.scenarios)
+        else:
+            scenarios = kb_scenarios()
+        config = load_config(args.config) if args.config else None
+    except (OSError, ValueError, ConfigError) as exc:
+        print(f"rpcauth matrix: {exc}", file=sys.stderr)
+        return 2
+    lab = Lab(config, captures=args.captures, ui=address)
+    try:
+        lab.start()
+    except OSError as exc:
+        print(f"rpcauth matrix: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        view = lab.ui
+        if view is None:
+            raise RuntimeError("the lab started without its live view")
+        view.scenarios = {s.id: s for s in scenarios}
+        announce(view.url, address)
+        results = []
+        for s in scenarios:
+            result = run_scenario(lab, s)
+            results.append(result)
+            view.publish_result_threadsafe(s.id, result_message(result))
+        print(render_table(results), flush=True)
+        print("rpcauth: the live view stays up; Ctrl-C to stop", file=sys.stderr, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        return 0 if all(r.ok for r in results) else 1
+    finally:
+        lab.stop()
