@@ -352,3 +352,32 @@ def test_downgraded_cipher_list_is_caught_by_the_preauth_hash(desired, tamper):
     assert neg["cipher"] == "AES-256-CCM"                 # the downgrade reached the server...
     assert not new_records(desired, before, "smb.tree_connect")   # ...and bought nothing
     assert not new_records(desired, before, "rpc.bind")
+
+
+# ---------------------------------------------------------------- Kerberos sessions
+
+@pytest.mark.parametrize("proto, algorithm, cipher", [("SMB3_00", None, "AES-128-CCM"),
+                                                      ("SMB3_11", "AES-256-GCM", "AES-256-GCM")])
+def test_kerberos_session_encrypts_with_keys_from_its_subkey(proto, algorithm, cipher):
+    """MIT kinit, then rpcclient over a Kerberos SMB session with encryption required: the keys
+    come from the Kerberos session key through the same KDF (AES-256 from the whole 32-byte key)."""
+    from harness.kerberos import HOSTNAME, kinit, run_samba, start_kerberos_lab
+    need_tool("rpcclient")
+    lab = start_kerberos_lab(policy={"smb_encryption": "required"})
+    try:
+        proc, ticket = kinit(lab, "alice")
+        assert proc.returncode == 0, proc.stderr
+        extra = [f"--option=client smb3 encryption algorithms={algorithm}"] if algorithm else []
+        out = run_samba("rpcclient", lab, ticket, [
+            f"ncacn_np:{HOSTNAME}[]", "--client-protection=encrypt", f"--option=clientipcmaxprotocol={proto}",
+            f"--option=clientipcminprotocol={proto}", *extra, "-c", "srvinfo"])
+        assert out.returncode == 0 and "platform_id" in out.stdout, out.stdout + out.stderr
+        [setup] = lab.records("smb.session_setup")
+        assert (setup["cipher"], setup["encrypt_data"]) == (cipher, True)
+        [on] = lab.records("smb.encryption")
+        assert on["cipher"] == cipher
+        [identity] = lab.records("rpc.identity")[-1:]
+        assert (identity["source"], identity["user"], identity["auth_layer"]) == (
+            "smb_session", "alice", "smb_session_setup/spnego-kerberos")
+    finally:
+        lab.stop()
