@@ -78,6 +78,10 @@ def test_rpcclient_encrypted_srvinfo_over_the_pipe(desired, required, mode, prot
     assert (on["cipher"], on["dialect"], on["user"]) == (cipher, dialect, "CORP\\alice")
     [setup] = new_records(lab, before, "smb.session_setup")
     assert setup["cipher"] == cipher and setup["encrypt_data"] is (mode == "required")
+    if dialect == "3.1.1":
+        # Samba offers AES-128-GMAC first in SIGNING_CAPABILITIES; the server takes the client's order.
+        [neg] = new_records(lab, before, "smb.negotiate")
+        assert neg["signing_algorithm"] == "AES-128-GMAC"
     # The pipe's RPC connection (no RPC authentication) acts as the session's user.
     [identity] = [r for r in new_records(lab, before, "rpc.identity")][-1:]
     assert (identity["source"], identity["user"]) == ("smb_session", "alice")
@@ -381,3 +385,22 @@ def test_kerberos_session_encrypts_with_keys_from_its_subkey(proto, algorithm, c
             "smb_session", "alice", "smb_session_setup/spnego-kerberos")
     finally:
         lab.stop()
+
+
+def test_smbtorture_encryption_tests_set_up_each_cipher():
+    """smbtorture's smb2.session.encryption-* force one cipher each, with 3.1.1 signing
+    negotiation (AES-128-GMAC): the encrypted session setup and tree connect pass for all four;
+    the tests then open the share's root directory, which IPC$ does not have (recorded in
+    scripts/conformance.py)."""
+    need_tool("smbtorture")
+    tests = [f"smb2.session.encryption-{c}" for c in ("aes-128-ccm", "aes-128-gcm", "aes-256-ccm", "aes-256-gcm")]
+    with lab_with("desired") as lab:
+        out = subprocess.run(
+            ["smbtorture", "//127.0.0.1/IPC$", "-U", f"CORP/alice%{PASSWORD}", "-W", "CORP",
+             f"--smb-ports={lab.ports['smb']}", "--maximum-runtime=30", *tests],
+            capture_output=True, text=True, timeout=90)
+        assert "Can't test without" not in out.stdout, out.stdout
+        assert sorted(r["cipher"] for r in lab.records("smb.encryption")) == [
+            "AES-128-CCM", "AES-128-GCM", "AES-256-CCM", "AES-256-GCM"], out.stdout
+        assert {r["signing_algorithm"] for r in lab.records("smb.negotiate")} == {"AES-128-GMAC"}
+        assert not lab.records("malformed")
