@@ -404,3 +404,23 @@ def test_smbtorture_encryption_tests_set_up_each_cipher():
             "AES-128-CCM", "AES-128-GCM", "AES-256-CCM", "AES-256-GCM"], out.stdout
         assert {r["signing_algorithm"] for r in lab.records("smb.negotiate")} == {"AES-128-GMAC"}
         assert not lab.records("malformed")
+
+
+# ---------------------------------------------------------------- the synthetic client
+
+@pytest.mark.parametrize("mode, sealed", [("desired", False), ("required", True)])
+def test_synthetic_client_encrypts_only_when_the_server_asks(mode, sealed):
+    """The KB's client (emulator/client, on impacket) acts as the Windows redirector: a server that
+    only offers encryption gets clear SMB, one that requires it gets it sealed. Either way the KB's
+    outcome holds: alice's session, bob's mailbox, ecLoginPerm."""
+    from emulator.client import Credentials, Profile, run_client
+    from emulator.client.profile import Endpoint
+    from harness.cast import dn
+    with lab_with(mode) as lab:
+        profile = Profile(dn("bob"), Credentials("alice", lab.password("alice")), binding_order=("ncacn_np",),
+                          server=Endpoint(smb_port=lab.ports["smb"], epm_port=lab.ports["epm"]))
+        run_client(profile, events=lab.events)
+        assert bool(lab.records("smb.encryption")) is sealed
+        connects = lab.records("emsmdb.connect")
+        assert [(c["acting_user"], c["identity_source"], c["status_name"]) for c in connects] == [
+            ("CORP\\alice", "smb_session", "ecLoginPerm")]
