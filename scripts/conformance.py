@@ -86,6 +86,8 @@ EPM_SUBTESTS = tuple(f"rpc.epmapper.epmapper.{t}" for t in
 SAMBA3_SUBTESTS = tuple(f"rpc.samba3.{t}" for t in (
     "smb1-pipe-name", "smb2-pipe-name", "smb2-pipe-read-close", "smb2-pipe-read-tdis",
     "smb2-pipe-read-logoff", "smb-reauth1", "smb-reauth2", "smb2-reauth1", "smb2-reauth2"))
+ENCRYPTION_SUBTESTS = tuple(f"smb2.session.encryption-{c}" for c in
+                            ("aes-128-ccm", "aes-128-gcm", "aes-256-ccm", "aes-256-gcm"))
 SRVSVC_SUBTESTS = ("rpc.srvsvc.srvsvc anonymous access.NetShareEnumAll",
                    "rpc.srvsvc.srvsvc anonymous access.NetShareEnum",
                    "rpc.srvsvc.srvsvc anonymous access.NetShareGetInfo",
@@ -106,7 +108,12 @@ _LOOKUP_END = ("Windows ends an ept_lookup walk with a short batch, status 0 and
                "the emulator does the same. Samba sends EPMAPPER_STATUS_NO_MORE_ENTRIES "
                "(0x16c9a0d6) with the last batch, which this test requires")
 
+_ROOT_HANDLE = ("the encrypted session setup and tree connect pass with the cipher forced (3.1.1, "
+                "AES-128-GMAC signing); the test then opens the root directory of the share, which "
+                "IPC$ does not have (the emulator serves IPC$ only)")
+
 EXPECT: dict[str, Expect] = {
+    **{name: Expect("failure", "smb2_util_roothandle failed", _ROOT_HANDLE) for name in ENCRYPTION_SUBTESTS},
     "rpc.epmapper.epmapper.Lookup_simple": Expect("failure", "r.out.result == ( 0x16c9a0d6 )", _LOOKUP_END),
     "rpc.epmapper.epmapper.Map_full": Expect("failure", "test_Insert failed", _REGISTRATION),
     "rpc.epmapper.epmapper.Insert_noreplace": Expect("failure", "NT_STATUS_ACCESS_DENIED", _REGISTRATION),
@@ -187,6 +194,9 @@ def catalogue() -> list[Run]:
         runs.append(Run(f"validate-negotiate-{dialect}", "smb2.ioctl", ("smb2.ioctl.bug14788.VALIDATE_NEGOTIATE",),
                         "unc", dialect=dialect, extra=("--option=torture:noperm_share=IPC$",),
                         subtests=("smb2.ioctl.bug14788.VALIDATE_NEGOTIATE",)))
+    # SMB3 encryption with each cipher forced, over 3.1.1 with signing negotiation.
+    runs.append(Run("smb2-session-encryption", "smb2.session", ENCRYPTION_SUBTESTS, "unc", dialect="SMB3_11",
+                    subtests=ENCRYPTION_SUBTESTS))
     runs.append(Run("secleak-smb1", "base.secleak", ("base.secleak",), "unc", dialect=None,
                     extra=("--timelimit=2",), subtests=("base.secleak",)))
     # Through the endpoint mapper on TCP 135: rpc.mgmt over TCP maps each interface there.

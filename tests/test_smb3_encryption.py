@@ -78,6 +78,10 @@ def test_rpcclient_encrypted_srvinfo_over_the_pipe(desired, required, mode, prot
     assert (on["cipher"], on["dialect"], on["user"]) == (cipher, dialect, "CORP\\alice")
     [setup] = new_records(lab, before, "smb.session_setup")
     assert setup["cipher"] == cipher and setup["encrypt_data"] is (mode == "required")
+    if dialect == "3.1.1":
+        # Samba offers AES-128-GMAC first in SIGNING_CAPABILITIES; the server takes the client's order.
+        [neg] = new_records(lab, before, "smb.negotiate")
+        assert neg["signing_algorithm"] == "AES-128-GMAC"
     # The pipe's RPC connection (no RPC authentication) acts as the session's user.
     [identity] = [r for r in new_records(lab, before, "rpc.identity")][-1:]
     assert (identity["source"], identity["user"]) == ("smb_session", "alice")
@@ -214,6 +218,7 @@ def _flip(offset: int):
     ("tag", _flip(4), "transform_bad_signature"),
     ("nonce", _flip(20), "transform_bad_signature"),
     ("another session", lambda d: d[:44] + (0x1234).to_bytes(8, "little") + d[52:], "transform_unknown_session"),
+    ("flags", lambda d: d[:42] + b"\x02\x00" + d[44:], "transform_bad_flags"),
     ("size", lambda d: d[:36] + (int.from_bytes(d[36:40], "little") + 1).to_bytes(4, "little") + d[40:],
      "transform_size_mismatch"),
 ])
@@ -271,3 +276,151 @@ def test_server_nonces_never_repeat_under_one_key():
     sealer = Sealer(CIPHERS[w.CIPHER_AES128_GCM], b"K" * 16, 5)
     nonces = {w.parse_transform_header(sealer.seal(b"x" * 70)).nonce for _ in range(1000)}
     assert len(nonces) == 1000
+
+
+# ---------------------------------------------------------------- tshark reads what was sealed
+
+@pytest.mark.parametrize("dialect", ["3.0", "3.1.1"])
+def test_tshark_decrypts_our_encrypted_capture_with_the_session_keys(tmp_path, dialect):
+    """The lab's capture of an encrypted session, opened by Wireshark's dissector with the keys
+    of impacket's side: every transform decrypts to the SMB2 messages inside, the EMSMDB call is
+    there, and nothing is malformed."""
+    tshark = need_tool("tshark")
+    with Lab(default_config_with({"policy": {"smb_encryption": "required"}}), captures=str(tmp_path)) as lab:
+        smb = impacket_login(lab, "alice", dialect)
+        session = smb._SMBConnection._Session
+        sid, s2c, c2s = session["SessionID"], session["DecryptionKey"], session["EncryptionKey"]
+        key = session["SessionKey"]
+        assert mailbox_answers(emsmdb_pipe(lab, smb), "bob") == [EC_LOGIN_PERM]
+        smb.close()
+        [path] = [p for p in lab.capture_paths if p.endswith("-smb.pcap")]
+    # Wireshark's SMB2 session key table: SessionId as on the wire, session key, S2C, C2S keys.
+    uat = f"uat:smb2_seskey_list:{sid.to_bytes(8, 'little').hex()},{key.hex()},{s2c.hex()},{c2s.hex()}"
+    info = subprocess.run([tshark, "-r", path, "-o", uat, "-Y", "smb2", "-T", "fields", "-e", "_ws.col.Info"],
+                          capture_output=True, text=True, timeout=60).stdout.splitlines()
+    sealed = [i for i in info if "SMB3" in i]
+    assert sealed and all(i.startswith("Decrypted SMB3") for i in sealed), info
+    assert any("Create Request File: emsmdb" in i for i in sealed)
+    names = subprocess.run([tshark, "-r", path, "-o", uat, "-Y", "mapi.EcDoConnect.name", "-T", "fields",
+                            "-e", "mapi.EcDoConnect.name"], capture_output=True, text=True, timeout=60).stdout
+    assert "cn=bob" in names
+    bad = subprocess.run([tshark, "-r", path, "-o", uat, "-Y", "_ws.malformed || _ws.expert.severity >= error"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 0 and bad.stdout.strip() == "", bad.stdout
+
+
+# ---------------------------------------------------------------- a downgraded cipher list
+
+def _reverse_ciphers(message: bytes) -> bytes:
+    """In an SMB2 NEGOTIATE request, the ENCRYPTION_CAPABILITIES cipher list reversed (the
+    client's least preferred cipher first), bytes elsewhere untouched (MS-SMB2 2.2.3)."""
+    if message[:4] != w.PROTOCOL_ID or int.from_bytes(message[12:14], "little") != w.NEGOTIATE:
+        return message
+    body = w.HEADER_SIZE
+    offset = int.from_bytes(message[body + 28:body + 32], "little")
+    count = int.from_bytes(message[body + 32:body + 34], "little")
+    out = bytearray(message)
+    for _ in range(count):
+        ctype = int.from_bytes(message[offset:offset + 2], "little")
+        length = int.from_bytes(message[offset + 2:offset + 4], "little")
+        data = offset + 8
+        if ctype == w.ENCRYPTION_CAPABILITIES:
+            n = int.from_bytes(message[data:data + 2], "little")
+            ids = [message[data + 2 + 2 * i:data + 4 + 2 * i] for i in range(n)]
+            out[data + 2:data + 2 + 2 * n] = b"".join(reversed(ids))
+        offset = data + length + (-length % 8)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("tamper", [False, True], ids=["untouched", "reversed"])
+def test_downgraded_cipher_list_is_caught_by_the_preauth_hash(desired, tamper):
+    """A man in the middle reorders the client's 3.1.1 cipher list so the server picks the
+    client's last choice. The server's preauth integrity hash (SHA-512 over the messages as it
+    received them) then differs from the client's, so the keys differ and the client rejects the
+    signed SESSION_SETUP answer: no tree, no pipe (MS-SMB2 3.3.5.4, 3.2.5.3.1)."""
+    from harness.tcp_proxy import RewritingProxy
+    need_tool("rpcclient")
+    before = len(desired.records())
+    with RewritingProxy(desired.ports["smb"], _reverse_ciphers if tamper else (lambda m: m)) as proxy:
+        argv = ["rpcclient", "-U", f"CORP/alice%{PASSWORD}", "-p", str(proxy.port), "--client-protection=encrypt",
+                "--option=clientipcmaxprotocol=SMB3_11", "--option=clientipcminprotocol=SMB3_11",
+                "--option=client smb3 encryption algorithms=AES-128-GCM,AES-256-CCM", "127.0.0.1", "-c", "srvinfo"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert proxy.rewritten == (1 if tamper else 0)
+    [neg] = new_records(desired, before, "smb.negotiate")
+    if not tamper:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert neg["cipher"] == "AES-128-GCM"
+        return
+    assert out.returncode != 0, out.stdout
+    assert neg["cipher"] == "AES-256-CCM"                 # the downgrade reached the server...
+    assert not new_records(desired, before, "smb.tree_connect")   # ...and bought nothing
+    assert not new_records(desired, before, "rpc.bind")
+
+
+# ---------------------------------------------------------------- Kerberos sessions
+
+@pytest.mark.parametrize("proto, algorithm, cipher", [("SMB3_00", None, "AES-128-CCM"),
+                                                      ("SMB3_11", "AES-256-GCM", "AES-256-GCM")])
+def test_kerberos_session_encrypts_with_keys_from_its_subkey(proto, algorithm, cipher):
+    """MIT kinit, then rpcclient over a Kerberos SMB session with encryption required: the keys
+    come from the Kerberos session key through the same KDF (AES-256 from the whole 32-byte key)."""
+    from harness.kerberos import HOSTNAME, kinit, run_samba, start_kerberos_lab
+    need_tool("rpcclient")
+    lab = start_kerberos_lab(policy={"smb_encryption": "required"})
+    try:
+        proc, ticket = kinit(lab, "alice")
+        assert proc.returncode == 0, proc.stderr
+        extra = [f"--option=client smb3 encryption algorithms={algorithm}"] if algorithm else []
+        out = run_samba("rpcclient", lab, ticket, [
+            f"ncacn_np:{HOSTNAME}[]", "--client-protection=encrypt", f"--option=clientipcmaxprotocol={proto}",
+            f"--option=clientipcminprotocol={proto}", *extra, "-c", "srvinfo"])
+        assert out.returncode == 0 and "platform_id" in out.stdout, out.stdout + out.stderr
+        [setup] = lab.records("smb.session_setup")
+        assert (setup["cipher"], setup["encrypt_data"]) == (cipher, True)
+        [on] = lab.records("smb.encryption")
+        assert on["cipher"] == cipher
+        [identity] = lab.records("rpc.identity")[-1:]
+        assert (identity["source"], identity["user"], identity["auth_layer"]) == (
+            "smb_session", "alice", "smb_session_setup/spnego-kerberos")
+    finally:
+        lab.stop()
+
+
+def test_smbtorture_encryption_tests_set_up_each_cipher():
+    """smbtorture's smb2.session.encryption-* force one cipher each, with 3.1.1 signing
+    negotiation (AES-128-GMAC): the encrypted session setup and tree connect pass for all four;
+    the tests then open the share's root directory, which IPC$ does not have (recorded in
+    scripts/conformance.py)."""
+    need_tool("smbtorture")
+    tests = [f"smb2.session.encryption-{c}" for c in ("aes-128-ccm", "aes-128-gcm", "aes-256-ccm", "aes-256-gcm")]
+    with lab_with("desired") as lab:
+        out = subprocess.run(
+            ["smbtorture", "//127.0.0.1/IPC$", "-U", f"CORP/alice%{PASSWORD}", "-W", "CORP",
+             f"--smb-ports={lab.ports['smb']}", "--maximum-runtime=30", *tests],
+            capture_output=True, text=True, timeout=90)
+        assert "Can't test without" not in out.stdout, out.stdout
+        assert sorted(r["cipher"] for r in lab.records("smb.encryption")) == [
+            "AES-128-CCM", "AES-128-GCM", "AES-256-CCM", "AES-256-GCM"], out.stdout
+        assert {r["signing_algorithm"] for r in lab.records("smb.negotiate")} == {"AES-128-GMAC"}
+        assert not lab.records("malformed")
+
+
+# ---------------------------------------------------------------- the synthetic client
+
+@pytest.mark.parametrize("mode, sealed", [("desired", False), ("required", True)])
+def test_synthetic_client_encrypts_only_when_the_server_asks(mode, sealed):
+    """The KB's client (emulator/client, on impacket) acts as the Windows redirector: a server that
+    only offers encryption gets clear SMB, one that requires it gets it sealed. Either way the KB's
+    outcome holds: alice's session, bob's mailbox, ecLoginPerm."""
+    from emulator.client import Credentials, Profile, run_client
+    from emulator.client.profile import Endpoint
+    from harness.cast import dn
+    with lab_with(mode) as lab:
+        profile = Profile(dn("bob"), Credentials("alice", lab.password("alice")), binding_order=("ncacn_np",),
+                          server=Endpoint(smb_port=lab.ports["smb"], epm_port=lab.ports["epm"]))
+        run_client(profile, events=lab.events)
+        assert bool(lab.records("smb.encryption")) is sealed
+        connects = lab.records("emsmdb.connect")
+        assert [(c["acting_user"], c["identity_source"], c["status_name"]) for c in connects] == [
+            ("CORP\\alice", "smb_session", "ecLoginPerm")]

@@ -17,6 +17,7 @@ from ..directory import EC_LOGIN_FAILURE, EC_SUCCESS, status_hex, status_name
 from ..interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect, hEcDoConnectEx, hEcDoDisconnect
 from . import dialogs
 from .decision import Attempt, plan
+from .redirector import encrypt_only_when_asked
 from .profile import SERVED_PROTSEQS, Profile
 from .tickets import NoTicket, service_ticket
 
@@ -123,12 +124,14 @@ def _over_named_pipe(profile: Profile, attempt: Attempt, report: ClientReport) -
         raise _Unreachable(str(exc)) from None
     report.local_ports.append(smb.getSMBServer().get_socket().getsockname()[1])
     try:
+        settle_encryption = encrypt_only_when_asked(smb)
         try:
             if kerberos is not None:
                 smb.kerberosLogin(creds.user, "", kerberos.realm, kdcHost=profile.server.host,
                                   TGS=service_ticket(kerberos, "cifs"), useCache=False)
             else:
                 smb.login(creds.user, creds.password, creds.domain)
+            settle_encryption()
         except NoTicket:
             return None, "no_ticket"
         except SessionError:

@@ -75,10 +75,6 @@ class Session:
         return self.logon is not None
 
     @property
-    def in_progress(self) -> bool:
-        return self.context.state is State.PENDING
-
-    @property
     def identity(self) -> Identity:
         return self.logon.identity if self.logon is not None else ANONYMOUS
 

@@ -49,6 +49,10 @@ TREE_COMMANDS = {w.TREE_DISCONNECT, w.CREATE, w.CLOSE, w.FLUSH, w.READ, w.WRITE,
                  w.QUERY_DIRECTORY, w.CHANGE_NOTIFY, w.QUERY_INFO, w.SET_INFO}
 
 
+SIGNING_NAMES = {w.SIGNING_HMAC_SHA256: "HMAC-SHA256", w.SIGNING_AES_CMAC: "AES-128-CMAC",
+                 w.SIGNING_AES_GMAC: "AES-128-GMAC"}
+
+
 def dialect_name(d: int) -> str:
     return DIALECT_NAMES.get(d, f"0x{d:04x}")
 
@@ -431,7 +435,9 @@ class Smb2Engine:
             LAYER, "smb.negotiate", dialect=dialect_name(dialect), result="ok",
             signing_required=bool(self._security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
             client_signing_required=bool(req.security_mode & w.NEGOTIATE_SIGNING_REQUIRED),
-            cipher=w.CIPHER_NAMES.get(self._cipher), client_dialects=client_names))
+            cipher=w.CIPHER_NAMES.get(self._cipher),
+            signing_algorithm=SIGNING_NAMES.get(self._signing_algorithm) if self._signing_algorithm is not None else None,
+            client_dialects=client_names))
         return reply
 
     def _negotiate_contexts(self, req: w.NegotiateRequest) -> list[bytes]:
@@ -457,7 +463,9 @@ class Smb2Engine:
             out.append(w.build_negotiate_context(w.ENCRYPTION_CAPABILITIES, struct.pack("<HH", 1, self._cipher)))
         if w.SIGNING_CAPABILITIES in by_type:
             offered = w.parse_id_list_context(by_type[w.SIGNING_CAPABILITIES], "SIGNING_CAPABILITIES")
-            chosen = next((a for a in (w.SIGNING_AES_CMAC, w.SIGNING_HMAC_SHA256) if a in offered), None)
+            # The first of the client's algorithms the server supports (its order of preference).
+            chosen = next((a for a in offered if a in (w.SIGNING_AES_GMAC, w.SIGNING_AES_CMAC,
+                                                       w.SIGNING_HMAC_SHA256)), None)
             if chosen is None:
                 raise ProtocolError(LAYER, "no supported signing algorithm")
             self._signing_algorithm = chosen

@@ -1,8 +1,10 @@
 """SMB2/SMB3 message signing (MS-SMB2 3.1.4.1) and key derivation (MS-SMB2 3.1.4.2, 3.3.5.5.3).
 
 2.0.2 and 2.1 sign with HMAC-SHA256 keyed by the session key; 3.x derives a signing key with the
-SP800-108 counter-mode KDF and signs with AES-128-CMAC (or the algorithm negotiated in a 3.1.1
-SIGNING_CAPABILITIES context). Keys live in a `Signer`, whose repr hides them.
+SP800-108 counter-mode KDF and signs with AES-128-CMAC, or with the algorithm negotiated in a
+3.1.1 SIGNING_CAPABILITIES context (AES-128-GMAC: AES-GCM over an empty plaintext with the whole
+message as associated data, `cryptography`'s AESGCM). Keys live in a `Signer`, whose repr hides
+them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hmac
 
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import smb2_wire as w
 
@@ -37,6 +40,15 @@ def signing_key(dialect: int, session_key: bytes, preauth_hash: bytes | None) ->
     return kdf_counter_mode(session_key, b"SMB2AESCMAC\x00", b"SmbSign\x00")
 
 
+def gmac_nonce(message: bytes) -> bytes:
+    """MS-SMB2 3.1.4.1: MessageId, then 4 bytes whose bit 0 says the sender is the server and
+    bit 1 that the message is a CANCEL request."""
+    header = w.parse_header(message)
+    role = 1 if header.flags & w.FLAGS_SERVER_TO_REDIR else 0
+    cancel = 2 if header.command == w.CANCEL and not role else 0
+    return header.message_id.to_bytes(8, "little") + (role | cancel).to_bytes(4, "little")
+
+
 class Signer:
     """Signs and verifies single SMB2 messages (one compound element each) for one session."""
 
@@ -53,6 +65,8 @@ class Signer:
         zeroed = message[:SIGNATURE_OFFSET] + b"\x00" * 16 + message[SIGNATURE_OFFSET + 16:]
         if self.algorithm == w.SIGNING_HMAC_SHA256:
             return hmac.new(self._key, zeroed, hashlib.sha256).digest()[:16]
+        if self.algorithm == w.SIGNING_AES_GMAC:
+            return AESGCM(self._key).encrypt(gmac_nonce(message), b"", zeroed)
         c = cmac.CMAC(algorithms.AES(self._key))
         c.update(zeroed)
         return c.finalize()
