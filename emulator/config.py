@@ -342,7 +342,11 @@ def _parse(root: _Node, source: str) -> LabConfig:
                 values[k] = v
             limits = Limits(**values)
         pn = top["policy"]
-        smb_encryption = r.scalar(p, "smb_encryption", "policy", str, "desired", pn)
+        # YAML 1.1 reads a bare `off` as false: take it as the word the user wrote.
+        if "smb_encryption" in p and p["smb_encryption"].value is False:
+            smb_encryption = "off"
+        else:
+            smb_encryption = r.scalar(p, "smb_encryption", "policy", str, "desired", pn)
         if smb_encryption not in SMB_ENCRYPTION:
             raise r.fail(p["smb_encryption"], "policy.smb_encryption",
                          f"{smb_encryption!r} is not one of {'|'.join(SMB_ENCRYPTION)}")

@@ -122,7 +122,8 @@ def test_tcp_path_capture_decodes_cleanly_and_agrees_with_tshark(tmp_path):
     assert rows and rows[0][0] == EMSMDB[0]
     conns = analyse(path).connections
     [c] = conns
-    assert (c.identity_source, c.user, c.domain, c.auth_level) == ("rpc_ntlm", "bob", "CORP", "connect")
+    assert (c.identity_source, c.mechanism, c.user, c.domain, c.auth_level) == (
+        "rpc_auth", "ntlm", "bob", "CORP", "connect")
     assert [(e.user_dn, e.status_name) for e in c.emsmdb] == [(BOB_DN, "ecSuccess")]
 
 
