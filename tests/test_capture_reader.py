@@ -535,7 +535,7 @@ def test_undecodable_rpc_stream_is_reported_malformed_beside_a_good_one(tmp_path
     bad = [(True, b"\x05\x00\x0b\x03\x10\x00\x00\x00\x08\x00\x00\x00\x01\x00\x00\x00"),
            (True, b"\x06\x09" + b"\xee" * 40), (False, b"\x05\x00\x0c\x03\x10\x00\x00\x00\xff\xff")]
     frames = []
-    for n, (conv, port) in enumerate(((bad, 50200), (good, 50201))):
+    for conv, port in ((bad, 50200), (good, 50201)):
         client, server = ("10.1.1.1", port), ("10.1.1.2", 49601)
         seq = {True: 1000, False: 5000}
         frames += [_raw_frame(client, server, 999, 0, 0x02, b""), _raw_frame(server, client, 4999, 1000, 0x12, b"")]

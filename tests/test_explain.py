@@ -14,7 +14,7 @@ import pytest
 
 from emulator.capture import compare, explain, write_report
 
-from harness.cast import REFERENCE
+from harness.cast import CORPUS, REFERENCE
 from harness.recording import CONFIG, record_pipe_path, record_tcp_path
 
 REF = os.path.normpath(REFERENCE)
@@ -297,3 +297,22 @@ def test_tampered_sealed_stub_fails_verification(sealed, tmp_path):
     c = _conn(explain(bad, "json", passwords={"bob": CONFIG.user("bob").password}, progress=False))
     assert c["bad_signatures"] >= 1
     assert any(e["kind"] == "rpc.verify" and e["result"] == "bad_seal" for e in c["events"])
+
+
+SMB3 = os.path.join(os.path.normpath(CORPUS), "smb3.pcap")
+
+
+@pytest.mark.skipif(not os.path.isfile(SMB3), reason=f"the capture corpus is not at {os.path.dirname(SMB3)}")
+def test_a_session_without_pipes_shows_in_every_format():
+    """smb3.pcap: an SMB 3.0 session set up in the clear, then only encrypted messages. No RPC
+    connection, yet the user, the mechanism and the encrypted count show in each format."""
+    text = explain(SMB3, progress=False)
+    assert "session setup (ntlm) as SUSE\\administrator: established" in text
+    assert "then 44 encrypted message(s), not readable" in text
+    doc = json.loads(explain(SMB3, "json", progress=False))
+    assert doc["connections"] == []
+    [session] = [s for n in doc["streams"] for s in n["smb_sessions"]]
+    assert (session["user"], session["domain"], session["established"], session["encrypted_messages"]) == \
+        ("administrator", "SUSE", True, 44)
+    tree = parse_html(explain(SMB3, "html", progress=False))
+    assert "SUSE\\administrator" in "".join(tree.text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from .ladder import AUTHENTICATED, IDENTITY, Step, steps, verdicts
+from .ladder import AUTHENTICATED, IDENTITY, Step, session_line, steps, verdicts
 from .model import Connection
 
 CSS = """
@@ -75,8 +75,8 @@ def connection_section(i: int, c: Connection, anchor: str | None = None) -> str:
     pipe = f", pipe \\{escape(c.pipes[0])}" if c.pipes else ""
     out = [f'<section id="{escape(anchor or f"conn{i}")}"><h2>Connection {i}: tcp.stream {c.stream}, '
            f'{escape(c.transport)}{pipe}</h2>',
-           f"<p>identity source <b>{escape(c.identity_source)}</b>, acting as <b>{escape(c.acting)}</b>, "
-           f"auth level <b>{escape(c.auth_level)}</b></p>",
+           f"<p>identity source <b>{escape(c.identity_source)}</b> ({escape(c.mechanism)}), acting as "
+           f"<b>{escape(c.acting)}</b>, auth level <b>{escape(c.auth_level)}</b></p>",
            ladder_svg(c)]
     for v in verdicts(c):
         cls = "verdict partial" if v.startswith("(") else "verdict"
@@ -97,4 +97,20 @@ def to_html(analysis) -> str:
     if not analysis.connections:
         head.append("<p>No SMB named-pipe or DCE/RPC conversation was found.</p>")
     sections = [connection_section(i, c) for i, c in enumerate(analysis.connections, 1)]
-    return page(f"explain {analysis.path}", "\n".join(head + sections))
+    return page(f"explain {analysis.path}", "\n".join(head + sections + [streams_section(analysis)]))
+
+
+def streams_section(analysis) -> str:
+    """SMB sessions that opened no pipe, and messages that could not be decoded, by stream (the
+    text view's closing list)."""
+    with_pipes = {c.stream for c in analysis.connections if c.transport == "ncacn_np"}
+    items = []
+    for n in analysis.stream_notes:
+        if n.stream not in with_pipes:
+            items += [f"<li>tcp.stream {n.stream}: {escape(session_line(s))}</li>" for s in n.smb_sessions]
+        items += [f"<li>tcp.stream {n.stream}: frame {m['frame']} malformed {escape(str(m['layer']))}: "
+                  f"{escape(str(m['reason']))}</li>" for m in n.malformed]
+    if not items:
+        return ""
+    return ("<section><h2>SMB sessions that opened no pipe, and undecodable messages</h2><ul>"
+            + "".join(items) + "</ul></section>")

@@ -149,10 +149,12 @@ class ConnectionView:
         if kind == "smb.tree_connect" and "path" not in ev:
             ev["path"] = ev.get("share")
         if kind == "rpc.identity" and ev.get("source") == "rpc_auth":
-            # The capture reader names the mechanism; the server says which layer.
+            # Server and capture reader share the source words; the reader also names the
+            # mechanism, which the server's event gives as the bind's auth type and auth_layer.
             auth_type, ev["auth_level"] = self._bind_auth
-            ev["source"] = {"ntlm": "rpc_ntlm", "spnego": "rpc_spnego", "kerberos": "kerberos"}.get(
-                auth_type, "rpc_ntlm")
+            kerberos = "kerberos" in str(ev.get("auth_layer", "")).lower()
+            inner = "kerberos" if kerberos or auth_type == "kerberos" else "ntlm"
+            ev["mechanism"] = f"spnego-{inner}" if auth_type == "spnego" else inner
         if kind == "limit":
             ev = {"kind": "malformed", "layer": rec.get("layer"), "reason": f"limit {rec.get('limit')}"}
         return ev
