@@ -25,7 +25,7 @@ from aiohttp import web
 
 from ..matrix import Scenario, kb_scenarios
 from .address import TOKEN_FREE_HOSTS, UiAddress
-from .broadcast import FLOOD_SECONDS, KEEPALIVE_SECONDS, MAX_FINALS_PER_TICK, MAX_VIEWS_PER_TICK, Broadcaster, sse
+from .broadcast import FLOOD_SECONDS, MAX_FINALS_PER_TICK, MAX_VIEWS_PER_TICK, Broadcaster, sse
 from .forms import FormError, what_if
 from .labview import lab_summary
 from .live import LiveConnections
@@ -63,6 +63,7 @@ class LiveView:
         self._stopped = False
         self._results: dict[str, dict[str, Any]] = {}
         self._last_flood = float("-inf")
+        self._pushed: dict[str, int] = {}          # connection -> messages in the ladder last pushed
 
     @property
     def url(self) -> str:
@@ -127,10 +128,16 @@ class LiveView:
         out = []
         for v in reversed(views):                       # the newest get the capture reading first
             final = v.closed is not None and finals > 0
-            if final and v._final is None:
+            if final and not v.has_final:
                 finals -= 1
-            out.append(v.to_message(final, ladders=False))
+            # Every page gets every message, so a ladder already pushed is not pushed again.
+            v.sync()
+            drawn = self._pushed.get(v.conn) == v.messages
+            self._pushed[v.conn] = v.messages
+            out.append(v.to_message(final, ladders=False, live=not drawn))
         out.reverse()
+        while len(self._pushed) > 2 * SNAPSHOT_CONNS:
+            self._pushed.pop(next(iter(self._pushed)))
         return {"conns": out, "skipped": 0}
 
     # ------------------------------------------------------------------ middlewares
@@ -227,8 +234,9 @@ class LiveView:
         except ValueError as exc:
             raise web.HTTPBadRequest(text=f"cannot read the form: {exc}\n") from None
         try:
-            scenario = what_if({k: v for k, v in form.items() if isinstance(v, str)}
-                               | {k: "" for k, v in form.items() if not isinstance(v, str)}, self.lab.config)
+            # An uploaded file in a field is read as an empty value, then refused or ignored.
+            fields = {k: (v if isinstance(v, str) else "") for k, v in form.items()}
+            scenario = what_if(fields, self.lab.config)
         except FormError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
         msg = await self._run(scenario)
@@ -245,10 +253,7 @@ class LiveView:
                         "conns": [v.to_message(True, ladders=False) for v in self.conns.recent(SNAPSHOT_CONNS)]}
             await resp.write(b"retry: 2000\n\n" + sse("snapshot", snapshot))
             while not sub.dropped and not self._stopped:
-                try:
-                    payload = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
-                except asyncio.TimeoutError:
-                    payload = b": keepalive\n\n"
+                payload = await sub.queue.get()        # the hub sends keepalives to all pages
                 if payload is None or sub.dropped:
                     break
                 await resp.write(payload)

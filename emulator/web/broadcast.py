@@ -45,6 +45,7 @@ class Broadcaster:
         self._subscribers: set[Subscriber] = set()
         self._dirty: dict[str, None] = {}
         self._tick: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.sent = 0
         self.dropped = 0
@@ -55,6 +56,13 @@ class Broadcaster:
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._keepalive = loop.call_later(KEEPALIVE_SECONDS, self._keep_alive)
+
+    def _keep_alive(self) -> None:
+        # One timer for every page (an idle proxy or browser must see bytes now and then).
+        self._deliver(b": keepalive\n\n")
+        if self._loop is not None:
+            self._keepalive = self._loop.call_later(KEEPALIVE_SECONDS, self._keep_alive)
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber()
@@ -98,9 +106,10 @@ class Broadcaster:
                 self.dropped += 1
 
     def close(self) -> None:
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = None
+        for handle in (self._tick, self._keepalive):
+            if handle is not None:
+                handle.cancel()
+        self._tick = self._keepalive = None
         for sub in list(self._subscribers):
             sub.dropped = True
             if not sub.queue.full():

@@ -85,12 +85,13 @@ class ConnectionView:
         if len(self._pending) < MAX_PENDING:
             self._pending.append(rec)
         elif kind in _IDENTITY_KINDS:
-            self._catch_up()
+            self.sync()
             self._apply(rec)
         self.version += 1
         return True
 
-    def _catch_up(self) -> None:
+    def sync(self) -> None:
+        """Build the ladder from the events kept since the last look."""
         pending, self._pending = self._pending, []
         for rec in pending:
             self._apply(rec)
@@ -183,13 +184,17 @@ class ConnectionView:
     # ---------------------------------------------------------------- for the page
     @property
     def words(self) -> str:
-        self._catch_up()
+        self.sync()
         return identity_words(self.identity_source, self.acting, self.transport_identity)
 
     def live_svg(self) -> str:
-        self._catch_up()
+        self.sync()
         return draw_ladder(self.steps, f"client {self.peer}", f"server {self.listener}",
                            f"live ladder of connection {self.conn}", number="msg")
+
+    @property
+    def has_final(self) -> bool:
+        return self._final is not None
 
     def final(self) -> list[dict[str, Any]]:
         """Ladders and verdicts from this connection's capture, read as `explain` reads it.
@@ -210,14 +215,19 @@ class ConnectionView:
                         "svg": ladder_svg(c), "verdicts": verdicts(c)} for c in conns]
         return self._final
 
-    def to_message(self, final: bool, ladders: bool = True) -> dict[str, Any]:
+    def to_message(self, final: bool, ladders: bool = True, live: bool = True) -> dict[str, Any]:
         """What a page gets. `ladders=False` leaves out the capture's ladders (the page fetches
-        them when asked), which keeps the messages pushed to every page small."""
+        them when asked) and `live=False` the live ladder (the page has it already), which keeps
+        the messages pushed to every page small: bytes written to 50 sockets are most of what
+        an open page costs the server."""
+        self.sync()
         out: dict[str, Any] = {
             "conn": self.conn, "listener": self.listener, "peer": self.peer, "version": self.version,
             "words": self.words, "acting": self.acting, "identity_source": self.identity_source,
             "status": self.status, "closed": self.closed, "capture": bool(self.capture),
-            "svg": self.live_svg(), "messages": self.messages}
+            "messages": self.messages}
+        if live:
+            out["svg"] = self.live_svg()
         if final and self.closed is not None:
             out["final"] = [f if ladders else {k: v for k, v in f.items() if k != "svg"} for f in self.final()]
         return out

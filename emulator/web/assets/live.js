@@ -7,6 +7,7 @@
   const token = new URLSearchParams(location.search).get("token");
   const MAX_CARDS = 40;
   const rows = {};          // row id -> <tr>
+  const ladders = {};       // connection -> its live ladder (SVG); updates leave it out when unchanged
   let headings = {};
 
   function withToken(url) {
@@ -138,7 +139,7 @@
     if (!card) {
       card = el("article", {id: "conn-" + c.conn, class: "card"});
       list.insertBefore(card, list.firstChild);
-      while (list.children.length > MAX_CARDS) list.lastChild.remove();
+      while (list.children.length > MAX_CARDS) { delete ladders[list.lastChild.id.slice(5)]; list.lastChild.remove(); }
     }
     card.dataset.version = c.version;
     card.textContent = "";
@@ -162,7 +163,8 @@
       card.appendChild(more);
     }
     const live = el("div", {class: "ladder"});
-    live.innerHTML = c.svg;               // drawn and escaped by the server
+    if (c.svg !== undefined) ladders[c.conn] = c.svg;
+    live.innerHTML = ladders[c.conn] || "";   // drawn and escaped by the server
     card.appendChild(live);
     if (finals.length) {
       // The capture's ladders are fetched when opened: pushed to every page they would cost
