@@ -89,6 +89,10 @@ class SrvsvcInterface(RpcInterface):
                  shares: list[tuple[str, int, str]] = DEFAULT_SHARES) -> None:
         self.server = server
         self.shares = list(shares)
+        # NetrServerGetInfo's answer depends only on the level and this server's fixed config, and
+        # building it through impacket's NDR classes was most of the call's cost in the profile of
+        # a named-pipe logon: each level is encoded once.
+        self._server_info: dict[int, bytes] = {}
 
     def call(self, opnum: int, stub: bytes, ctx: CallContext) -> bytes:
         stub = ndr.in_little_endian(ctx, REQUESTS.get(opnum), stub, "srvsvc")
@@ -198,6 +202,12 @@ class SrvsvcInterface(RpcInterface):
                        result="ok" if level in (100, 101, 102) else "invalid_level"))
         if level not in (100, 101, 102):
             return struct.pack("<III", level, 0, ERROR_INVALID_LEVEL)
+        encoded = self._server_info.get(level)
+        if encoded is None:
+            encoded = self._server_info[level] = self._encode_server_info(level)
+        return encoded
+
+    def _encode_server_info(self, level: int) -> bytes:
         resp = srvs.NetrServerGetInfoResponse()
         info_union = resp.fields["InfoStruct"]
         info_union["tag"] = level
