@@ -99,7 +99,7 @@ def _pkg_version(dist: str) -> str:
 
 # ---------------------------------------------------------------------- ours
 def start_ours(smb: bool = True, tcp: bool = True, *, policy: dict | None = None, kerberos: bool = False,
-               connections: int = 1024, label: str = "ours") -> Peer:
+               connections: int = 1024, label: str = "ours", root: str | None = None) -> Peer:
     """Our server (`rpcauth serve`) from the default lab with `policy` merged in; with `kerberos` the
     lab starts its realm (MIT KDC on an ephemeral port) and the peer's `info` holds krb5.conf and the
     service host name from the ready file."""
@@ -121,7 +121,8 @@ def start_ours(smb: bool = True, tcp: bool = True, *, policy: dict | None = None
     cmd = [sys.executable, "-m", "emulator.cli", "serve", "--host", "127.0.0.1", "--config", config,
            "--smb-port", str(smb_port if smb else 0), "--epm-port", "0",
            "--emsmdb-port", str(tcp_port if tcp else 0), "--ready-file", ready]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+    env = {**os.environ, "PYTHONPATH": root} if root else None      # `root`: another checkout's code
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp, env=env)
     deadline = time.monotonic() + 60
     while not os.path.exists(ready) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
