@@ -517,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
             g = with_peer(lambda k=k: peers.start_ours(connections=k), notes, grow)
             if g:
                 growth.append(g)
+                if g["failures"] and nofile < 2 * k + 64:
+                    notes.append(f"held {k}: the open-file limit could be raised only to {nofile} (the hard "
+                                 f"limit; this machine does not let root raise it) while {2 * k} sockets were "
+                                 "asked of the server: the failures may be the limit's")
                 print(f"  {k:5} held: smb={g['smb_held']} tcp={g['tcp_held']} fail={g['failures']} "
                       f"cpu={fmt(g['cpu_ms'], 2)} ms/logon rss={g['rss_mb']:.1f} MB", flush=True)
 
