@@ -401,13 +401,15 @@ def write_docs(path: str, quick: bool, rows, growth, caps, decrypt, live, versio
             lines.append(f"| {k} | {v:.2f} | {v / live['ui-0']:.2f}x |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in STANDING_NOTES + notes]
     text = "\n".join(lines) + "\n"
-    # A "Measured by hand" section (figures too slow for this command) survives a rewrite.
+    # Sections written by hand (the profile, figures too slow or too interactive for this command)
+    # survive a rewrite.
     try:
         with open(path) as f:
             old = f.read()
     except OSError:
         old = ""
-    for marker in ("\n## What the profile showed and what changed", "\n## Measured by hand"):
+    for marker in ("\n## What the profile showed and what changed", "\n## Measured by hand",
+                   "\n## The live view"):
         if marker in old:
             rest = old[old.index(marker) + 1:]
             nxt = rest.find("\n## ", 1)
