@@ -24,19 +24,23 @@ def _progress(progress: ProgressFn | bool | None) -> ProgressFn | None:
 
 
 def explain(path: str, fmt: str = "text", *, passwords: Iterable[str] | None = None,
-            lab: Any = None, progress: ProgressFn | bool | None = None) -> str:
+            lab: Any = None, keytab: str | None = None,
+            progress: ProgressFn | bool | None = None) -> str:
     """Explain a pcap/pcapng. `progress`: a callable receiving (bytes read, file size), or
     None/False for none. Raises CaptureError for unreadable
     captures. `passwords` ({user: password} or "user:password" strings) and `lab` (a LabConfig
     or its path) give NT hashes to verify signatures and read PKT_PRIVACY stubs of NTLMv2
-    contexts; without them sealed stubs are reported as sealed."""
+    contexts; without them sealed stubs are reported as sealed. `keytab` (a keytab file with
+    the service keys) decrypts Kerberos tickets, names their client principal and reads
+    Kerberos-sealed stubs (capture/kerberos_keys.py)."""
     out = io.StringIO()
-    explain_to(out, path, fmt, passwords=passwords, lab=lab, progress=progress)
+    explain_to(out, path, fmt, passwords=passwords, lab=lab, keytab=keytab, progress=progress)
     return out.getvalue()
 
 
 def explain_to(out: TextIO, path: str, fmt: str = "text", *, passwords: Iterable[str] | None = None,
-               lab: Any = None, progress: ProgressFn | bool | None = None) -> None:
+               lab: Any = None, keytab: str | None = None,
+               progress: ProgressFn | bool | None = None) -> None:
     """Write the explanation to `out`, ending with a newline.
 
     JSON streams: each connection's object is written as soon as its TCP stream ends, so memory
@@ -45,7 +49,8 @@ def explain_to(out: TextIO, path: str, fmt: str = "text", *, passwords: Iterable
     orders connections by their first frame)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    keyring = Keyring.build(passwords, lab) if (passwords or lab is not None) else None
+    keyring = (Keyring.build(passwords, lab, keytab)
+               if (passwords or lab is not None or keytab is not None) else None)
     if fmt == "json":
         JsonWriter(out, path).run(CaptureScan(path, keyring), _progress(progress))
         return
