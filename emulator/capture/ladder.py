@@ -43,6 +43,8 @@ def highlight(ev: dict[str, Any]) -> str | None:
         return IDENTITY
     if k == "smb.session_setup" and ev.get("result") == "ok" and ev.get("user"):
         return AUTHENTICATED
+    if k == "kerberos.accept" and ev.get("result") == "ok" and ev.get("user"):
+        return AUTHENTICATED
     if k in ("ntlm.authenticate", "kerberos.ticket") and ev.get("leg") not in (None, "session_setup") \
             and ev.get("result", "ok") == "ok" and ev.get("user"):
         return AUTHENTICATED
@@ -134,6 +136,10 @@ def label(ev: dict[str, Any]) -> str:
             return (f"ticket for {ev.get('service')} ({ev.get('enctype')}) decrypted with the keytab: "
                     f"client {ev.get('principal')}")
         return f"ticket for {ev.get('service') or '?'} not read with the keytab: {ev.get('result')}"
+    if k == "kerberos.accept":
+        # The live server's verdict on an AP-REQ (emulator/kerberos/acceptor.py).
+        client = ev.get("principal") or "?"
+        return f"Kerberos AP-REQ: ticket for {ev.get('service') or '?'}, client {client}: {ev.get('result')}"
     if k == "kerberos.ap_rep":
         return f"AP-REP not read with the ticket's session key: {ev.get('result')}"
     if k == "rpc.fault":
