@@ -111,6 +111,8 @@ def recorded(tmp_path_factory):
             rpc.close()
         shutil.copy(lab.realm.keytab, keytab)        # the realm's directory goes with the lab
         connects = lab.records("emsmdb.connect")
+        identities = [(r["user"], r["domain"]) for r in lab.records("rpc.identity")
+                      if r["source"] == "rpc_auth"]
     finally:
         lab.stop()
         for k, v in saved.items():
@@ -120,11 +122,11 @@ def recorded(tmp_path_factory):
                 os.environ[k] = v
     pcaps = sorted(captures.glob("*.pcap"))
     assert len(pcaps) == 3, pcaps
-    return pcaps, keytab, connects
+    return pcaps, keytab, connects, identities
 
 
 def test_explain_names_the_client_tshark_names(recorded):
-    pcaps, keytab, _ = recorded
+    pcaps, keytab, *_ = recorded
     seen = 0
     for pcap in pcaps:
         truth = tshark_clients(pcap, keytab)
@@ -135,7 +137,7 @@ def test_explain_names_the_client_tshark_names(recorded):
 
 
 def test_the_identity_is_the_ticket_client_mapped_to_the_lab_user(recorded):
-    pcaps, keytab, _ = recorded
+    pcaps, keytab, *_ = recorded
     conns = [c for p in pcaps for c in explain_json(p, "--keytab", str(keytab))["connections"]]
     assert len(conns) == 3
     for c in conns:
@@ -145,10 +147,21 @@ def test_the_identity_is_the_ticket_client_mapped_to_the_lab_user(recorded):
     assert {c["mechanism"] for c in conns} == {"kerberos", "spnego-kerberos"}
 
 
+def test_with_the_lab_config_the_client_is_named_as_the_live_server_names_it(recorded):
+    """--lab maps the principal to the lab user in the lab's domain: the words of the live
+    server's own rpc.identity events."""
+    from emulator.capture import explain as explain_api
+
+    pcaps, keytab, _, identities = recorded
+    named = [(c["user"], c["domain"]) for p in pcaps for c in json.loads(
+        explain_api(str(p), "json", lab=kerberos_config(), keytab=str(keytab)))["connections"]]
+    assert sorted(named) == sorted(identities) and len(named) == 3
+
+
 def test_sealed_ecdoconnect_reads_as_the_lab_answered(recorded):
     """The impacket connection's sealed EcDoConnect calls: the DN and status explain unseals
     are those the lab's own events recorded."""
-    pcaps, keytab, connects = recorded
+    pcaps, keytab, connects, _ = recorded
     docs = [explain_json(p, "--keytab", str(keytab)) for p in pcaps]
     calls = [e for d in docs for c in d["connections"] for e in c["emsmdb"]]
     assert [(e["user_dn"], e["status_name"], e["unsealed"]) for e in calls] == [
@@ -157,7 +170,7 @@ def test_sealed_ecdoconnect_reads_as_the_lab_answered(recorded):
 
 
 def test_without_keys_kerberos_is_labelled_and_the_principal_left_in_the_ticket(recorded):
-    pcaps, _, _ = recorded
+    pcaps, *_ = recorded
     for pcap in pcaps:
         doc = explain_json(pcap)
         for c in doc["connections"]:
@@ -173,7 +186,7 @@ def test_a_tampered_sealed_stub_fails_verification(recorded, tmp_path):
     longer verifies, so explain reports the failure and does not read the DN."""
     from scapy.all import Raw, rdpcap, wrpcap
 
-    pcaps, keytab, _ = recorded
+    pcaps, keytab, *_ = recorded
     for pcap in pcaps:
         doc = explain_json(pcap, "--keytab", str(keytab))
         calls = [e for c in doc["connections"] for e in c["emsmdb"]]
@@ -198,7 +211,7 @@ def test_a_tampered_sealed_stub_fails_verification(recorded, tmp_path):
 def test_no_key_reaches_the_output(recorded):
     from impacket.krb5.keytab import Keytab
 
-    pcaps, keytab, _ = recorded
+    pcaps, keytab, *_ = recorded
     keys = [bytes(e.main_part["keyblock"]["keyvalue"]["data"]) for e in Keytab.loadFile(str(keytab)).entries]
     assert keys
     for fmt in ("json", "text", "html"):
@@ -208,7 +221,7 @@ def test_no_key_reaches_the_output(recorded):
 
 
 def test_an_unreadable_keytab_is_a_clear_error(recorded, tmp_path):
-    pcaps, _, _ = recorded
+    pcaps, *_ = recorded
     bogus = tmp_path / "not.keytab"
     bogus.write_bytes(b"\x05\x02garbage")
     for path in (bogus, tmp_path / "missing.keytab"):

@@ -162,8 +162,9 @@ class KerberosExchange:
         return f"<KerberosExchange {self.ticket.client if self.ticket else None}>"
 
     @property
-    def ready(self) -> bool:
-        return self._session is not None
+    def aes(self) -> bool:
+        """The context's keys are AES: its wrap and MIC tokens can be read here (RFC 4121)."""
+        return self._session is not None and self._session.enctype in AES_ENCTYPES
 
     def ap_req(self, token: bytes) -> TicketReading:
         from impacket.krb5.asn1 import AP_REQ, Authenticator, EncTicketPart
