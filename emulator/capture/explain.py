@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from typing import Any, Iterable, TextIO
 
-from .ladder import session_line, steps, verdicts
+from .ladder import Step, kdc_steps, session_line, steps, verdicts
 from .model import Connection
 from .fileformat import CaptureError, ProgressFn
 from .streams import Analysis, CaptureScan, StreamSummary, analyse
@@ -157,8 +157,12 @@ def _title(i: int, c: Connection) -> str:
 
 
 def text_ladder(c: Connection, width: int = 46) -> list[str]:
+    return text_steps(steps(c), width)
+
+
+def text_steps(st: list[Step], width: int = 46) -> list[str]:
     lines = [f"  {'frame':>6}  {'client':<{width}}  server"]
-    for s in steps(c):
+    for s in st:
         if s.note:
             lines.append(f"  {s.frame:>6}  {'':<{width // 2 - 4}}[{s.label}]")
         elif s.to_server:
@@ -179,6 +183,10 @@ def to_text(analysis: Analysis) -> str:
         out.extend(text_ladder(c))
         for v in verdicts(c):
             out.append(f"  Verdict: {v}")
+    for n in (n for n in analysis.stream_notes if n.kdc):
+        out.append("")
+        out.append(f"Kerberos KDC exchange: tcp.stream {n.stream}, {n.client} -> {n.server}")
+        out.extend(text_steps(kdc_steps(n.kdc)))
     # Sessions whose stream opened a pipe are in that connection's ladder already.
     with_pipes = {c.stream for c in analysis.connections if c.transport == "ncacn_np"}
     notes = [n for n in analysis.stream_notes

@@ -140,6 +140,8 @@ def label(ev: dict[str, Any]) -> str:
         # The live server's verdict on an AP-REQ (emulator/kerberos/acceptor.py).
         client = ev.get("principal") or "?"
         return f"Kerberos AP-REQ: ticket for {ev.get('service') or '?'}, client {client}: {ev.get('result')}"
+    if k in KDC_LABELS:
+        return kdc_label(ev)
     if k == "kerberos.ap_rep":
         return f"AP-REP not read with the ticket's session key: {ev.get('result')}"
     if k == "rpc.fault":
@@ -147,6 +149,31 @@ def label(ev: dict[str, Any]) -> str:
     if k == "malformed":
         return f"malformed {ev.get('layer')}: {ev.get('reason')}"
     return k
+
+
+# The KDC exchanges that fetch the tickets (capture/kdc.py): AS for the TGT, TGS for a service.
+KDC_LABELS = {"kerberos.as_req": "AS-REQ", "kerberos.as_rep": "AS-REP", "kerberos.tgs_req": "TGS-REQ",
+              "kerberos.tgs_rep": "TGS-REP", "kerberos.krb_error": "KRB-ERROR"}
+
+
+def kdc_label(ev: dict[str, Any]) -> str:
+    name, k = KDC_LABELS[ev["kind"]], ev["kind"]
+    realm = f"@{ev['realm']}" if ev.get("realm") else ""
+    if k == "kerberos.as_req":
+        pre = "with pre-authentication" if ev.get("preauth") else "without pre-authentication"
+        return f"{name} {ev.get('client')}{realm} for {ev.get('service')} ({pre})"
+    if k == "kerberos.tgs_req":
+        return f"{name} for {ev.get('service')} (the client is in the TGT)"
+    if k == "kerberos.krb_error":
+        return f"{name} {ev.get('error')}" + (f" for {ev['service']}" if ev.get("service") else "")
+    return f"{name}: ticket for {ev.get('service')} issued to {ev.get('client')}{realm}"
+
+
+def kdc_steps(events: list[dict[str, Any]]) -> list[Step]:
+    """The ladder of one stream to a KDC."""
+    return [Step(ev["frame"], ev.get("dir") == "c2s", label(ev), ev["kind"] == "malformed",
+                 AUTHENTICATED if ev["kind"] in ("kerberos.as_rep", "kerberos.tgs_rep") else None)
+            for ev in events]
 
 
 def steps(conn: Connection) -> list[Step]:
