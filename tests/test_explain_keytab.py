@@ -245,3 +245,82 @@ def test_corpus_smb2_krb_principal_agrees_with_tshark():
     assert conn["user"] == principal.split("@")[0]
     sessions = [s for n in doc["streams"] for s in n["smb_sessions"]]
     assert [s["principal"] for s in sessions if s["established"]] == [principal]
+
+
+# ---------------------------------------------------------------- AS and TGS, from the wire
+
+@pytest.fixture(scope="module")
+def kdc_capture(tmp_path_factory):
+    """The real loopback traffic of MIT kinit, kvno and rpcclient with a lab's KDC and SMB
+    listener, recorded by Wireshark's dumpcap (root only)."""
+    need_kerberos()
+    dumpcap, rpcclient = need_tool("dumpcap"), need_tool("rpcclient")
+    need_tool("tshark")
+    if os.geteuid() != 0:
+        pytest.skip("capturing loopback traffic with dumpcap needs root")
+    import time
+
+    pcap = tmp_path_factory.mktemp("kdccap") / "kdc.pcapng"
+    lab = Lab(kerberos_config()).start()
+    try:
+        kdc_port = lab.realm.port
+        ports = (kdc_port, lab.ports["smb"])
+        cap = subprocess.Popen([dumpcap, "-q", "-i", "lo", "-f",
+                                " or ".join(f"tcp port {p}" for p in ports), "-w", str(pcap)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20     # dumpcap says "File:" once it is capturing
+            while time.monotonic() < deadline and not os.path.exists(pcap):
+                time.sleep(0.1)
+            time.sleep(1)
+            proc, ticket = kinit(lab, "alice")
+            assert proc.returncode == 0, proc.stderr
+            for svc in ("cifs", "host"):      # the service tickets, as a Windows logon fetches them
+                assert kvno(ticket, f"{svc}/{HOSTNAME}@{REALM}").returncode == 0
+            out = run_samba(rpcclient, lab, ticket, [f"ncacn_np:{HOSTNAME}[krb5,seal]", "-c", "srvinfo"])
+            assert out.returncode == 0, out.stdout + out.stderr
+            time.sleep(1)
+        finally:
+            cap.terminate()
+            cap.wait(timeout=20)
+        keytab = pcap.parent / "lab.keytab"
+        shutil.copy(lab.realm.keytab, keytab)
+    finally:
+        lab.stop()
+    return pcap, keytab, kdc_port
+
+
+def tshark_kdc(pcap, port) -> dict[int, tuple[str, str]]:
+    """{frame: (message type, client)} of the KDC messages tshark decodes on the KDC's port."""
+    out = subprocess.run(["tshark", "-n", "-r", str(pcap), "-d", f"tcp.port=={port},kerberos",
+                          "-Y", "kerberos.msg_type >= 10 and kerberos.msg_type <= 13",
+                          "-T", "fields", "-e", "frame.number", "-e", "kerberos.msg_type",
+                          "-e", "kerberos.CNameString"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    names = {"10": "as_req", "11": "as_rep", "12": "tgs_req", "13": "tgs_rep"}
+    rows = [line.split("\t") for line in out.splitlines() if line.strip()]
+    return {int(r[0]): (names[r[1].split(",")[0]], r[2].split(",")[0]) for r in rows}
+
+
+def test_as_and_tgs_exchanges_read_as_tshark_reads_them(kdc_capture):
+    pcap, keytab, port = kdc_capture
+    truth = tshark_kdc(pcap, port)
+    doc = explain_json(pcap, "--keytab", str(keytab))
+    ours = {e["frame"]: (e["kind"].split(".")[1], e.get("client") or "")
+            for n in doc["streams"] for e in n.get("kdc", [])}
+    assert ours == truth
+    kinds = [k for k, _ in ours.values()]
+    assert kinds[:2] == ["as_req", "as_rep"] and "tgs_rep" in kinds     # kinit, then the service tickets
+    # The service tickets the KDC issued are the ones the server was shown.
+    issued = {e["service"] for n in doc["streams"] for e in n.get("kdc", []) if e["kind"] == "kerberos.tgs_rep"}
+    shown = {e["service"].split("@")[0] for c in doc["connections"] for e in c["events"]
+             if e["kind"] == "kerberos.ticket"}
+    assert shown and shown <= issued
+
+
+def test_the_report_draws_as_tgs_ap_req_and_ap_rep(kdc_capture):
+    pcap, keytab, _ = kdc_capture
+    html = explain(pcap, "--keytab", str(keytab), fmt="html").stdout
+    for word in ("AS-REQ alice@CORP.TEST", "AS-REP", "TGS-REQ", "TGS-REP", "Kerberos AP-REQ",
+                 "Kerberos AP-REP", "from the bind&#x27;s ticket (alice@CORP.TEST)"):
+        assert word in html, word
