@@ -99,7 +99,8 @@ def test_impacket_spnego_kerberos_bind_over_tcp(krb_lab, alice_ccache, level):
     binds = krb_lab.records("rpc.bind", conn=conn)
     assert [(b["auth_type"], b["auth_level"], b["result"]) for b in binds] == [("spnego", level, "ok")]
     ident = krb_lab.records("rpc.identity", conn=conn)[-1]
-    assert (ident["user"], ident["auth_layer"]) == ("alice", "rpc_bind/spnego-kerberos")
+    assert (ident["user"], ident["auth_layer"], ident["mechanism"]) == (
+        "alice", "rpc_bind/spnego-kerberos", "spnego-kerberos")
     accepted = krb_lab.records("kerberos.accept", conn=conn)
     assert [(a["result"], a["dce_style"], a["legs"]) for a in accepted] == [("ok", True, 2)]
     assert not [v for v in krb_lab.records("rpc.verify", conn=conn) if v["result"] != "ok"]
