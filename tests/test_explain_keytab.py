@@ -324,3 +324,73 @@ def test_the_report_draws_as_tgs_ap_req_and_ap_rep(kdc_capture):
     for word in ("AS-REQ alice@CORP.TEST", "AS-REP", "TGS-REQ", "TGS-REP", "Kerberos AP-REQ",
                  "Kerberos AP-REP", "from the bind&#x27;s ticket (alice@CORP.TEST)"):
         assert word in html, word
+
+
+# ---------------------------------------------------------------- an RC4-HMAC context (RFC 4757)
+
+@pytest.fixture(scope="module")
+def rc4_capture(tmp_path_factory):
+    """MIT's initiator with an RC4-HMAC session key (the client asks for arcfour-hmac first in
+    its TGS-REQ, as an old Windows client would): auth_type 16, AUTH3, one sealed call."""
+    need_kerberos()
+    need_tool("tshark")
+    tmp = tmp_path_factory.mktemp("rc4")
+    captures = tmp / "captures"
+    lab = Lab(kerberos_config(), captures=str(captures)).start()
+    saved = os.environ.get("KRB5_CONFIG")
+    try:
+        with open(lab.realm.krb5_conf) as f:
+            conf = f.read().replace("[libdefaults]", "[libdefaults]\n default_tgs_enctypes = "
+                                    "arcfour-hmac aes256-cts-hmac-sha1-96 aes128-cts-hmac-sha1-96\n", 1)
+        rc4_conf = tmp / "rc4-krb5.conf"
+        rc4_conf.write_text(conf)
+        proc, ticket = kinit(lab, "alice")
+        assert proc.returncode == 0, proc.stderr
+        ticket.env["KRB5_CONFIG"] = os.environ["KRB5_CONFIG"] = str(rc4_conf)   # the initiator is in-process
+        assert kvno(ticket, f"host/{HOSTNAME}@{REALM}").returncode == 0
+        ctx = gss_initiator(ticket, f"host@{HOSTNAME}")
+        rpc = RawRpc(lab.ports["emsmdb"])
+        try:
+            rpc.send(bind_pdu(MGMT, 16, 6, ctx.step()))
+            rpc.send(auth3_pdu(16, 6, ctx.step(rpc.recv()["auth_data"])))
+            rpc.send(sealed_request(ctx, 16, 0, b"", call_id=3))
+            assert unseal_response(ctx, rpc.recv())[-4:] == b"\0\0\0\0"
+        finally:
+            rpc.close()
+        klist = subprocess.run(["klist", "-e"], env=ticket.env, capture_output=True, text=True).stdout
+        keytab = tmp / "lab.keytab"
+        shutil.copy(lab.realm.keytab, keytab)
+    finally:
+        lab.stop()
+        if saved is None:
+            os.environ.pop("KRB5_CONFIG", None)
+        else:
+            os.environ["KRB5_CONFIG"] = saved
+    assert "arcfour-hmac, aes256" in klist, klist          # an RC4 session key, an AES ticket
+    (pcap,) = captures.glob("*.pcap")
+    return pcap, keytab
+
+
+def test_rc4_sealed_calls_are_verified_and_a_tampered_one_fails(rc4_capture, tmp_path):
+    from scapy.all import Raw, rdpcap, wrpcap
+
+    pcap, keytab = rc4_capture
+    doc = explain_json(pcap, "--keytab", str(keytab))
+    assert explain_clients(doc) == tshark_clients(pcap, keytab)
+    (conn,) = doc["connections"]
+    assert (conn["user"], conn["principal"]) == ("alice", f"alice@{REALM}")
+    assert (conn["verified_pdus"], conn["bad_signatures"]) == (2, 0)
+    # Flip one bit of the RFC 4757 checksum of the request's token (its stub is empty).
+    packets = rdpcap(str(pcap))
+    # The request's header (version 5, request, first and last fragment, little endian); the
+    # recorder may carry it in one segment after the AUTH3, so it is found by its bytes, last.
+    req = next(i for i, p in enumerate(packets) if Raw in p
+               and b"\x05\x00\x00\x03\x10\x00\x00\x00" in bytes(p[Raw].load))
+    payload = bytes(packets[req][Raw].load)
+    at = len(payload) - 45 + 13 + 16                       # framing, header and sequence number
+    packets[req][Raw].load = payload[:at] + bytes([payload[at] ^ 0x01]) + payload[at + 1:]
+    tampered = tmp_path / "rc4-tampered.pcap"
+    wrpcap(str(tampered), packets)
+    (conn,) = explain_json(tampered, "--keytab", str(keytab))["connections"]
+    assert (conn["verified_pdus"], conn["bad_signatures"]) == (1, 1)
+    assert [e["result"] for e in conn["events"] if e["kind"] == "rpc.verify"] == ["bad_seal"]

@@ -11,8 +11,8 @@ MS-KILE 3.4.5):
 
 and with the context key unseals and verifies DCE/RPC stubs: RFC 4121 wrap tokens (privacy) and
 MIC tokens (integrity) for the AES enctypes, with MS-KILE's header signing (SIGN_ONLY buffers)
-when the client asked for it. RC4-HMAC tickets are read (impacket implements RFC 4757's
-encryption); RC4 wrap tokens are left sealed.
+when the client asked for it, and RFC 4757 wrap and MIC tokens for RC4-HMAC contexts (the
+HMAC-MD5 and RC4 of RFC 4757 7.3, from the Cryptodome primitives impacket itself uses).
 
 impacket's Kerberos types and crypto do the work (`impacket.krb5.asn1`, `.crypto`, `.keytab`);
 nothing here is a cipher or an ASN.1 codec. Keys never leave this module: every object that
@@ -42,6 +42,12 @@ FLAG_SENT_BY_ACCEPTOR, FLAG_SEALED, FLAG_ACCEPTOR_SUBKEY = 1, 2, 4
 TOK_WRAP, TOK_MIC = b"\x05\x04", b"\x04\x04"
 TOKEN_HEADER = 16
 AES_ENCTYPES = (17, 18)
+RC4_ENCTYPE = 23
+# RFC 4757 7.3: the token after RFC 2743's framing (0x60, length, the krb5 OID): TOK_ID 02 01
+# (wrap) or 01 01 (MIC), SGN_ALG 11 00 (HMAC-MD5), SEAL_ALG 10 00 (RC4) or ff ff, filler.
+RC4_WRAP, RC4_MIC = b"\x02\x01\x11\x00\x10\x00\xff\xff", b"\x01\x01\x11\x00\xff\xff\xff\xff"
+RC4_SEAL_SALT, RC4_SIGN_SALT = 13, 15
+RC4_MIC_SIZE, RC4_WRAP_SIZE = 37, 45
 ENCTYPE_NAMES = {17: "aes128-cts-hmac-sha1-96", 18: "aes256-cts-hmac-sha1-96", 23: "rc4-hmac",
                  3: "des-cbc-md5", 16: "des3-cbc-sha1"}
 
@@ -162,9 +168,14 @@ class KerberosExchange:
         return f"<KerberosExchange {self.ticket.client if self.ticket else None}>"
 
     @property
-    def aes(self) -> bool:
-        """The context's keys are AES: its wrap and MIC tokens can be read here (RFC 4121)."""
-        return self._session is not None and self._session.enctype in AES_ENCTYPES
+    def readable(self) -> bool:
+        """The context's wrap and MIC tokens can be read here: AES (RFC 4121) or RC4 (RFC 4757)."""
+        return self._session is not None and self._session.enctype in AES_ENCTYPES + (RC4_ENCTYPE,)
+
+    def rc4_keys(self) -> list["Key"]:
+        """RFC 4757 tokens carry no key flag: the subkeys, then the session key, are tried."""
+        keys = [self._acceptor_subkey, self._initiator_subkey, self._session]
+        return [k for k in keys if k is not None and k.enctype == RC4_ENCTYPE]
 
     def ap_req(self, token: bytes) -> TicketReading:
         from impacket.krb5.asn1 import AP_REQ, Authenticator, EncTicketPart
@@ -287,7 +298,9 @@ class KerberosPacketReader:
         return 60 if sealed else 28
 
     def accepts_signature_size(self, size: int, sealed: bool) -> bool:
-        return TOKEN_HEADER + 12 <= size <= 4096 if sealed else size == 28
+        if sealed:
+            return TOKEN_HEADER + 12 <= size <= 4096
+        return size in (28, RC4_MIC_SIZE)
 
     def sig_size(self) -> int:
         return 60
@@ -313,6 +326,8 @@ class KerberosPacketReader:
         """RFC 4121 4.2.6.1: checksum = HMAC over the message then the token header."""
         from impacket.krb5.crypto import _checksum_table
 
+        if len(signature) == RC4_MIC_SIZE:
+            return self._rc4(parts, signature, sealed=False) is not None
         found = self._aes(signature[:TOKEN_HEADER], False)
         if found is None or len(signature) != 28:
             return False
@@ -331,6 +346,8 @@ class KerberosPacketReader:
         over confounder | (PDU header) | stub | (sec_trailer) | filler | token header."""
         from Cryptodome.Hash import HMAC
 
+        if len(signature) == RC4_WRAP_SIZE and signature[:1] == b"\x60":
+            return self._rc4(parts, signature, sealed=True)
         header = signature[:TOKEN_HEADER]
         found = self._aes(header, True)
         if found is None or not header[2] & FLAG_SEALED:
@@ -362,6 +379,49 @@ class KerberosPacketReader:
                 if hmac.compare_digest(expected, mac):
                     return data
         return None
+
+
+    def _rc4(self, parts: PacketParts, signature: bytes, sealed: bool) -> bytes | None:
+        """RFC 4757 7.3 in DCE style (the token framed, the data outside it): recover the
+        sequence number with the checksum, decrypt confounder and data, check the checksum.
+        Returns the data, or None when no key of the context verifies."""
+        from Cryptodome.Cipher import ARC4
+        from Cryptodome.Hash import HMAC, MD5
+
+        token = _rc4_token(signature)
+        if token is None or token[:8] != (RC4_WRAP if sealed else RC4_MIC):
+            return None
+        header, seq_enc, cksum = token[:8], token[8:16], token[16:24]
+        salt = (RC4_SEAL_SALT if sealed else RC4_SIGN_SALT).to_bytes(4, "little")
+        for key in self._exchange.rc4_keys():
+            k = key.contents
+            seq = ARC4.new(_hmac_md5(_hmac_md5(k, b"\0\0\0\0"), cksum)).decrypt(seq_enc)
+            confounder, data = b"", parts.data
+            if sealed:
+                local = bytes(b ^ 0xF0 for b in k)
+                rc4 = ARC4.new(_hmac_md5(_hmac_md5(local, b"\0\0\0\0"), seq[:4]))
+                confounder, data = rc4.decrypt(token[24:32]), rc4.decrypt(parts.data)
+            sign_key = _hmac_md5(k, b"signaturekey\0")
+            for pre, post in _sign_only_variants(parts):
+                digest = MD5.new(salt + header + confounder + pre + data + post).digest()
+                if hmac.compare_digest(HMAC.new(sign_key, digest, MD5).digest()[:8], cksum):
+                    return data
+        return None
+
+
+def _hmac_md5(key: bytes, data: bytes) -> bytes:
+    from Cryptodome.Hash import HMAC, MD5
+    return HMAC.new(key, data, MD5).digest()
+
+
+def _rc4_token(signature: bytes) -> bytes | None:
+    """The 32-byte (wrap) or 24-byte (MIC) RFC 4757 token after its GSS framing."""
+    if signature[:1] != b"\x60" or len(signature) < 2:
+        return None
+    at = 2 + (signature[1] & 0x7F if signature[1] & 0x80 else 0)
+    if signature[at:at + 1] != b"\x06" or len(signature) < at + 2:
+        return None
+    return signature[at + 2 + signature[at + 1]:]
 
 
 def _signed_variants(parts: PacketParts) -> tuple[bytes, ...]:

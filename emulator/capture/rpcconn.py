@@ -310,7 +310,7 @@ class ObservedRpcConnection:
                        user=ticket.user, domain=ticket.domain)
             if ticket.result == "ok":
                 info.user, info.domain, info.principal = ticket.user, ticket.domain, ticket.client
-                if auth.auth_level >= 4 and self._kerberos.aes:  # RC4 calls stay sealed
+                if auth.auth_level >= 4 and self._kerberos.readable:
                     self._unsealer = KerberosUnsealer(
                         self._kerberos, auth.auth_type, auth.auth_level, auth.context_id,
                         bool(f.header.pfc_flags & w.PFC_SUPPORT_HEADER_SIGN))
