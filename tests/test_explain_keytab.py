@@ -208,6 +208,29 @@ def test_a_tampered_sealed_stub_fails_verification(recorded, tmp_path):
     assert conn["emsmdb"][1]["user_dn"] == calls[1]["user_dn"]    # the next call still reads
 
 
+def test_a_tampered_authenticator_names_nobody(recorded, tmp_path):
+    """MIT's auth_type 16 bind ends with the AP-REQ, whose last bytes are the authenticator's
+    ciphertext: one bit flipped there and the ticket no longer vouches for anyone."""
+    from scapy.all import Raw, rdpcap, wrpcap
+
+    pcaps, keytab, *_ = recorded
+    for pcap in pcaps:
+        (conn,) = explain_json(pcap, "--keytab", str(keytab))["connections"]
+        if conn["mechanism"] == "kerberos" and conn["transport"] == "ncacn_ip_tcp":
+            break
+    frame = next(e["frame"] for e in conn["events"] if e["kind"] == "kerberos.ticket")
+    packets = rdpcap(str(pcap))
+    payload = bytes(packets[frame - 1][Raw].load)
+    packets[frame - 1][Raw].load = payload[:-3] + bytes([payload[-3] ^ 0x01]) + payload[-2:]
+    tampered = tmp_path / "authenticator.pcap"
+    wrpcap(str(tampered), packets)
+    (conn,) = explain_json(tampered, "--keytab", str(keytab))["connections"]
+    ticket = next(e for e in conn["events"] if e["kind"] == "kerberos.ticket")
+    assert (ticket["result"], ticket["principal"]) == ("bad_integrity", None)
+    assert conn["user"] is None and "principal" not in conn
+    assert conn["verified_pdus"] == 0
+
+
 def test_no_key_reaches_the_output(recorded):
     from impacket.krb5.keytab import Keytab
 
