@@ -345,7 +345,8 @@ def test_the_report_draws_as_tgs_ap_req_and_ap_rep(kdc_capture):
     pcap, keytab, _ = kdc_capture
     html = explain(pcap, "--keytab", str(keytab), fmt="html").stdout
     for word in ("AS-REQ alice@CORP.TEST", "AS-REP", "TGS-REQ", "TGS-REP", "Kerberos AP-REQ",
-                 "Kerberos AP-REP", "from the bind&#x27;s ticket (alice@CORP.TEST)"):
+                 "Kerberos AP-REP", "ticket for host/exch01.corp.test: client alice@CORP.TEST",
+                 "from the bind&#x27;s ticket"):
         assert word in html, word
 
 

@@ -99,8 +99,8 @@ def label(ev: dict[str, Any]) -> str:
                 sm = ev.get("session_mechanism") or ""
                 who = "anonymous" if sm == "anonymous" else (
                     "the Kerberos ticket's principal" if "kerberos" in sm else who)
-            if ev.get("principal"):
-                return f"identity: {who} from the SMB session's ticket ({ev['principal']})"
+            if ev.get("principal"):  # the ticket's client is in the session setup's ticket note
+                return f"identity: {who} from the SMB session's ticket"
             return f"identity: {who} from the SMB session"
         if src == "anonymous":
             return "identity: anonymous" + (" (no RPC authentication)" if mech == "none" else f" ({mech})")
@@ -110,7 +110,7 @@ def label(ev: dict[str, Any]) -> str:
             return f"identity: the Kerberos ticket's principal via {mech} ({ev.get('auth_level')}), not parsed"
         if ev.get("principal"):
             return (f"identity: {_who(ev.get('user'), ev.get('domain'))} from the bind's ticket "
-                    f"({ev['principal']}) via {mech} ({ev.get('auth_level')})")
+                    f"({mech}, {ev.get('auth_level')})")
         return f"identity: {_who(ev.get('user'), ev.get('domain'))} via {mech} ({ev.get('auth_level')})"
     if k in ("schannel.negotiate", "schannel.challenge"):
         who = f" for {_who(ev.get('user'), ev.get('domain'))}" if ev.get("user") else ""
@@ -132,10 +132,11 @@ def label(ev: dict[str, Any]) -> str:
         name = KERBEROS_MESSAGES.get(ev.get("message") or "", "token")
         return f"Kerberos {name} (in {ev.get('leg')})"
     if k == "kerberos.ticket":
+        # Short enough for the drawings; the JSON event has the realm and the enctype too.
+        service = (ev.get("service") or "?").split("@")[0]
         if ev.get("result") == "ok":
-            return (f"ticket for {ev.get('service')} ({ev.get('enctype')}) decrypted with the keytab: "
-                    f"client {ev.get('principal')}")
-        return f"ticket for {ev.get('service') or '?'} not read with the keytab: {ev.get('result')}"
+            return f"ticket for {service}: client {ev.get('principal')}"
+        return f"ticket for {service} not read with the keytab: {ev.get('result')}"
     if k == "kerberos.accept":
         # The live server's verdict on an AP-REQ (emulator/kerberos/acceptor.py).
         client = ev.get("principal") or "?"
@@ -166,7 +167,7 @@ def kdc_label(ev: dict[str, Any]) -> str:
         return f"{name} for {ev.get('service')} (the client is in the TGT)"
     if k == "kerberos.krb_error":
         return f"{name} {ev.get('error')}" + (f" for {ev['service']}" if ev.get("service") else "")
-    return f"{name}: ticket for {ev.get('service')} issued to {ev.get('client')}{realm}"
+    return f"{name}: {ev.get('service')} ticket for {ev.get('client')}{realm}"
 
 
 def kdc_steps(events: list[dict[str, Any]]) -> list[Step]:

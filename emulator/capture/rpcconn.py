@@ -262,7 +262,7 @@ class ObservedRpcConnection:
             self._kerberos_seen = True
             self.event(frame, "kerberos.token", d, leg=leg, message=info.message)
             if self._keyring is not None and self._keyring.kerberos and info.raw:
-                self._read_kerberos(info, f, frame, d)
+                self._read_kerberos(info, f, frame, d, leg)
             if client:
                 self._claim(info, f.auth.auth_type)
             return
@@ -294,7 +294,7 @@ class ObservedRpcConnection:
                     self._unsealer = Unsealer(keys.readers, f.auth.auth_type, f.auth.auth_level,
                                               f.auth.context_id)
 
-    def _read_kerberos(self, info: TokenInfo, f: w.Pdu, frame: int, direction: str) -> None:
+    def _read_kerberos(self, info: TokenInfo, f: w.Pdu, frame: int, direction: str, leg: str) -> None:
         """With a keytab: the AP-REQ's ticket names the client (the claim then carries it), and
         the AP-REP's subkey completes the key that signs and seals the calls."""
         from .kerberos_keys import KerberosExchange, KerberosUnsealer
@@ -305,7 +305,7 @@ class ObservedRpcConnection:
         if info.message == "ap_req" and direction == "c2s":
             self._kerberos = KerberosExchange(keys)
             ticket = self._kerberos.ap_req(info.raw)
-            self.event(frame, "kerberos.ticket", direction, result=ticket.result,
+            self.event(frame, "kerberos.ticket", direction, leg=leg, result=ticket.result,
                        service=ticket.service, enctype=ticket.enctype, principal=ticket.client,
                        user=ticket.user, domain=ticket.domain)
             if ticket.result == "ok":
@@ -317,7 +317,7 @@ class ObservedRpcConnection:
         elif info.message == "ap_rep" and self._kerberos is not None:
             result = self._kerberos.ap_rep(info.raw)
             if result != "ok":
-                self.event(frame, "kerberos.ap_rep", direction, result=result)
+                self.event(frame, "kerberos.ap_rep", direction, leg=leg, result=result)
 
     def _mechanism(self, auth_type: int, info: TokenInfo) -> str:
         if auth_type == AUTH_TYPE_SCHANNEL:
