@@ -332,19 +332,20 @@ def test_named_pipe_unsigned_request_after_integrity_bind_is_faulted(lab):
     assert not lab.records("emsmdb.connect", conn=conn)
 
 
-def test_named_pipe_privacy_through_connect_wants_smb_encryption_the_kb_lab_does_not_offer(lab):
-    """DCERPC_Client.connect() over NCACN_NP at level privacy insists on SMB3 encryption. The
-    KB lab does not offer it (policy.smb_encryption: off), so scapy stops after NEGOTIATE: no
+def test_named_pipe_privacy_through_connect_wants_smb_encryption_a_lab_may_not_offer():
+    """DCERPC_Client.connect() over NCACN_NP at level privacy insists on SMB3 encryption. A lab
+    that does not offer it (policy.smb_encryption: off) sees scapy stop after NEGOTIATE: no
     session, no pipe."""
-    before = smb_conns(lab)
-    with pytest.raises(Scapy_Exception, match="encryption"):
-        np_client(lab, "alice", level=6)
-    (conn,) = wait_for(lambda: smb_conns(lab) - before)
-    assert wait_for(lambda: lab.records("conn.close", conn=conn))
-    negotiated = lab.records("smb.negotiate", conn=conn)
-    assert negotiated and negotiated[-1]["dialect"] == "3.1.1" and negotiated[-1]["cipher"] is None
-    assert not lab.records("smb.session_setup", conn=conn)
-    assert not lab.records("smb.pipe_open", conn=conn)
+    with Lab(default_config_with({"policy": {"smb_encryption": "off"}})) as lab:
+        before = smb_conns(lab)
+        with pytest.raises(Scapy_Exception, match="encryption"):
+            np_client(lab, "alice", level=6)
+        (conn,) = wait_for(lambda: smb_conns(lab) - before)
+        assert wait_for(lambda: lab.records("conn.close", conn=conn))
+        negotiated = lab.records("smb.negotiate", conn=conn)
+        assert negotiated and negotiated[-1]["dialect"] == "3.1.1" and negotiated[-1]["cipher"] is None
+        assert not lab.records("smb.session_setup", conn=conn)
+        assert not lab.records("smb.pipe_open", conn=conn)
 
 
 def test_named_pipe_privacy_through_connect_runs_over_smb3_encryption():
