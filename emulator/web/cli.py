@@ -4,12 +4,12 @@ it, the table printed as `rpcauth matrix` prints it, then the page kept up until
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from typing import Callable
 
-from ..config import ConfigError, load_config
-from ..matrix import kb_scenarios, load_scenarios, render_table
+from ..matrix import render_table, rows_and_config
 from .address import UiAddress
 from .runs import result_message, run_scenario
 
@@ -21,14 +21,14 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
     if args.seed is not None:
         print("rpcauth matrix: --seed fixes ports and nonces per row; it does not mix with --ui", file=sys.stderr)
         return 2
+    if args.kerberos:
+        # The page runs every row against one lab; the Kerberos rows need a realm per row and a
+        # workstation ticket, which only `rpcauth matrix --kerberos` sets up today.
+        print("rpcauth matrix: --kerberos does not mix with --ui; run it without the page", file=sys.stderr)
+        return 2
     try:
-        if args.scenarios:
-            with open(args.scenarios, encoding="utf-8") as fh:
-                scenarios = load_scenarios(fh.read(), args.scenarios)
-        else:
-            scenarios = kb_scenarios()
-        config = load_config(args.config) if args.config else None
-    except (OSError, ValueError, ConfigError) as exc:
+        scenarios, config = rows_and_config(args)
+    except (OSError, ValueError) as exc:
         print(f"rpcauth matrix: {exc}", file=sys.stderr)
         return 2
     lab = Lab(config, captures=args.captures, ui=address)
@@ -37,6 +37,10 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
     except OSError as exc:
         print(f"rpcauth matrix: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    # SIGINT and SIGTERM end the run cleanly whenever they come (while rows run, the rest run
+    # first): a KeyboardInterrupt raised in the middle of a row or of lab.stop() would not.
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         view = lab.ui
         if view is None:
@@ -50,10 +54,9 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
             view.publish_result_threadsafe(s.id, result_message(result))
         print(render_table(results), flush=True)
         print("rpcauth: the live view stays up; Ctrl-C to stop", file=sys.stderr, flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+        stopping.wait()
         return 0 if all(r.ok for r in results) else 1
     finally:
         lab.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
