@@ -333,3 +333,48 @@ def test_a_flood_of_connections_sends_a_count_not_ladders(loopback_lab):
     assert flood["conns"] == [] and flood["skipped"] == len(known)
     assert flood["latest"]["conn"] == known[-1] and "acting as" in flood["latest"]["words"]
     assert view._render(known) is None            # at most one flood notice a second
+
+
+def test_a_page_that_accepts_gzip_gets_one_stream_it_can_decode(loopback_lab):
+    """Messages are deflated once for every page and appended to each page's gzip stream; a
+    page that joined at any time must decode all of them, the snapshot first."""
+    import zlib
+
+    host, port = loopback_lab.ui_address.host, loopback_lab.ui.port
+    streams = []
+    for _ in range(2):
+        s = socket.create_connection((host, port), timeout=30)
+        s.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}:{port}\r\nAccept-Encoding: gzip\r\n\r\n".encode())
+        streams.append(s)
+        fetch(base(loopback_lab) + WHATIF, data=b"binding_order=ncacn_ip_tcp&typed=bob&logged_on=alice")
+    for s in streams:
+        raw = b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            head, sep, body = raw.partition(b"\r\n\r\n")
+            if sep and b"event: whatif" in _dechunked_gunzip(body):
+                break
+            raw += s.recv(65536)
+        s.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"Content-Encoding: gzip" in head
+        text = _dechunked_gunzip(body).decode()
+        assert text.startswith("retry: 2000\n\nevent: snapshot\n")
+        assert "event: whatif" in text
+        for user in ("alice", "bob"):
+            assert loopback_lab.password(user) not in text
+
+
+def _dechunked_gunzip(body: bytes) -> bytes:
+    import zlib
+
+    data, rest = b"", body
+    while rest:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        if not sep or not size_line:
+            break
+        size = int(size_line, 16)
+        if len(rest) < size + 2:
+            break
+        data, rest = data + rest[:size], rest[size + 2:]
+    return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)

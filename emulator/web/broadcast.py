@@ -9,13 +9,18 @@ The listeners share this event loop, so the page must never make a logon wait:
   load test, not a lesson): the tick then sends only how many changed and the newest one's
   identity sentence, no ladders, and the page says so;
 - each page has a bounded queue; a page that does not keep up (or went away) is dropped, and
-  its browser reconnects and starts again from a fresh snapshot.
+  its browser reconnects and starts again from a fresh snapshot;
+- bytes written to sockets are most of what an open page costs, so a page that accepts gzip
+  (every browser does) gets the stream compressed, and each message is compressed once for all
+  of them: it is deflated on its own (no history, ended by a sync flush), which makes it a valid
+  continuation of any page's deflate stream, whenever that page joined.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,13 +32,43 @@ QUEUE_SIZE = 32
 KEEPALIVE_SECONDS = 15.0
 
 
+# A gzip member header (RFC 1952): deflate, no flags, no time, unknown OS. The stream it starts
+# never gets its trailer: it ends when the page goes away.
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+
+
 def sse(event: str, data: Any) -> bytes:
     """One Server-Sent Events message (JSON has no raw newlines, so one data line suffices)."""
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+def deflate_alone(data: bytes) -> bytes:
+    """Raw deflate blocks for `data` that refer to nothing before them and end byte-aligned,
+    not final: they can follow any deflate stream."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+
+
+class Message:
+    """One message for every page, made once, deflated at most once."""
+
+    __slots__ = ("plain", "_deflated")
+
+    def __init__(self, plain: bytes) -> None:
+        self.plain = plain
+        self._deflated: bytes | None = None
+
+    def for_page(self, gzip: bool) -> bytes:
+        if not gzip:
+            return self.plain
+        if self._deflated is None:
+            self._deflated = deflate_alone(self.plain)
+        return self._deflated
+
+
 @dataclass(eq=False)
 class Subscriber:
+    gzip: bool = False
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     dropped: bool = False
 
@@ -60,12 +95,12 @@ class Broadcaster:
 
     def _keep_alive(self) -> None:
         # One timer for every page (an idle proxy or browser must see bytes now and then).
-        self._deliver(b": keepalive\n\n")
+        self._deliver(Message(b": keepalive\n\n"))
         if self._loop is not None:
             self._keepalive = self._loop.call_later(KEEPALIVE_SECONDS, self._keep_alive)
 
-    def subscribe(self) -> Subscriber:
-        sub = Subscriber()
+    def subscribe(self, gzip: bool = False) -> Subscriber:
+        sub = Subscriber(gzip)
         self._subscribers.add(sub)
         return sub
 
@@ -83,7 +118,7 @@ class Broadcaster:
 
     def publish(self, event: str, data: Any) -> None:
         """A message for every page now (matrix rows, what-if results)."""
-        self._deliver(sse(event, data))
+        self._deliver(Message(sse(event, data)))
 
     def _flush(self) -> None:
         self._tick = None
@@ -92,9 +127,9 @@ class Broadcaster:
             return
         message = self._render(dirty)
         if message is not None:
-            self._deliver(sse("conns", message))
+            self._deliver(Message(sse("conns", message)))
 
-    def _deliver(self, payload: bytes) -> None:
+    def _deliver(self, payload: Message) -> None:
         for sub in list(self._subscribers):
             try:
                 sub.queue.put_nowait(payload)

@@ -4,6 +4,7 @@ it, the table printed as `rpcauth matrix` prints it, then the page kept up until
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from typing import Callable
@@ -31,6 +32,10 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
     except (OSError, ValueError, ConfigError) as exc:
         print(f"rpcauth matrix: {exc}", file=sys.stderr)
         return 2
+    # Ctrl-C (or SIGTERM) ends the run between rows, or the wait after them.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     lab = Lab(config, captures=args.captures, ui=address)
     try:
         lab.start()
@@ -45,15 +50,14 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
         announce(view.url, address)
         results = []
         for s in scenarios:
+            if stop.is_set():
+                break
             result = run_scenario(lab, s)
             results.append(result)
             view.publish_result_threadsafe(s.id, result_message(result))
         print(render_table(results), flush=True)
         print("rpcauth: the live view stays up; Ctrl-C to stop", file=sys.stderr, flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-        return 0 if all(r.ok for r in results) else 1
+        stop.wait()
+        return 0 if len(results) == len(scenarios) and all(r.ok for r in results) else 1
     finally:
         lab.stop()
