@@ -251,17 +251,17 @@ class LiveView:
             headers["Content-Encoding"] = "gzip"
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
-        sub = self.hub.subscribe(gzip)
+        chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        sub = self.hub.subscribe(request.transport, gzip, chunked)
         try:
             snapshot = {"lab": self._lab_doc(), "matrix": self._matrix_doc(),
                         "conns": [v.to_message(True, ladders=False) for v in self.conns.recent(SNAPSHOT_CONNS)]}
             first = Message(b"retry: 2000\n\n" + sse("snapshot", snapshot)).for_page(gzip)
+            # aiohttp writes the headers and this first chunk; later messages go to the socket
+            # directly, framed the same way (broadcast.Message.for_page).
             await resp.write(GZIP_HEADER + first if gzip else first)
-            while not sub.dropped and not self._stopped:
-                message = await sub.queue.get()        # the hub sends keepalives to all pages
-                if message is None or sub.dropped:
-                    break
-                await resp.write(message.for_page(gzip))
+            self.hub.ready(sub)
+            await sub.done
         except (ConnectionError, RuntimeError):
             pass                                   # the page went away
         finally:
