@@ -31,16 +31,16 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
     except (OSError, ValueError) as exc:
         print(f"rpcauth matrix: {exc}", file=sys.stderr)
         return 2
+    # Ctrl-C (or SIGTERM) ends the run between rows, or the wait after them.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     lab = Lab(config, captures=args.captures, ui=address)
     try:
         lab.start()
     except OSError as exc:
         print(f"rpcauth matrix: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    # SIGINT and SIGTERM end the run cleanly whenever they come (while rows run, the rest run
-    # first): a KeyboardInterrupt raised in the middle of a row or of lab.stop() would not.
-    stopping = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         view = lab.ui
         if view is None:
@@ -49,14 +49,14 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
         announce(view.url, address)
         results = []
         for s in scenarios:
+            if stop.is_set():
+                break
             result = run_scenario(lab, s)
             results.append(result)
             view.publish_result_threadsafe(s.id, result_message(result))
         print(render_table(results), flush=True)
         print("rpcauth: the live view stays up; Ctrl-C to stop", file=sys.stderr, flush=True)
-        stopping.wait()
-        return 0 if all(r.ok for r in results) else 1
+        stop.wait()
+        return 0 if len(results) == len(scenarios) and all(r.ok for r in results) else 1
     finally:
         lab.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
