@@ -221,7 +221,10 @@ class SmbWalker:
         record = sess.record if sess is not None else None
         direction = "c2s" if from_client else "s2c"
         if record is not None:
-            record.cipher, record.decryption = opened.cipher, opened.reason
+            # A message that fails verification was tried under a known key: the key is
+            # "ok", the message is not (counted in failed_messages).
+            record.cipher = opened.cipher
+            record.decryption = "ok" if opened.failed_verification else opened.reason
         if opened.plain is not None:
             if record is not None:
                 record.decrypted_messages += 1
