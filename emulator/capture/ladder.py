@@ -10,6 +10,7 @@ from .model import Connection, SmbSession
 
 LADDER_KINDS = (
     "smb.negotiate", "smb.session_setup", "smb.tree_connect", "smb.pipe_open", "smb.encrypted",
+    "smb.decrypted", "smb.decrypt_failed",
     "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
     "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "rpc.identity",
     "schannel.negotiate", "schannel.challenge",
@@ -73,7 +74,12 @@ def label(ev: dict[str, Any]) -> str:
     if k == "smb.pipe_open":
         return f"open pipe \\{ev.get('pipe')}"
     if k == "smb.encrypted":
-        return "SMB3 encrypted message (not readable)"
+        why = f": {ev['reason']}" if ev.get("reason") else ""
+        return f"SMB3 encrypted message (not readable{why})"
+    if k == "smb.decrypted":
+        return f"SMB3 encrypted ({ev.get('cipher')}), decrypted and verified with the session key"
+    if k == "smb.decrypt_failed":
+        return f"SMB3 encrypted ({ev.get('cipher')}): verification failed ({ev.get('reason')})"
     if k in ("rpc.bind", "rpc.alter_context"):
         verb = "bind" if k == "rpc.bind" else "alter_context"
         auth = "no auth" if ev.get("auth_type") == "none" else f"{ev.get('auth_type')}, {ev.get('auth_level')}"
@@ -256,6 +262,12 @@ def session_line(s: SmbSession) -> str:
         else _who(s.user, s.domain))
     outcome = "established" if s.established else f"refused ({s.status})"
     line = f"SMB {s.dialect or ''} session setup ({s.mechanism}) as {who}: {outcome}, frame {s.frame}"
+    if s.decrypted_messages:
+        line += f"; then {s.decrypted_messages} {s.cipher} message(s), decrypted"
+    if s.failed_messages:
+        line += f"; {s.failed_messages} encrypted message(s) failed verification"
     if s.encrypted_messages:
-        line += f"; then {s.encrypted_messages} encrypted message(s), not readable"
+        line += f"; {'then ' if not s.decrypted_messages else ''}{s.encrypted_messages} encrypted message(s), not readable"
+        if s.decryption:
+            line += f" ({s.decryption})"
     return line

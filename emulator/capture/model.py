@@ -177,6 +177,12 @@ class SmbSession:
     established: bool
     frame: int
     ntlm_version: str | None = None
+    # SMB3 encryption: the cipher, whether its messages were read ("ok") or why not
+    # (capture/smb3_keys.py), and how many were read or failed verification.
+    cipher: str | None = None
+    decryption: str | None = None
+    decrypted_messages: int = 0
+    failed_messages: int = 0
     encrypted_messages: int = 0  # SMB3 TRANSFORM messages of this session (not readable)
     principal: str | None = None  # the Kerberos client (user@REALM), read with a keytab
 

@@ -26,6 +26,7 @@ from .authtokens import TokenInfo, inspect_token
 from .model import AUTH_EVENT_KINDS, MAX_EVENTS, Connection, SmbSession
 from .observer import ObservedContext, mechanism_name
 from .rpcconn import ObservedRpcConnection, SmbSessionInfo
+from .smb3_keys import Smb3Reader
 
 STATUS_SUCCESS = 0
 STATUS_MORE_PROCESSING_REQUIRED = 0xC0000016
@@ -90,6 +91,7 @@ class SmbWalker:
         self._files: dict[Any, ObservedRpcConnection] = {}
         self._pending: dict[Any, dict[str, Any]] = {}
         self.partial = False
+        self._smb3 = Smb3Reader(keyring)  # SMB3 decryption, given a user's key
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -229,14 +231,36 @@ class SmbWalker:
         return name
 
     def encrypted(self, msg: bytes, frame: int, from_client: bool) -> None:
-        """An SMB3 TRANSFORM message: counted against its session, not read."""
-        session_id = s2.parse_transform_session(msg)
-        sess = self._sessions.get(session_id)
-        if sess is not None and sess.record is not None:
-            sess.record.encrypted_messages += 1
-        if sess is None or sess.record is None or sess.record.encrypted_messages == 1:
-            self.note({"frame": frame, "kind": "smb.encrypted", "dir": "c2s" if from_client else "s2c",
-                       "session_id": session_id})
+        """An SMB3 TRANSFORM message: read as if clear when the session's key is known and the
+        message verifies (capture/smb3_keys.py); otherwise counted against its session."""
+        opened = self._smb3.open(msg, from_client)
+        sess = self._sessions.get(opened.session_id)
+        record = sess.record if sess is not None else None
+        direction = "c2s" if from_client else "s2c"
+        if record is not None:
+            # A message that fails verification was tried under a known key: the key is
+            # "ok", the message is not (counted in failed_messages).
+            record.cipher = opened.cipher
+            record.decryption = "ok" if opened.failed_verification else opened.reason
+        if opened.plain is not None:
+            if record is not None:
+                record.decrypted_messages += 1
+            if record is None or record.decrypted_messages == 1:
+                self.note({"frame": frame, "kind": "smb.decrypted", "dir": direction,
+                           "session_id": opened.session_id, "cipher": opened.cipher})
+            self.smb2(opened.plain, frame)
+            return
+        if opened.failed_verification:  # a key was at hand: the message is not authentic
+            if record is not None:
+                record.failed_messages += 1
+            self.note({"frame": frame, "kind": "smb.decrypt_failed", "dir": direction,
+                       "session_id": opened.session_id, "cipher": opened.cipher, "reason": opened.reason})
+            return
+        if record is not None:
+            record.encrypted_messages += 1
+        if record is None or record.encrypted_messages == 1:
+            self.note({"frame": frame, "kind": "smb.encrypted", "dir": direction,
+                       "session_id": opened.session_id, "reason": opened.reason})
 
     def release(self) -> None:
         for rpc in self._files.values():
@@ -380,6 +404,7 @@ class SmbWalker:
 
     def _smb2_one(self, m: bytes, frame: int, last_file: bytes | None) -> bytes | None:
         h = s2.parse_header(m)
+        self._smb3.observe(m, h)
         reply = bool(h.flags & s2.FLAGS_SERVER_TO_REDIR)
         if reply and h.status == STATUS_PENDING:
             return last_file  # an interim response; the final one follows

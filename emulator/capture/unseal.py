@@ -99,6 +99,8 @@ class KeyResult:
     ok: bool
     reason: str  # "ok" | "no_key" | "wrong_password" | "ntlmv1" | "anonymous"
     readers: dict[bool, _Reader] | None = field(default=None, repr=False)
+    # The ExportedSessionKey: an SMB session's key (MS-SMB2 3.3.5.5.3), for capture/smb3_keys.py.
+    session_key: bytes = field(default=b"", repr=False)
 
 
 def derive(auth_msg: bytes, server_challenge: bytes | None, keyring: Keyring) -> KeyResult:
@@ -140,7 +142,7 @@ def derive(auth_msg: bytes, server_challenge: bytes | None, keyring: Keyring) ->
         exported = ARC4.new(kxkey).decrypt(encrypted)
     # Requests are read as the server reads them, responses as the client does.
     readers = {True: _Reader(exported, flags, "server"), False: _Reader(exported, flags, "client")}
-    return KeyResult(True, "ok", readers)
+    return KeyResult(True, "ok", readers, exported)
 
 
 class Unsealer:
