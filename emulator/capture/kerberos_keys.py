@@ -249,6 +249,12 @@ class KerberosExchange:
             self._acceptor_subkey = _key(subkey)
         return "ok"
 
+    def session_key_bytes(self) -> bytes | None:
+        """The context's session key as GSS_C_INQ_SSPI_SESSION_KEY gives it to SMB (MS-KILE
+        3.1.1.2), for capture/smb3_keys.py. Never printed."""
+        key = self.context_key(True)
+        return bytes(key.contents) if key is not None else None
+
     def context_key(self, acceptor_subkey: bool) -> "Key | None":
         """RFC 4121 2: the acceptor's subkey when the token says so, else the initiator's
         subkey, else the ticket's session key."""
