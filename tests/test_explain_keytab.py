@@ -231,6 +231,51 @@ def test_a_tampered_authenticator_names_nobody(recorded, tmp_path):
     assert conn["verified_pdus"] == 0
 
 
+def test_edited_tickets_and_tokens_never_raise(recorded):
+    """Every truncation and a sweep of byte edits of a real AP-REQ, and arbitrary wrap tokens,
+    come back as a result word or None: a capture's bytes cannot crash the reader."""
+    import random
+
+    from scapy.all import Raw, rdpcap
+
+    from emulator.auth.acceptor import PacketParts
+    from emulator.capture.kdc import looks_like_kdc, read_kdc_message
+    from emulator.capture.kerberos_keys import KerberosExchange, KerberosKeys, KerberosPacketReader
+
+    pcaps, keytab, *_ = recorded
+    keys = KerberosKeys.load(str(keytab))
+    for pcap in pcaps:
+        (conn,) = explain_json(pcap, "--keytab", str(keytab))["connections"]
+        if conn["mechanism"] == "kerberos" and conn["transport"] == "ncacn_ip_tcp":
+            break
+    frame = next(e["frame"] for e in conn["events"] if e["kind"] == "kerberos.ticket")
+    payload = bytes(rdpcap(str(pcap))[frame - 1][Raw].load)
+    token = payload[-int.from_bytes(payload[10:12], "little"):]
+    exchange = KerberosExchange(keys)
+    assert exchange.ap_req(token).result == "ok"
+    rng = random.Random(4121)
+    edits = [token[:n] for n in range(len(token))]
+    edits += [token[:i] + bytes([token[i] ^ rng.randrange(1, 256)]) + token[i + 1:]
+              for i in range(0, len(token), 3)]
+    results = {KerberosExchange(keys).ap_req(t).result for t in edits}
+    assert results <= {"ok", "no_key", "bad_integrity", "malformed"} and "bad_integrity" in results
+    reader = KerberosPacketReader(exchange)
+    for _ in range(300):
+        blob = rng.randbytes(rng.randrange(0, 80))
+        parts = PacketParts(rng.randbytes(24), rng.randbytes(rng.randrange(0, 48)), rng.randbytes(8),
+                            rng.random() < 0.5)
+        for head in (b"\x05\x04", b"\x04\x04", b"\x60\x2b", b""):
+            sig = head + blob
+            assert reader.unseal_packet(parts, sig) is None
+            assert reader.check_packet(parts, sig) is False
+        record = len(blob).to_bytes(4, "big") + blob
+        looks_like_kdc(record)
+        for tag in (0x6A, 0x6B, 0x6C, 0x6D, 0x7E):
+            assert read_kdc_message(bytes([tag]) + blob, 1, True)["kind"] in (
+                "malformed", "kerberos.as_req", "kerberos.as_rep", "kerberos.tgs_req",
+                "kerberos.tgs_rep", "kerberos.krb_error")
+
+
 def test_no_key_reaches_the_output(recorded):
     from impacket.krb5.keytab import Keytab
 

@@ -320,7 +320,7 @@ class KerberosPacketReader:
     def _aes(self, header: bytes, sealed: bool) -> tuple[Any, "Key", int] | None:
         from impacket.krb5.crypto import _enctype_table
 
-        if header[:2] != (TOK_WRAP if sealed else TOK_MIC):
+        if len(header) < TOKEN_HEADER or header[:2] != (TOK_WRAP if sealed else TOK_MIC):
             return None
         flags = header[2]
         key = self._exchange.context_key(bool(flags & FLAG_ACCEPTOR_SUBKEY))
