@@ -17,13 +17,25 @@ import subprocess
 import sys
 
 import pytest
+from harness.cast import CORPUS, dn, need_tool
+from harness.kerberos import (
+    HOSTNAME,
+    MGMT,
+    REALM,
+    RawRpc,
+    auth3_pdu,
+    bind_pdu,
+    gss_initiator,
+    kerberos_config,
+    kinit,
+    kvno,
+    need_kerberos,
+    run_samba,
+    sealed_request,
+    unseal_response,
+)
 
 from emulator.lab import Lab
-
-from harness.cast import CORPUS, dn, need_tool
-from harness.kerberos import (HOSTNAME, MGMT, REALM, RawRpc, auth3_pdu, bind_pdu, gss_initiator,
-                              kerberos_config, kinit, kvno, need_kerberos, run_samba,
-                              sealed_request, unseal_response)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAILBOXES = ("alice", "bob")   # alice's own (ecSuccess), bob's (ecLoginPerm)
@@ -66,7 +78,10 @@ def recorded(tmp_path_factory):
     rpcclient = need_tool("rpcclient")
     need_tool("tshark")
     from impacket.dcerpc.v5 import transport
-    from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_GSS_NEGOTIATE, RPC_C_AUTHN_LEVEL_PKT_PRIVACY
+    from impacket.dcerpc.v5.rpcrt import (
+        RPC_C_AUTHN_GSS_NEGOTIATE,
+        RPC_C_AUTHN_LEVEL_PKT_PRIVACY,
+    )
     from impacket.uuid import uuidtup_to_bin
 
     from emulator.interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect
@@ -240,7 +255,11 @@ def test_edited_tickets_and_tokens_never_raise(recorded):
 
     from emulator.auth.acceptor import PacketParts
     from emulator.capture.kdc import looks_like_kdc, read_kdc_message
-    from emulator.capture.kerberos_keys import KerberosExchange, KerberosKeys, KerberosPacketReader
+    from emulator.capture.kerberos_keys import (
+        KerberosExchange,
+        KerberosKeys,
+        KerberosPacketReader,
+    )
 
     pcaps, keytab, *_ = recorded
     keys = KerberosKeys.load(str(keytab))

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..auth.acceptor import PacketParts
-from .authtokens import unframe_kerberos
-from .fileformat import CaptureError
 from ..rpc import pdu as P
 from ..rpc.verifier import RpcProtection, VerifyError, unprotect
+from .authtokens import unframe_kerberos
+from .fileformat import CaptureError
 
 if TYPE_CHECKING:  # impacket is imported only when keys are asked for: it is slow to import
     from impacket.krb5.crypto import Key
@@ -61,7 +61,7 @@ class ServiceKey:
     principal: str  # e.g. host/exch01.corp.test@CORP.TEST
     enctype: int
     kvno: int
-    key: "Key" = field(repr=False)
+    key: Key = field(repr=False)
 
 
 class KerberosKeys:
@@ -81,7 +81,7 @@ class KerberosKeys:
         return bool(self._keys)
 
     @classmethod
-    def load(cls, path: str) -> "KerberosKeys":
+    def load(cls, path: str) -> KerberosKeys:
         from impacket.krb5.crypto import Key
         from impacket.krb5.keytab import Keytab
 
@@ -91,7 +91,7 @@ class KerberosKeys:
             table = Keytab(data)
         except OSError as exc:
             raise KeytabError(f"cannot read keytab {path}: {exc.strerror}") from None
-        except Exception:  # impacket's Structure raises assorted errors on a foreign file
+        except Exception:  # noqa: BLE001 impacket's Structure raises bare Exception on a foreign file
             raise KeytabError(f"{path} is not a keytab") from None
         keys = []
         for entry in table.entries:
@@ -101,7 +101,7 @@ class KerberosKeys:
             enctype = int(block["keytype"])
             try:
                 key = Key(enctype, bytes(block["keyvalue"]["data"]))
-            except Exception:  # an enctype impacket does not implement (camellia ...)
+            except (ValueError, KeyError):  # an enctype impacket does not implement (camellia ...)
                 continue
             principal = entry.main_part["principal"].prettyPrint()
             keys.append(ServiceKey(principal.decode("utf-8", "replace")
@@ -111,7 +111,7 @@ class KerberosKeys:
             raise KeytabError(f"{path} holds no usable key")
         return cls(keys)
 
-    def with_lab(self, users: list[str], domain: str) -> "KerberosKeys":
+    def with_lab(self, users: list[str], domain: str) -> KerberosKeys:
         return KerberosKeys(self._keys, {u.lower(): u for u in users}, domain)
 
     def candidates(self, enctype: int, service: str) -> list[ServiceKey]:
@@ -159,9 +159,9 @@ class KerberosExchange:
 
     def __init__(self, keys: KerberosKeys) -> None:
         self._keys = keys
-        self._session: "Key | None" = None
-        self._initiator_subkey: "Key | None" = None
-        self._acceptor_subkey: "Key | None" = None
+        self._session: Key | None = None
+        self._initiator_subkey: Key | None = None
+        self._acceptor_subkey: Key | None = None
         self.ticket: TicketReading | None = None
 
     def __repr__(self) -> str:
@@ -172,7 +172,7 @@ class KerberosExchange:
         """The context's wrap and MIC tokens can be read here: AES (RFC 4121) or RC4 (RFC 4757)."""
         return self._session is not None and self._session.enctype in AES_ENCTYPES + (RC4_ENCTYPE,)
 
-    def rc4_keys(self) -> list["Key"]:
+    def rc4_keys(self) -> list[Key]:
         """RFC 4757 tokens carry no key flag: the subkeys, then the session key, are tried."""
         keys = [self._acceptor_subkey, self._initiator_subkey, self._session]
         return [k for k in keys if k is not None and k.enctype == RC4_ENCTYPE]
@@ -255,7 +255,7 @@ class KerberosExchange:
         key = self.context_key(True)
         return bytes(key.contents) if key is not None else None
 
-    def context_key(self, acceptor_subkey: bool) -> "Key | None":
+    def context_key(self, acceptor_subkey: bool) -> Key | None:
         """RFC 4121 2: the acceptor's subkey when the token says so, else the initiator's
         subkey, else the ticket's session key."""
         if acceptor_subkey and self._acceptor_subkey is not None:
@@ -263,12 +263,12 @@ class KerberosExchange:
         return self._initiator_subkey or self._session
 
 
-def _key(block: Any) -> "Key":
+def _key(block: Any) -> Key:
     from impacket.krb5.crypto import Key
     return Key(int(block["keytype"]), bytes(block["keyvalue"]))
 
 
-def _decrypt(key: "Key", usage: int, cipher: bytes) -> bytes | None:
+def _decrypt(key: Key, usage: int, cipher: bytes) -> bytes | None:
     from impacket.krb5.crypto import InvalidChecksum, _enctype_table
 
     profile = _enctype_table.get(key.enctype)
@@ -317,7 +317,7 @@ class KerberosPacketReader:
     def seal_packet(self, parts: PacketParts) -> tuple[bytes, bytes]:
         raise VerifyError("a capture reader does not seal")
 
-    def _aes(self, header: bytes, sealed: bool) -> tuple[Any, "Key", int] | None:
+    def _aes(self, header: bytes, sealed: bool) -> tuple[Any, Key, int] | None:
         from impacket.krb5.crypto import _enctype_table
 
         if len(header) < TOKEN_HEADER or header[:2] != (TOK_WRAP if sealed else TOK_MIC):
@@ -337,7 +337,7 @@ class KerberosPacketReader:
         found = self._aes(signature[:TOKEN_HEADER], False)
         if found is None or len(signature) != 28:
             return False
-        profile, key, usage = found
+        _profile, key, usage = found
         cksum = _checksum_table[15 if key.enctype == 17 else 16]
         header = signature[:TOKEN_HEADER]
         for message in _signed_variants(parts):
