@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..sansio import ProtocolError
 from ..smb import smb2_wire as s2
 from ..smb.smb3_encryption import (CIPHERS, PREAUTH_SEED, EncryptionError, Opener, encryption_keys,
                                    preauth_next)
@@ -139,7 +140,13 @@ class Smb3Reader:
             sess = self._sessions[h.session_id] = _Setup()
         if token is not None and token.mechanism != "unknown":
             sess.token = token if token.message != "negotiate" or sess.token is None else sess.token
-        _flags, blob = s2.parse_session_setup_response(m)
+        if h.status not in (STATUS_SUCCESS, STATUS_MORE_PROCESSING_REQUIRED):
+            self._sessions.pop(h.session_id, None)  # an error response has no setup body
+            return
+        try:
+            _flags, blob = s2.parse_session_setup_response(m)
+        except ProtocolError:
+            blob = b""  # the session walker reports the message; the keys do without its token
         answer = inspect_token(blob) if blob else None
         if answer is not None and answer.mechanism != "unknown":
             sess.answer = answer    # a Kerberos AP-REP comes in the final response
@@ -147,9 +154,6 @@ class Smb3Reader:
             sess.preauth = preauth_next(preauth, m)
             if answer is not None and answer.server_challenge is not None:
                 sess.challenge = answer.server_challenge
-            return
-        if h.status != STATUS_SUCCESS:
-            self._sessions.pop(h.session_id, None)
             return
         sess.preauth, sess.established = preauth, True  # the final response is not hashed
         self._derive(h.session_id, sess)
