@@ -54,6 +54,13 @@ def test_wrong_password_gets_no_ticket(krb_lab):
     assert proc.returncode != 0 and "incorrect" in proc.stderr.lower()
 
 
+def test_every_lab_user_requires_preauthentication(krb_lab):
+    """No AS-REP in a user's key for whoever asks (offline guessing): as in Active Directory."""
+    for user in ("alice", "bob", "mallory"):
+        got = kadmin(krb_lab, f"getprinc {user}")
+        assert got.returncode == 0 and "REQUIRES_PRE_AUTH" in got.stdout, got.stdout
+
+
 def test_disabled_user_gets_no_ticket(krb_lab):
     proc, _ = kinit(krb_lab, "mallory")
     assert proc.returncode != 0
