@@ -150,6 +150,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         ui = _ui_address(args, "matrix")
         if ui is False:
             return 2
+        if args.encrypt:
+            print("rpcauth matrix: --encrypt runs with the table and report, not --ui "
+                  "(give the live lab a config with policy.smb_encryption: required)", file=sys.stderr)
+            return 2
         from .web.cli import run_matrix_with_ui
 
         return run_matrix_with_ui(args, ui, _announce_ui)
@@ -276,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the rows against one lab with the live view, then keep serving it until Ctrl-C")
     m.add_argument("--kerberos", action="store_true",
                    help="add the rows beyond the KB: Kerberos at either layer (needs MIT Kerberos)")
+    m.add_argument("--encrypt", action="store_true",
+                   help="the lab requires SMB3 encryption (policy.smb_encryption: required); the KB's "
+                        "outcome is unchanged, the report's ladders show the encryption")
     m.set_defaults(func=cmd_matrix)
 
     e = sub.add_parser("explain", help="explain who authenticated where in a capture")
