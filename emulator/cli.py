@@ -150,10 +150,6 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         ui = _ui_address(args, "matrix")
         if ui is False:
             return 2
-        if args.encrypt:
-            print("rpcauth matrix: --encrypt runs with the table and report, not --ui "
-                  "(give the live lab a config with policy.smb_encryption: required)", file=sys.stderr)
-            return 2
         from .web.cli import run_matrix_with_ui
 
         return run_matrix_with_ui(args, ui, _announce_ui)
@@ -213,7 +209,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     lab = load_config(args.lab) if args.lab else None
     # Written as it is read (JSON streams connection by connection), so memory stays flat.
     explain_to(sys.stdout, args.capture, args.format, passwords=_passwords(args), lab=lab,
-               progress=terminal_progress())
+               keytab=args.keytab, progress=terminal_progress())
     return 0
 
 
@@ -288,7 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="explain who authenticated where in a capture")
     e.add_argument("capture")
     e.add_argument("--format", choices=["text", "json", "mermaid", "html"], default="text")
-    e.add_argument("--lab", help="lab config whose users' keys unseal PKT_PRIVACY stubs")
+    e.add_argument("--lab", help="lab config whose users' keys unseal PKT_PRIVACY stubs (NTLM) and "
+                                 "name a ticket's client as its lab user; a config names no "
+                                 "Kerberos keys (the lab's realm gets fresh ones at every start), "
+                                 "so give --keytab as well for Kerberos")
+    e.add_argument("--keytab", metavar="FILE",
+                   help="keytab with the service keys (the lab's is the ready file's \"keytab\"): "
+                        "decrypts Kerberos tickets and authenticators, names the client principal, "
+                        "verifies and unseals Kerberos-protected stubs")
     e.add_argument("--password", action="append", metavar="USER:PW", help="a user's password, to unseal stubs")
     e.set_defaults(func=cmd_explain)
 

@@ -22,6 +22,9 @@ class Identity:
     source: str = ANONYMOUS_SOURCE
     # How the identity was proven: "smb_session_setup" or "rpc_bind", and the NTLM flavour.
     auth_layer: str = "none"
+    # The mechanism that proved it, in the words of explain's `mechanism` field: ntlm,
+    # spnego-ntlm, kerberos, spnego-kerberos, schannel; "none" for nobody.
+    mechanism: str = "none"
 
     @property
     def authenticated(self) -> bool:

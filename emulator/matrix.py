@@ -309,18 +309,25 @@ def _progress(i: int, n: int, s: Scenario) -> None:
         print(f"[{bar}] {i}/{n} {s.id}", file=sys.stderr, flush=True)
 
 
+def rows_and_config(args: argparse.Namespace) -> tuple[list[Scenario], LabConfig | None]:
+    """The rows and the lab config `rpcauth matrix` was asked for (with or without the live
+    view). Raises OSError or ValueError (ConfigError is one) with a message for the user."""
+    if args.scenarios:
+        with open(args.scenarios, encoding="utf-8") as fh:
+            scenarios = load_scenarios(fh.read(), args.scenarios)
+    else:
+        scenarios = kb_scenarios()
+    if args.kerberos:
+        scenarios += kerberos_scenarios()
+    config = load_config(args.config) if args.config else None
+    if getattr(args, "encrypt", False):
+        config = requiring_encryption(config or matrix_default_config())
+    return scenarios, config
+
+
 def run_matrix_command(args: argparse.Namespace) -> int:
     try:
-        if args.scenarios:
-            with open(args.scenarios, encoding="utf-8") as fh:
-                scenarios = load_scenarios(fh.read(), args.scenarios)
-        else:
-            scenarios = kb_scenarios()
-        if args.kerberos:
-            scenarios += kerberos_scenarios()
-        config = load_config(args.config) if args.config else None
-        if args.encrypt:
-            config = requiring_encryption(config or matrix_default_config())
+        scenarios, config = rows_and_config(args)
     except (OSError, ValueError) as exc:
         print(f"rpcauth matrix: {exc}", file=sys.stderr)
         return 2

@@ -62,7 +62,8 @@ class Run:
     # SMB dialect, forced as both minimum and maximum; None leaves the choice to the test
     # (rpc.samba3's pipe tests pick SMB1 or SMB2 themselves).
     dialect: str | None = DEFAULT_DIALECT
-    lab: str = "kb"                    # kb (the default KB lab), anonymous (anonymous logons allowed)
+    lab: str = "kb"                    # kb (the default KB lab), anonymous (anonymous logons allowed),
+                                       # encryption (SMB3 encryption offered)
     needs_135: bool = False
     extra: tuple[str, ...] = ()
     subtests: tuple[str, ...] = ()     # the full names smbtorture reports for this run
@@ -196,7 +197,7 @@ def catalogue() -> list[Run]:
                         subtests=("smb2.ioctl.bug14788.VALIDATE_NEGOTIATE",)))
     # SMB3 encryption with each cipher forced, over 3.1.1 with signing negotiation.
     runs.append(Run("smb2-session-encryption", "smb2.session", ENCRYPTION_SUBTESTS, "unc", dialect="SMB3_11",
-                    subtests=ENCRYPTION_SUBTESTS))
+                    lab="encryption", subtests=ENCRYPTION_SUBTESTS))
     runs.append(Run("secleak-smb1", "base.secleak", ("base.secleak",), "unc", dialect=None,
                     extra=("--timelimit=2",), subtests=("base.secleak",)))
     # Through the endpoint mapper on TCP 135: rpc.mgmt over TCP maps each interface there.
@@ -372,6 +373,9 @@ def lab_config(kind: str):
     from emulator.config import default_config, default_config_with
     if kind == "anonymous":
         return default_config_with({"policy": {"anonymous_allowed": True}})
+    if kind == "encryption":
+        # The KB lab does not offer SMB3 encryption; this one offers it as a Windows server does.
+        return default_config_with({"policy": {"smb_encryption": "desired"}})
     return default_config()
 
 

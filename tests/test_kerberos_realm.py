@@ -21,13 +21,6 @@ from harness.kerberos import (HOSTNAME, REALM, client_env, kadmin, kinit, kvno, 
                               start_kerberos_lab)
 
 
-@pytest.fixture(scope="module")
-def krb_lab():
-    lab = start_kerberos_lab()
-    yield lab
-    lab.stop()
-
-
 def klist(env: dict, *args: str) -> str:
     return subprocess.run([find_tool("klist") or "klist", *args], capture_output=True, text=True,
                           env=env, timeout=30).stdout

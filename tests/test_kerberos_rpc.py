@@ -28,19 +28,11 @@ from emulator.interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect
 
 from harness.cast import dn
 from harness.kerberos import (HOSTNAME, MGMT, REALM, RawRpc, auth3_pdu, bind_pdu, gss_initiator,
-                              kinit, kvno, sealed_request, start_kerberos_lab,
-                              unseal_response)
+                              kinit, kvno, sealed_request, unseal_response)
 
 EMSMDB = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
 LEVELS = {"integrity": RPC_C_AUTHN_LEVEL_PKT_INTEGRITY, "privacy": RPC_C_AUTHN_LEVEL_PKT_PRIVACY}
 CASES = [("alice", 0), ("bob", 0x3F2), ("carol", 0)]   # alice may open carol's: a grant
-
-
-@pytest.fixture(scope="module")
-def krb_lab():
-    lab = start_kerberos_lab()
-    yield lab
-    lab.stop()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +91,8 @@ def test_impacket_spnego_kerberos_bind_over_tcp(krb_lab, alice_ccache, level):
     binds = krb_lab.records("rpc.bind", conn=conn)
     assert [(b["auth_type"], b["auth_level"], b["result"]) for b in binds] == [("spnego", level, "ok")]
     ident = krb_lab.records("rpc.identity", conn=conn)[-1]
-    assert (ident["user"], ident["auth_layer"]) == ("alice", "rpc_bind/spnego-kerberos")
+    assert (ident["user"], ident["auth_layer"], ident["mechanism"]) == (
+        "alice", "rpc_bind/spnego-kerberos", "spnego-kerberos")
     accepted = krb_lab.records("kerberos.accept", conn=conn)
     assert [(a["result"], a["dce_style"], a["legs"]) for a in accepted] == [("ok", True, 2)]
     assert not [v for v in krb_lab.records("rpc.verify", conn=conn) if v["result"] != "ok"]

@@ -14,13 +14,6 @@ from harness.kerberos import HOSTNAME, REALM, kadmin, kinit, run_samba, start_ke
 
 
 @pytest.fixture(scope="module")
-def krb_lab():
-    lab = start_kerberos_lab()
-    yield lab
-    lab.stop()
-
-
-@pytest.fixture(scope="module")
 def alice(krb_lab):
     proc, ticket = kinit(krb_lab, "alice")
     assert proc.returncode == 0, proc.stderr
@@ -85,6 +78,7 @@ def test_rpcclient_kerberos_bind_on_a_pipe(krb_lab, alice, options, auth_type, l
     # The bind proved alice again, by her ticket for host/: the identity is the bind's.
     ident = krb_lab.records("rpc.identity", conn=conn)[-1]
     assert (ident["user"], ident["source"]) == ("alice", "rpc_auth")
+    assert ident["mechanism"] == ("kerberos" if auth_type == "kerberos" else "spnego-kerberos")
     assert ident["auth_layer"] == ("rpc_bind/kerberos" if auth_type == "kerberos" else "rpc_bind/spnego-kerberos")
     legs = [a for a in krb_lab.records("kerberos.accept", conn=conn) if a["dce_style"]]
     assert [(a["result"], a["legs"], a["service"]) for a in legs] == [("ok", 2, f"host/{HOSTNAME}@{REALM}")]

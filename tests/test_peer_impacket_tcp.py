@@ -53,6 +53,7 @@ def test_ntlm_bind_decides_as_the_typed_user(lab, level, call):
     assert {c["identity_source"] for c in connects} == {"rpc_auth"}
     ident = lab.records("rpc.identity", conn=conn)
     assert ident and ident[-1]["source"] == "rpc_auth" and ident[-1]["user"] == "alice"
+    assert ident[-1]["mechanism"] == "ntlm"   # impacket's auth_type 10: raw NTLMSSP
 
 
 def test_level_packet_without_verifier_counts_as_connect(lab):

@@ -66,7 +66,7 @@ def authenticated_identity(result: AuthResult | None, source: str) -> Identity:
         return ANONYMOUS
     layer = LAYER_OF_SOURCE.get(source, source)
     return Identity(user=result.user, domain=result.domain, source=source,
-                    auth_layer=f"{layer}/{result.flavour}")
+                    auth_layer=f"{layer}/{result.flavour}", mechanism=result.mechanism)
 
 
 class SecurityContext:

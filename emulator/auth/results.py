@@ -35,6 +35,11 @@ class AuthResult:
     principal: str = ""       # Kerberos: the ticket's client principal (user@REALM)
 
     @property
+    def mechanism(self) -> str:
+        """`mech` in the vocabulary of MECHANISMS (SPNEGO's own results say "spnego" for NTLM)."""
+        return "spnego-ntlm" if self.mech == "spnego" else self.mech
+
+    @property
     def flavour(self) -> str:
         """How the logon was proven, as the identity's auth_layer names it: the NTLM version,
         or the mechanism for anything that is not NTLM."""

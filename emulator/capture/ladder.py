@@ -14,7 +14,7 @@ LADDER_KINDS = (
     "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
     "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "rpc.identity",
     "schannel.negotiate", "schannel.challenge",
-    "kerberos.token", "ntlm.session_keys", "rpc.verify", "emsmdb.connect_request", "emsmdb.connect", "rpc.fault", "malformed",
+    "kerberos.token", "kerberos.ticket", "kerberos.ap_rep", "ntlm.session_keys", "rpc.verify", "emsmdb.connect_request", "emsmdb.connect", "rpc.fault", "malformed",
 )
 
 
@@ -22,7 +22,9 @@ LADDER_KINDS = (
 # then acted on. Drawings mark these with words as well as colour.
 AUTHENTICATED = "authenticated"
 IDENTITY = "identity"
-NOTE_KINDS = ("rpc.identity", "ntlm.session_keys", "rpc.verify")
+NOTE_KINDS = ("rpc.identity", "ntlm.session_keys", "rpc.verify", "kerberos.ticket", "kerberos.ap_rep")
+# RFC 4120 message names, for the tokens the reader recognises without keys.
+KERBEROS_MESSAGES = {"ap_req": "AP-REQ", "ap_rep": "AP-REP", "krb_error": "KRB-ERROR"}
 
 
 @dataclass
@@ -42,7 +44,9 @@ def highlight(ev: dict[str, Any]) -> str | None:
         return IDENTITY
     if k == "smb.session_setup" and ev.get("result") == "ok" and ev.get("user"):
         return AUTHENTICATED
-    if k == "ntlm.authenticate" and ev.get("leg") not in (None, "session_setup") \
+    if k == "kerberos.accept" and ev.get("result") == "ok" and ev.get("user"):
+        return AUTHENTICATED
+    if k in ("ntlm.authenticate", "kerberos.ticket") and ev.get("leg") not in (None, "session_setup") \
             and ev.get("result", "ok") == "ok" and ev.get("user"):
         return AUTHENTICATED
     return None
@@ -61,7 +65,8 @@ def label(ev: dict[str, Any]) -> str:
     if k == "smb.session_setup":
         mech = ev.get("mechanism") or "?"
         ver = f" NTLM{ev['ntlm_version']}" if ev.get("ntlm_version") else ""
-        who = "(Kerberos ticket)" if "kerberos" in mech else (
+        ticket = f"{ev['principal']} (Kerberos ticket)" if ev.get("principal") else "(Kerberos ticket)"
+        who = ticket if "kerberos" in mech else (
             "anonymous" if ev.get("anonymous") else _who(ev.get("user"), ev.get("domain")))
         return f"SMB session setup{ver} as {who}: {ev.get('result')}"
     if k == "smb.tree_connect":
@@ -100,6 +105,8 @@ def label(ev: dict[str, Any]) -> str:
                 sm = ev.get("session_mechanism") or ""
                 who = "anonymous" if sm == "anonymous" else (
                     "the Kerberos ticket's principal" if "kerberos" in sm else who)
+            if ev.get("principal"):
+                return f"identity: {who} from the SMB session's ticket ({ev['principal']})"
             return f"identity: {who} from the SMB session"
         if src == "anonymous":
             return "identity: anonymous" + (" (no RPC authentication)" if mech == "none" else f" ({mech})")
@@ -107,6 +114,9 @@ def label(ev: dict[str, Any]) -> str:
             return f"identity: nobody ({mech} logon {ev.get('result') or 'not completed'})"
         if ev.get("user") is None and "kerberos" in mech:
             return f"identity: the Kerberos ticket's principal via {mech} ({ev.get('auth_level')}), not parsed"
+        if ev.get("principal"):
+            return (f"identity: {_who(ev.get('user'), ev.get('domain'))} from the bind's ticket "
+                    f"({ev['principal']}) via {mech} ({ev.get('auth_level')})")
         return f"identity: {_who(ev.get('user'), ev.get('domain'))} via {mech} ({ev.get('auth_level')})"
     if k in ("schannel.negotiate", "schannel.challenge"):
         who = f" for {_who(ev.get('user'), ev.get('domain'))}" if ev.get("user") else ""
@@ -125,12 +135,51 @@ def label(ev: dict[str, Any]) -> str:
     if k == "rpc.verify":
         return f"signature check failed: {ev.get('result')}"
     if k == "kerberos.token":
-        return f"Kerberos token (in {ev.get('leg')}, not parsed)"
+        name = KERBEROS_MESSAGES.get(ev.get("message") or "", "token")
+        return f"Kerberos {name} (in {ev.get('leg')})"
+    if k == "kerberos.ticket":
+        if ev.get("result") == "ok":
+            return (f"ticket for {ev.get('service')} ({ev.get('enctype')}) decrypted with the keytab: "
+                    f"client {ev.get('principal')}")
+        return f"ticket for {ev.get('service') or '?'} not read with the keytab: {ev.get('result')}"
+    if k == "kerberos.accept":
+        # The live server's verdict on an AP-REQ (emulator/kerberos/acceptor.py).
+        client = ev.get("principal") or "?"
+        return f"Kerberos AP-REQ: ticket for {ev.get('service') or '?'}, client {client}: {ev.get('result')}"
+    if k in KDC_LABELS:
+        return kdc_label(ev)
+    if k == "kerberos.ap_rep":
+        return f"AP-REP not read with the ticket's session key: {ev.get('result')}"
     if k == "rpc.fault":
         return f"fault {ev.get('status')}"
     if k == "malformed":
         return f"malformed {ev.get('layer')}: {ev.get('reason')}"
     return k
+
+
+# The KDC exchanges that fetch the tickets (capture/kdc.py): AS for the TGT, TGS for a service.
+KDC_LABELS = {"kerberos.as_req": "AS-REQ", "kerberos.as_rep": "AS-REP", "kerberos.tgs_req": "TGS-REQ",
+              "kerberos.tgs_rep": "TGS-REP", "kerberos.krb_error": "KRB-ERROR"}
+
+
+def kdc_label(ev: dict[str, Any]) -> str:
+    name, k = KDC_LABELS[ev["kind"]], ev["kind"]
+    realm = f"@{ev['realm']}" if ev.get("realm") else ""
+    if k == "kerberos.as_req":
+        pre = "with pre-authentication" if ev.get("preauth") else "without pre-authentication"
+        return f"{name} {ev.get('client')}{realm} for {ev.get('service')} ({pre})"
+    if k == "kerberos.tgs_req":
+        return f"{name} for {ev.get('service')} (the client is in the TGT)"
+    if k == "kerberos.krb_error":
+        return f"{name} {ev.get('error')}" + (f" for {ev['service']}" if ev.get("service") else "")
+    return f"{name}: ticket for {ev.get('service')} issued to {ev.get('client')}{realm}"
+
+
+def kdc_steps(events: list[dict[str, Any]]) -> list[Step]:
+    """The ladder of one stream to a KDC."""
+    return [Step(ev["frame"], ev.get("dir") == "c2s", label(ev), ev["kind"] == "malformed",
+                 AUTHENTICATED if ev["kind"] in ("kerberos.as_rep", "kerberos.tgs_rep") else None)
+            for ev in events]
 
 
 def steps(conn: Connection) -> list[Step]:
@@ -147,14 +196,17 @@ def how(conn: Connection) -> str:
     src = conn.identity_source
     if src == "smb_session":
         if conn.smb_session_frame:
-            return f"inherited from the SMB session set up in frame {conn.smb_session_frame}"
+            ticket = f" with a Kerberos ticket of {conn.principal}" if conn.principal else ""
+            return f"inherited from the SMB session set up in frame {conn.smb_session_frame}{ticket}"
         return "inherited from an SMB session set up before the capture started"
     if src == "rpc_auth":
         ntlm = f"NTLM{conn.ntlm_version}" if conn.ntlm_version else "NTLM"
         mech = {"ntlm": ntlm, "spnego-ntlm": f"SPNEGO ({ntlm})", "kerberos": "Kerberos",
                 "spnego-kerberos": "SPNEGO (Kerberos)", "schannel": "the Netlogon secure channel"
                 }.get(conn.mechanism, conn.mechanism)
-        ticket = " (ticket not parsed)" if "kerberos" in conn.mechanism else ""
+        ticket = ("" if "kerberos" not in conn.mechanism else
+                  f" (the ticket's client {conn.principal})" if conn.principal else
+                  " (the client principal is inside the ticket: give --keytab to read it)")
         return (f"authenticated in the RPC bind with {mech} at level {conn.auth_level}"
                 f" in frame {conn.identity_frame}{ticket}")
     if src == "anonymous":
@@ -184,7 +236,7 @@ def verdicts(conn: Connection) -> list[str]:
         if call.status:
             result = f"{call.status_name} ({call.status})"
         elif call.sealed:
-            result = "a sealed status (give --password user:pw or --lab to read it)"
+            result = "a sealed status (give --password user:pw, --lab or, for Kerberos, --keytab to read it)"
         else:
             result = "no response in the capture"
         out.append(f"{call.call} for {dn} ran as {conn.acting}, {how(conn)} -> {result}")

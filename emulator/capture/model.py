@@ -36,6 +36,7 @@ MAX_EVENTS = 4096
 AUTH_EVENT_KINDS = frozenset({
     "smb.negotiate", "smb.session_setup", "smb.tree_connect", "smb.pipe_open",
     "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "ntlm.session_keys", "kerberos.token",
+    "kerberos.ticket", "kerberos.ap_rep",
     "schannel.negotiate", "schannel.challenge",
     "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
     "rpc.identity", "emsmdb.connect_request", "emsmdb.connect"})
@@ -105,6 +106,8 @@ class Connection:
     smb_mechanism: str | None = None  # how the SMB session was set up; "anonymous" for a null session
     ntlm_version: str | None = None
     identity_frame: int | None = None
+    # The Kerberos client principal (user@REALM) behind the identity, read with a keytab.
+    principal: str | None = None
     pipes: list[str] = field(default_factory=list)
     binds: list[BindInfo] = field(default_factory=list)
     emsmdb: list[EmsmdbCall] = field(default_factory=list)
@@ -145,6 +148,8 @@ class Connection:
             d["smb_session_frame"] = self.smb_session_frame
             d["smb_mechanism"] = self.smb_mechanism
         d["ntlm_version"], d["identity_frame"] = self.ntlm_version, self.identity_frame
+        if self.principal is not None:
+            d["principal"] = self.principal
         d["pipes"] = list(self.pipes)
         d["binds"] = [dict(b.__dict__) for b in self.binds]
         d["emsmdb"] = [dict(e.__dict__) for e in self.emsmdb]
@@ -179,6 +184,10 @@ class SmbSession:
     decrypted_messages: int = 0
     failed_messages: int = 0
     encrypted_messages: int = 0  # SMB3 TRANSFORM messages of this session (not readable)
+    principal: str | None = None  # the Kerberos client (user@REALM), read with a keytab
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d["principal"] is None:
+            del d["principal"]
+        return d

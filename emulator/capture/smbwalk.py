@@ -139,7 +139,8 @@ class SmbWalker:
         user, domain = sess.identity() if sess is not None else (None, None)
         record = sess.record if sess is not None else None
         mechanism = "none" if record is None else "anonymous" if record.anonymous else record.mechanism
-        info = SmbSessionInfo(user, domain, sess.frame if sess else None, [], mechanism=mechanism)
+        info = SmbSessionInfo(user, domain, sess.frame if sess else None, [], mechanism=mechanism,
+                              principal=record.principal if record is not None else None)
         rpc = ObservedRpcConnection(conn, info, keyring=self._keyring)
         rpc.event(frame, "smb.pipe_open", "s2c", pipe=pipe, tree=tree, session_user=info.user)
         self._files[key] = rpc
@@ -150,9 +151,23 @@ class SmbWalker:
         info = inspect_token(blob)
         req = self._request(key, frame)
         req["token"] = info
+        if info.message == "ap_req" and self._keyring is not None and self._keyring.kerberos:
+            self._read_ticket(info, frame)
         if info.message == "authenticate":
             self._event(frame, "ntlm.authenticate", "c2s", None, leg="session_setup", user=info.user,
                         domain=info.domain, ntlm_version=info.ntlm_version)
+
+    def _read_ticket(self, info: TokenInfo, frame: int) -> None:
+        """With a keytab, the session setup's ticket names its client (capture/kerberos_keys.py).
+        SMB needs no more of the exchange: the reader does not check SMB signatures."""
+        from .kerberos_keys import KerberosExchange
+
+        ticket = KerberosExchange(self._keyring.kerberos).ap_req(info.raw)
+        self.note({"frame": frame, "kind": "kerberos.ticket", "dir": "c2s", "leg": "session_setup",
+                   "result": ticket.result, "service": ticket.service, "enctype": ticket.enctype,
+                   "principal": ticket.client, "user": ticket.user, "domain": ticket.domain})
+        if ticket.result == "ok":
+            info.user, info.domain, info.principal = ticket.user, ticket.domain, ticket.client
 
     def _setup_result(self, frame: int, status: int, session_key: int, key: Any,
                       null_session: bool = False) -> None:
@@ -194,13 +209,15 @@ class SmbWalker:
         record = SmbSession(self.stream, self.client, self.server, session_key, self.dialect,
                             mechanism, None if anonymous else user, domain, anonymous,
                             f"0x{status:08x}", ok, frame,
-                            claimed.ntlm_version if claimed is not None else None)
+                            claimed.ntlm_version if claimed is not None else None,
+                            principal=claimed.principal if claimed is not None else None)
         sess.record = record
         if len(self.sessions) < MAX_SESSION_RECORDS:
             self.sessions.append(record)
         self._event(frame, "smb.session_setup", "s2c", sess, dialect=self.dialect or "SMB",
                     mechanism=mechanism, user=record.user, domain=domain,
                     ntlm_version=record.ntlm_version, anonymous=anonymous,
+                    **({"principal": record.principal} if record.principal else {}),
                     result="ok" if ok else f"0x{status:08x}", request_frame=req.get("frame"))
 
     @staticmethod

@@ -365,7 +365,8 @@ class RpcConnection:
             raise RuntimeError(f"no acting identity in state {self._security.state.value}")
         self._identity = ident
         out.events.append(self._ev("rpc.identity", source=ident.source, user=ident.user,
-                                   domain=ident.domain, auth_layer=ident.auth_layer))
+                                   domain=ident.domain, auth_layer=ident.auth_layer,
+                                   mechanism=ident.mechanism))
 
     def _auth_complete(self, out: Output) -> None:
         if self._auth_triple is None:
