@@ -15,9 +15,10 @@ What the keys need besides the session key, read from the clear messages before 
                  response, then every SESSION_SETUP request and every non-final response of the
                  session (MS-SMB2 3.3.5.4, 3.3.5.5) -- recomputed here from the captured bytes.
 
-Kerberos sessions: the session key is the AP-REQ authenticator's subkey (or the AP-REP's), which
-only a keytab opens. `_session_key` is where a keytab-aware keyring plugs in; until it does,
-Kerberos sessions read as `kerberos_needs_keytab`.
+Kerberos sessions: the session key is the AP-REP's acceptor subkey (else the authenticator's
+subkey, else the ticket's session key), which only the service's keytab opens (`explain
+--keytab`, capture/kerberos_keys.py). Without one, Kerberos sessions read as
+`kerberos_needs_keytab`.
 
 No key leaves this module: the per-session state has a repr without key material and the
 reports name only ciphers, counts and reasons.
@@ -51,6 +52,7 @@ class _Setup:
     preauth: bytes = field(default=b"", repr=False)
     token: TokenInfo | None = field(default=None, repr=False)   # the client's latest token
     challenge: bytes | None = field(default=None, repr=False)
+    answer: TokenInfo | None = field(default=None, repr=False)   # the server's AP-REP (Kerberos)
     established: bool = False
     reason: str = NO_SETUP
     cipher: str | None = None
@@ -138,15 +140,17 @@ class Smb3Reader:
             sess = self._sessions[h.session_id] = _Setup()
         if token is not None and token.mechanism != "unknown":
             sess.token = token if token.message != "negotiate" or sess.token is None else sess.token
+        if h.status not in (STATUS_MORE_PROCESSING_REQUIRED, STATUS_SUCCESS):
+            self._sessions.pop(h.session_id, None)
+            return
+        _flags, blob = s2.parse_session_setup_response(m)
+        answer = inspect_token(blob) if blob else None
+        if answer is not None and answer.server_challenge is not None:
+            sess.challenge = answer.server_challenge
+        if answer is not None and answer.message == "ap_rep":
+            sess.answer = answer
         if h.status == STATUS_MORE_PROCESSING_REQUIRED:
             sess.preauth = preauth_next(preauth, m)
-            _flags, blob = s2.parse_session_setup_response(m)
-            answer = inspect_token(blob) if blob else None
-            if answer is not None and answer.server_challenge is not None:
-                sess.challenge = answer.server_challenge
-            return
-        if h.status != STATUS_SUCCESS:
-            self._sessions.pop(h.session_id, None)
             return
         sess.preauth, sess.established = preauth, True  # the final response is not hashed
         self._derive(h.session_id, sess)
@@ -174,15 +178,35 @@ class Smb3Reader:
         if token is None:
             return None, NO_SETUP
         if token.mechanism == "kerberos":
-            # A keytab-aware keyring returns the Kerberos session key (the authenticator's
-            # subkey, MS-KILE 3.1.1.2) here; none exists yet.
-            return None, NEEDS_KEYTAB
+            return self._kerberos_key(sess)
         if token.mechanism != "ntlm" or token.message != "authenticate":
             return None, NO_SETUP
         keys = derive(token.raw, sess.challenge, self._keyring)
         if not keys.ok or not keys.session_key:
             return None, keys.reason
         return keys.session_key, "ok"
+
+    def _kerberos_key(self, sess: _Setup) -> tuple[bytes | None, str]:
+        """The GSS session key of a Kerberos session, read with the keytab (explain --keytab,
+        capture/kerberos_keys.py): the AP-REP's acceptor subkey, else the authenticator's
+        subkey, else the ticket's session key -- what the server's GSS-API context hands SMB
+        (MS-SMB2 3.3.5.5.3, RFC 4121 2)."""
+        keys = self._keyring.kerberos if self._keyring is not None else None
+        token = sess.token
+        if not keys or token is None or token.message != "ap_req":
+            return None, NEEDS_KEYTAB
+        from .kerberos_keys import KerberosExchange  # impacket's krb5, only with a keytab
+
+        exchange = KerberosExchange(keys)
+        ticket = exchange.ap_req(token.raw)
+        if ticket.result != "ok":
+            return None, f"ticket_{ticket.result}"
+        if sess.answer is not None:
+            exchange.ap_rep(sess.answer.raw)
+        key = exchange.context_key(acceptor_subkey=True)
+        if key is None:
+            return None, NEEDS_KEYTAB
+        return bytes(key.contents), "ok"
 
     # -- the encrypted messages ------------------------------------------------------------------
 
