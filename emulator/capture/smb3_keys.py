@@ -36,6 +36,7 @@ from .unseal import Keyring, derive
 
 STATUS_SUCCESS = 0
 STATUS_MORE_PROCESSING_REQUIRED = 0xC0000016
+STATUS_PENDING = 0x00000103
 MAX_PENDING = 256
 MAX_SESSIONS = 1024
 
@@ -63,7 +64,7 @@ class _Setup:
 class Opened:
     """What became of one TRANSFORM message."""
     session_id: int
-    plain: bytes | None        # the SMB2 message(s) inside, authenticated; None otherwise
+    plain: bytes | None = field(repr=False)  # the SMB2 message(s) inside, authenticated; else None
     reason: str                # "ok", why no key was at hand, or the Opener's verification failure
     cipher: str | None
 
@@ -83,7 +84,8 @@ class Smb3Reader:
         self._cipher = s2.CIPHER_NONE
         self._negotiate_request = b""
         self._connection_preauth = b""
-        self._pending: dict[int, tuple[int, bytes, TokenInfo | None]] = {}  # MessageId ->
+        # MessageId -> (preauth hash including the request, the client's token)
+        self._pending: dict[int, tuple[bytes, TokenInfo]] = {}
         self._sessions: dict[int, _Setup] = {}
 
     def __repr__(self) -> str:
@@ -102,7 +104,7 @@ class Smb3Reader:
         elif h.command == s2.SESSION_SETUP:
             if not reply:
                 self._setup_request(m, h)
-            elif h.status != 0x00000103:  # STATUS_PENDING: the final answer follows
+            elif h.status != STATUS_PENDING:  # an interim answer: the final one follows
                 self._setup_response(m, h)
 
     def _negotiated(self, m: bytes) -> None:
@@ -126,19 +128,19 @@ class Smb3Reader:
         token = inspect_token(s2.parse_session_setup(m).token)
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
-        self._pending[h.message_id] = (h.session_id, preauth_next(start, m), token)
+        self._pending[h.message_id] = (preauth_next(start, m), token)
 
     def _setup_response(self, m: bytes, h: s2.Header) -> None:
         pending = self._pending.pop(h.message_id, None)
         if pending is None or h.session_id == 0:
             return
-        _sid, preauth, token = pending
+        preauth, token = pending
         sess = self._sessions.get(h.session_id)
         if sess is None or sess.established:
             if len(self._sessions) >= MAX_SESSIONS:
                 self._sessions.pop(next(iter(self._sessions)))
             sess = self._sessions[h.session_id] = _Setup()
-        if token is not None and token.mechanism != "unknown":
+        if token.mechanism != "unknown":
             sess.token = token if token.message != "negotiate" or sess.token is None else sess.token
         if h.status not in (STATUS_MORE_PROCESSING_REQUIRED, STATUS_SUCCESS):
             self._sessions.pop(h.session_id, None)
