@@ -221,3 +221,63 @@ def test_tampered_ciphertext_fails_verification_and_is_not_read(tmp_path, lab_fi
     text = subprocess.run([sys.executable, "-m", "emulator.cli", "explain", str(_tamper(path, 0)), "--password",
                            f"alice:{PASSWORD}"], capture_output=True, text=True, timeout=120).stdout
     assert "SMB3 encrypted (AES-128-GCM): verification failed (transform_bad_signature)" in text
+
+
+# ---------------------------------------------------------------- Kerberos sessions, with the keytab
+
+KERBEROS_CASES = [("SMB3_00", None, "AES-128-CCM"), ("SMB3_11", "AES-128-GCM", "AES-128-GCM")]
+
+
+@pytest.fixture(scope="module")
+def kerberos_captures(tmp_path_factory):
+    """rpcclient with an MIT ticket, encrypting, against a Kerberos lab that requires it: one
+    capture per case, and the realm's keytab."""
+    from harness.kerberos import HOSTNAME, kerberos_config, kinit, need_kerberos, run_samba
+
+    need_kerberos()
+    need_tool("rpcclient")
+    tmp = tmp_path_factory.mktemp("krbsmb3")
+    keytab = tmp / "lab.keytab"
+    lab = Lab(kerberos_config(policy={"smb_encryption": "required"}), captures=str(tmp / "captures")).start()
+    try:
+        proc, ticket = kinit(lab, "alice")
+        assert proc.returncode == 0, proc.stderr
+        paths = {}
+        for proto, algorithm, cipher in KERBEROS_CASES:
+            before = set(lab.capture_paths)
+            extra = [f"--option=client smb3 encryption algorithms={algorithm}"] if algorithm else []
+            out = run_samba("rpcclient", lab, ticket, [f"ncacn_np:{HOSTNAME}", "-m", proto,
+                                                       f"--option=clientipcmaxprotocol={proto}",
+                                                       "--client-protection=encrypt", *extra, "-c", "srvinfo"])
+            assert out.returncode == 0, out.stdout + out.stderr
+            paths[cipher] = [p for p in lab.capture_paths if p not in before]
+        keytab.write_bytes(Path(lab.realm.keytab).read_bytes())
+    finally:
+        lab.stop()
+    return {cipher: Path(new[0]) for cipher, new in paths.items() if len(new) == 1}, keytab
+
+
+def wireshark_kerberos_key(path: Path, keytab: Path) -> tuple[int, str]:
+    """(SessionId, session key) as Wireshark reads them with the keytab: the acceptor subkey of
+    the session setup's AP-REP (its first 16 bytes: what this tshark's key table takes, and all
+    a 128-bit cipher's KDF uses)."""
+    [line] = tshark(path, "-o", "kerberos.decrypt:TRUE", "-o", f"kerberos.file:{keytab}", "-Y", "kerberos.msg_type == 15",
+                    "-T", "fields", "-E", "separator=|", "-e", "smb2.sesid", "-e", "kerberos.keyvalue")
+    sid, key = line.split("|")
+    return int(sid, 16), key.split(",")[-1][:32]
+
+
+@pytest.mark.parametrize("cipher", [c for _, _, c in KERBEROS_CASES])
+def test_kerberos_encrypted_capture_reads_with_the_keytab_as_tshark_reads_it(kerberos_captures, cipher):
+    paths, keytab = kerberos_captures
+    path = paths[cipher]
+    assert sessions(explain(path))[0]["decryption"] == "no_keys"
+    doc = explain(path, "--keytab", str(keytab))
+    [session] = sessions(doc)
+    assert (session["cipher"], session["decryption"], session["failed_messages"]) == (cipher, "ok", 0)
+    truth, view = tshark_truth(path, wireshark_kerberos_key(path, keytab)), explain_view(doc)
+    assert truth["malformed"] == []
+    assert truth["decrypted"] == view["decrypted"] > 0
+    assert truth["pipes"] == view["pipes"] == ["srvsvc"] and truth["binds"] == view["binds"]
+    [conn] = doc["connections"]
+    assert (conn["user"], conn["identity_source"]) == ("alice", "smb_session")
