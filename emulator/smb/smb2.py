@@ -653,9 +653,14 @@ class Smb2Engine:
             file_id = self._random(16)
             if file_id != w.FILE_ID_ANY and file_id not in self.core.opens:
                 break
-        name = req.name.lstrip("\\")
+        # SMB2 names are relative to the share (MS-SMB2 2.2.13: "MUST NOT begin with a
+        # separator"): a leading backslash names no pipe, as Windows and Samba answer.
+        if req.name.startswith("\\"):
+            events.append(event(LAYER, "smb.pipe_open", pipe=req.name, result="not_found",
+                                reason="leading_separator", smb_user=session.label))
+            return Reply(st.STATUS_OBJECT_NAME_NOT_FOUND, w.build_error_response())
         try:
-            _op, pipe_events = self.core.open_pipe(session, tree, name, file_id)
+            _op, pipe_events = self.core.open_pipe(session, tree, req.name, file_id)
         except SmbError as exc:
             events.extend(exc.events)
             return Reply(exc.status, w.build_error_response())
