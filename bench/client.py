@@ -7,6 +7,14 @@ Workloads (one "logon" each):
   hold open N SMB sessions with a pipe bound on each and N TCP connections bound with NTLM, keep
        them open until stdin closes (or --hold-seconds pass), then report.
 
+  rpcclient  Samba's rpcclient `srvinfo` (NetrServerGetInfo 101 over \\srvsvc), one process per logon,
+       SMB 3.1.1; with --encrypt it requires SMB3 encryption with AES-128-GCM (impacket's SMB3
+       client implements only AES-128-CCM, so the encrypted rows use Samba's client for every server).
+
+With --kerberos the np and tcp workloads log on with the Kerberos tickets in KRB5CCNAME (MIT kinit
+and kvno filled it once, outside the loop), reaching --host (the service's host name) at 127.0.0.1;
+tcp then binds with SPNEGO (impacket binds Kerberos only through SPNEGO).
+
 Calls: srvsvc (NetrServerGetInfo level 101 with ServerName '\\\\127.0.0.1': impacket's own server
 faults on a NULL name) or emsmdb (EcDoConnect for the user's own mailbox).
 
@@ -29,8 +37,9 @@ import time
 from typing import Any, Callable
 
 from impacket.dcerpc.v5 import srvs, transport
-from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_LEVEL_PKT_PRIVACY, RPC_C_AUTHN_WINNT
-from impacket.smb3structs import SMB2_DIALECT_21
+from impacket.dcerpc.v5.rpcrt import (RPC_C_AUTHN_GSS_NEGOTIATE, RPC_C_AUTHN_LEVEL_PKT_PRIVACY,
+                                      RPC_C_AUTHN_WINNT)
+from impacket.smb3structs import SMB2_DIALECT_21, SMB2_DIALECT_311
 from impacket.smbconnection import SMBConnection
 from impacket.uuid import uuidtup_to_bin
 
@@ -72,10 +81,13 @@ def _bind_and_call(dce: Any, call: str, user: str) -> None:
 
 
 def smb_session(a: argparse.Namespace) -> tuple[SMBConnection, Any, Any]:
-    conn = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=a.port, preferredDialect=SMB2_DIALECT_21,
-                         timeout=30)
+    dialect = SMB2_DIALECT_311 if a.dialect == "3.1.1" else SMB2_DIALECT_21
+    conn = SMBConnection(a.host, "127.0.0.1", sess_port=a.port, preferredDialect=dialect, timeout=30)
     _nodelay(conn.getSMBServer().get_socket())
-    conn.login(a.user, a.password, a.domain)
+    if a.kerberos:
+        conn.kerberosLogin(a.user, "", a.realm, kdcHost="127.0.0.1", useCache=True)
+    else:
+        conn.login(a.user, a.password, a.domain)
     t = transport.SMBTransport("127.0.0.1", a.port, PIPES[a.call], smb_connection=conn)
     dce = t.get_dce_rpc()
     dce.connect()
@@ -93,11 +105,16 @@ def np_logon(a: argparse.Namespace) -> None:
 
 
 def tcp_bound(a: argparse.Namespace) -> tuple[Any, Any]:
-    rt = transport.DCERPCTransportFactory(f"ncacn_ip_tcp:127.0.0.1[{a.port}]")
-    rt.set_credentials(a.user, a.password, a.domain)
+    rt = transport.DCERPCTransportFactory(f"ncacn_ip_tcp:{a.host}[{a.port}]")
+    rt.setRemoteHost("127.0.0.1")
     rt.set_connect_timeout(30)
+    if a.kerberos:
+        rt.set_credentials(a.user, "", a.realm)
+        rt.set_kerberos(True, "127.0.0.1")
+    else:
+        rt.set_credentials(a.user, a.password, a.domain)
     dce = rt.get_dce_rpc()
-    dce.set_auth_type(RPC_C_AUTHN_WINNT)
+    dce.set_auth_type(RPC_C_AUTHN_GSS_NEGOTIATE if a.kerberos else RPC_C_AUTHN_WINNT)
     dce.set_auth_level(RPC_C_AUTHN_LEVEL_PKT_PRIVACY)
     dce.connect()
     _nodelay(rt.get_socket())
@@ -115,6 +132,18 @@ def tcp_logon(a: argparse.Namespace) -> None:
     else:
         _ec_do_connect(dce, a.user)
     dce.disconnect()
+
+
+def rpcclient_logon(a: argparse.Namespace) -> None:
+    argv = ["rpcclient", "-U", f"{a.domain}/{a.user}%{a.password}", "-p", str(a.port),
+            "--option=clientipcmaxprotocol=SMB3_11", "--option=clientipcminprotocol=SMB3_11"]
+    if a.encrypt:
+        argv += ["--client-protection=encrypt", "--option=client smb3 encryption algorithms=AES-128-GCM"]
+    r = subprocess.run([*argv, "127.0.0.1", "-c", "srvinfo"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    if r.returncode != 0 or "platform_id" not in r.stdout:
+        raise RuntimeError((r.stdout + r.stderr).strip().splitlines()[-1] if (r.stdout + r.stderr).strip()
+                           else f"rpcclient exit {r.returncode}")
 
 
 def run_sequence(a: argparse.Namespace, one: Callable[[argparse.Namespace], None]) -> dict[str, Any]:
@@ -171,7 +200,7 @@ def hold(a: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["np", "tcp", "hold"])
+    p.add_argument("mode", choices=["np", "tcp", "hold", "rpcclient"])
     p.add_argument("--port", type=int, default=0, help="SMB port (np, hold) or RPC port (tcp)")
     p.add_argument("--tcp-port", type=int, default=0, help="hold: RPC port for the TCP connections")
     p.add_argument("--call", choices=list(PIPES), default="srvsvc")
@@ -179,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user", default="alice")
     p.add_argument("--password", default="Alice-Pw-1")
     p.add_argument("--domain", default="CORP")
+    p.add_argument("--host", default="127.0.0.1", help="the server's name (Kerberos: its service host)")
+    p.add_argument("--dialect", choices=["2.1", "3.1.1"], default="2.1")
+    p.add_argument("--kerberos", action="store_true", help="log on with the tickets in KRB5CCNAME")
+    p.add_argument("--realm", default="CORP.TEST")
+    p.add_argument("--encrypt", action="store_true", help="rpcclient: require SMB3 encryption, AES-128-GCM")
     p.add_argument("--count", type=int, default=20, help="logons per process (hold: connections per process)")
     p.add_argument("--procs", type=int, default=1, help="client processes running at once")
     p.add_argument("--max-seconds", type=float, default=120.0, help="stop starting new logons after this")
@@ -191,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.mode == "hold":
         print(json.dumps(hold(a)))
         return 0
-    out = run_sequence(a, np_logon if a.mode == "np" else tcp_logon)
+    out = run_sequence(a, {"np": np_logon, "tcp": tcp_logon, "rpcclient": rpcclient_logon}[a.mode])
     print(json.dumps(out))
     return 0
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 USER, PASSWORD, DOMAIN = "alice", "Alice-Pw-1", "CORP"
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_LAB = os.path.join(HERE, "..", "emulator", "default_lab.yaml")
+KERBEROS_HOST = "exch01.corp.test"     # Samba's and MIT's clients refuse Kerberos to "localhost"
 
 
 def free_port() -> int:
@@ -62,6 +63,8 @@ class Peer:
     settings: str
     cleanup: list[str] = field(default_factory=list)
     extra_procs: list[subprocess.Popen] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    tmp: str = ""
 
     @property
     def pid(self) -> int:
@@ -95,27 +98,70 @@ def _pkg_version(dist: str) -> str:
 
 
 # ---------------------------------------------------------------------- ours
-def start_ours(smb: bool = True, tcp: bool = True) -> Peer:
+def start_ours(smb: bool = True, tcp: bool = True, *, policy: dict | None = None, kerberos: bool = False,
+               connections: int = 1024, label: str = "ours", root: str | None = None) -> Peer:
+    """Our server (`rpcauth serve`) from the default lab with `policy` merged in; with `kerberos` the
+    lab starts its realm (MIT KDC on an ephemeral port) and the peer's `info` holds krb5.conf and the
+    service host name from the ready file."""
+    import yaml
     tmp = tempfile.mkdtemp(prefix="rpcauth-bench-")
     ready = os.path.join(tmp, "ready.json")
     smb_port, tcp_port = free_port(), free_port()
     config = os.path.join(tmp, "lab.yaml")
-    with open(DEFAULT_LAB) as src, open(config, "w") as dst:
-        # every bench client comes from 127.0.0.1: allow the 1,000 + 1,000 concurrent connections from it
-        dst.write(src.read().rstrip("\n") + "\n  limits: {max_connections_per_peer: 1024}\n")
+    with open(DEFAULT_LAB) as src:
+        lab = yaml.safe_load(src)
+    # every bench client comes from 127.0.0.1: allow the held sessions and connections from it
+    lab["policy"]["limits"] = {"max_connections_per_peer": 2 * connections + 64,
+                               "max_connections": 2 * connections + 64}
+    lab["policy"].update(policy or {})
+    if kerberos:
+        lab["kerberos"] = {"enabled": True, "hostname": KERBEROS_HOST, "kdc_port": 0}
+    with open(config, "w") as dst:
+        yaml.safe_dump(lab, dst)
     cmd = [sys.executable, "-m", "emulator.cli", "serve", "--host", "127.0.0.1", "--config", config,
            "--smb-port", str(smb_port if smb else 0), "--epm-port", "0",
            "--emsmdb-port", str(tcp_port if tcp else 0), "--ready-file", ready]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
-    deadline = time.monotonic() + 30
+    env = {**os.environ, "PYTHONPATH": root} if root else None      # `root`: another checkout's code
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp, env=env)
+    deadline = time.monotonic() + 60
     while not os.path.exists(ready) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.1)
+    if not os.path.exists(ready):
+        proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError("rpcauth serve did not start")
     info = json.load(open(ready))
-    return Peer("ours", proc, {"smb": info["smb"], "tcp": info["emsmdb"]},
-                f"rpcauth-emulator {_pkg_version('rpcauth-emulator')}",
-                "SMB 2.0.2-3.1.1 (2.1 asked), signing as negotiated (not required), NTLMv2; "
-                "TCP min level connect; policy.limits.max_connections_per_peer 1024; no capture, no event file", cleanup=[tmp])
+    settings = ("SMB 2.0.2-3.1.1, signing as negotiated (not required), NTLMv2; TCP min level connect; "
+                f"policy.limits {lab['policy']['limits']}; no capture, no event file")
+    if policy:
+        settings += f"; policy {policy}"
+    if kerberos:
+        settings += f"; kerberos realm {info.get('realm')} (MIT KDC), services on {KERBEROS_HOST}"
+    peer = Peer(label, proc, {"smb": info["smb"], "tcp": info["emsmdb"]},
+                f"rpcauth-emulator {_pkg_version('rpcauth-emulator')}", settings, cleanup=[tmp])
+    peer.info = info
+    peer.tmp = tmp
+    return peer
+
+
+def kerberos_tickets(peer: Peer, user: str = USER, password: str = PASSWORD) -> dict[str, str]:
+    """MIT kinit for `user`, then kvno for the SMB (cifs/) and RPC (host/) services, into a ccache in
+    the peer's temp dir: the environment a client needs to log on with those tickets."""
+    info = peer.info
+    host, realm = info["kerberos_host"], info["realm"]
+    env = {**os.environ, "KRB5_CONFIG": info["krb5_conf"],
+           "KRB5CCNAME": os.path.join(peer.tmp, f"{user}.ccache")}     # a path: impacket reads no FILE: prefix
+    env.pop("KRB5_KTNAME", None)
+    r = subprocess.run(["kinit", f"{user}@{realm}"], input=password + "\n", capture_output=True, text=True,
+                       env=env, timeout=30)
+    if r.returncode:
+        raise RuntimeError(f"kinit failed: {r.stderr.strip()}")
+    for svc in ("cifs", "host"):
+        r = subprocess.run(["kvno", f"{svc}/{host}@{realm}"], capture_output=True, text=True, env=env, timeout=30)
+        if r.returncode:
+            raise RuntimeError(f"kvno {svc} failed: {r.stderr.strip()}")
+    return env
 
 
 # ---------------------------------------------------------------------- impacket / scapy (children)
@@ -208,7 +254,6 @@ SMB_CONF = """[global]
   log level = 0
   max log size = 100
   server min protocol = SMB2_02
-  server max protocol = SMB2_10
   server signing = auto
   ntlm auth = ntlmv2-only
   passdb backend = tdbsam:{d}/private/passdb.tdb
@@ -220,8 +265,13 @@ SMB_CONF = """[global]
   printcap name = /dev/null
   disable spoolss = yes
   disable netbios = yes
-  smb encrypt = off
+{encryption}
 """
+SMB_PLAIN = """  server max protocol = SMB2_10
+  smb encrypt = off"""
+SMB_ENCRYPTED = """  server max protocol = SMB3_11
+  server smb encrypt = required
+  server smb3 encryption algorithms = AES-128-GCM"""
 
 
 def samba_version() -> str:
@@ -231,18 +281,19 @@ def samba_version() -> str:
         return "?"
 
 
-def start_samba() -> Peer:
-    """smbd plus samba-dcerpcd from a private config in a temp dir (root only)."""
+def start_samba(encrypted: bool = False) -> Peer:
+    """smbd plus samba-dcerpcd from a private config in a temp dir (root only); `encrypted`: SMB up to
+    3.1.1 with `server smb encrypt = required` and AES-128-GCM only."""
     if os.geteuid() != 0 or not shutil.which("smbd"):
         raise RuntimeError("Samba needs root and the Debian samba package")
     d = tempfile.mkdtemp(prefix="rpcauth-bench-samba-")
     for sub in ("private", "lock", "state", "cache", "pid", "ncalrpc", "binddns"):
         os.makedirs(os.path.join(d, sub), mode=0o755)
-    smb_port, rpc_port = free_port(), 49600 + os.getpid() % 200
+    smb_port, rpc_port = free_port(), 49600 + os.getpid() % 200 + (40 if encrypted else 0)
     conf = os.path.join(d, "smb.conf")
     with open(conf, "w") as f:
         f.write(SMB_CONF.format(domain=DOMAIN, smb_port=smb_port, d=d, rpc_port=rpc_port,
-                                rpc_port_hi=rpc_port + 20))
+                                rpc_port_hi=rpc_port + 20, encryption=SMB_ENCRYPTED if encrypted else SMB_PLAIN))
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
     if subprocess.run(["id", USER], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", USER], check=True, env=env,
@@ -256,9 +307,11 @@ def start_samba() -> Peer:
     smbd = subprocess.Popen(["smbd", "--foreground", "--no-process-group", f"--configfile={conf}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                start_new_session=True)
-    peer = Peer("samba", smbd, {"smb": smb_port, "tcp": rpc_port}, samba_version(),
-                "smbd + samba-dcerpcd, server max protocol SMB2_10 (2.1), server signing auto, "
-                "ntlm auth ntlmv2-only", cleanup=[d], extra_procs=[dcerpcd])
+    settings = ("smbd + samba-dcerpcd, server max protocol SMB3_11, server smb encrypt = required, "
+                "server smb3 encryption algorithms = AES-128-GCM" if encrypted else
+                "smbd + samba-dcerpcd, server max protocol SMB2_10 (2.1), smb encrypt = off")
+    peer = Peer("samba-enc" if encrypted else "samba", smbd, {"smb": smb_port, "tcp": rpc_port}, samba_version(),
+                settings + ", server signing auto, ntlm auth ntlmv2-only", cleanup=[d], extra_procs=[dcerpcd])
     if not wait_listening(smb_port, 30, smbd):
         peer.stop()
         raise RuntimeError("smbd did not start")

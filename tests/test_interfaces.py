@@ -24,7 +24,7 @@ from emulator.interfaces import default_interfaces
 from emulator.interfaces import emsmdb as em
 from emulator.interfaces.epm import (EPM_UUID, EPT_S_NOT_REGISTERED, Endpoint, EpmInterface,
                                      build_tower, parse_tower)
-from emulator.interfaces.srvsvc import SrvsvcInterface
+from emulator.interfaces.srvsvc import SrvsvcInterface, server_get_info_level
 from emulator.rpc.interface import (NCA_S_FAULT_CONTEXT_MISMATCH, NCA_S_FAULT_NDR,
                                     NCA_S_OP_RNG_ERROR, CallContext, RpcFault)
 
@@ -566,3 +566,41 @@ def test_fuzzed_stubs_only_ever_fault(target, pick, data):
         assert exc.status in (NCA_S_FAULT_NDR, NCA_S_FAULT_CONTEXT_MISMATCH), exc
     else:
         assert isinstance(out, bytes) and len(out) >= 4
+
+
+@pytest.mark.parametrize("name", ["\\\\127.0.0.1\x00", "\\\\A\x00", "\x00", None])
+@pytest.mark.parametrize("level", [100, 101, 102, 7])
+def test_server_get_info_level_reads_what_impacket_writes(name, level):
+    """srvsvc reads NetrServerGetInfo's level without impacket's NDR classes: every stub impacket's
+    client writes, and every truncation of it, reads as impacket's own decoder reads it (the level,
+    or the bad-stub fault)."""
+    req = srvs.NetrServerGetInfo()
+    if name is not None:
+        req["ServerName"] = name
+    req["Level"] = level
+    stub = req.getData()
+    assert server_get_info_level(stub) == level
+
+    def impacket_level(data: bytes):
+        call = srvs.NetrServerGetInfo(isNDR64=False)
+        try:
+            call.fromString(data)
+        except Exception:
+            return "fault"
+        return int(call["Level"])
+
+    for cut in range(len(stub)):
+        try:
+            ours = server_get_info_level(stub[:cut])
+        except RpcFault as fault:
+            assert fault.status == NCA_S_FAULT_NDR
+            ours = "fault"
+        assert ours == impacket_level(stub[:cut]), cut
+
+
+def test_server_get_info_level_refuses_impossible_counts():
+    for counts in ((4, 1, 2), (2, 0, 4), (5000, 0, 2)):       # offset not 0, actual > max, too long
+        stub = struct.pack("<IIII", 0x20000, *counts) + b"\\\x00A\x00" + struct.pack("<I", 101)
+        with pytest.raises(RpcFault) as exc:
+            server_get_info_level(stub)
+        assert exc.value.status == NCA_S_FAULT_NDR

@@ -94,13 +94,26 @@ class _Rc4Stream:
 class _Direction:
     """Keys and state of one direction of traffic."""
 
-    __slots__ = ("sign_key", "seal_key", "rc4", "seq")
+    __slots__ = ("sign_key", "seal_key", "_rc4", "seq")
 
     def __init__(self, sign_key: bytes | None, seal_key: bytes) -> None:
         self.sign_key = sign_key
         self.seal_key = seal_key
-        self.rc4 = _Rc4Stream(seal_key)
+        self._rc4: _Rc4Stream | None = None
         self.seq = 0
+
+    @property
+    def rc4(self) -> _Rc4Stream:
+        # Keyed on first use, at the same point of the stream: an SMB session's NTLM context
+        # never seals or signs through it, and keying RC4 for both directions at every logon
+        # showed in the named-pipe logon's profile.
+        if self._rc4 is None:
+            self._rc4 = _Rc4Stream(self.seal_key)
+        return self._rc4
+
+    def restart_rc4(self) -> None:
+        """The stream starts again from the key (keyed again on its next use)."""
+        self._rc4 = None
 
     def __repr__(self) -> str:
         return f"<direction seq={self.seq}>"
@@ -203,10 +216,10 @@ class SessionSecurity:
     # state the first application message starts with, so it is restored afterwards.
 
     def reset_outgoing_rc4(self) -> None:
-        self._out.rc4 = _Rc4Stream(self._out.seal_key)
+        self._out.restart_rc4()
 
     def reset_incoming_rc4(self) -> None:
-        self._in.rc4 = _Rc4Stream(self._in.seal_key)
+        self._in.restart_rc4()
 
     def verify_mech_list_mic(self, mech_list: bytes, mic: bytes) -> str | None:
         """Check a client's mechListMIC; return the checksum form that verified, or None.

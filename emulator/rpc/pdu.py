@@ -7,6 +7,7 @@ the only exception that leaves this module on bad input is `ProtocolError`.
 
 from __future__ import annotations
 
+import functools
 import struct
 import uuid as _uuid
 from dataclasses import dataclass, field
@@ -296,6 +297,15 @@ class FrameBuffer:
 
 # ------------------------------------------------------------------------------ decoding
 
+@functools.lru_cache(maxsize=512)
+def _uuid_text(raw: bytes, little_endian: bool) -> str:
+    # UUIDs are NDR-encoded with the first three fields in the sender's byte order. Every bind
+    # and alter_context carries the same few syntaxes (the interface, NDR, NDR64, the feature
+    # negotiation one), and uuid.UUID plus str() was a visible part of decoding them in the
+    # capture reader's profile: their text is remembered, in a bounded cache a client cannot grow.
+    return str(_uuid.UUID(bytes_le=raw) if little_endian else _uuid.UUID(bytes=raw))
+
+
 class _Reader:
     """Bounds-checked reads within [start, end) of a fragment."""
 
@@ -319,9 +329,7 @@ class _Reader:
         return struct.unpack(self.e + "I", self.take(4, what))[0]
 
     def uuid(self, what: str) -> str:
-        raw = self.take(16, what)
-        # UUIDs are NDR-encoded with the first three fields in the sender's byte order.
-        return str(_uuid.UUID(bytes_le=raw) if self.e == "<" else _uuid.UUID(bytes=raw))
+        return _uuid_text(self.take(16, what), self.e == "<")
 
     def syntax(self, what: str) -> SyntaxId:
         u = self.uuid(what)
