@@ -119,9 +119,10 @@ EXPECT: dict[str, Expect] = {
     "rpc.epmapper.epmapper.Map_full": Expect("failure", "test_Insert failed", _REGISTRATION),
     "rpc.epmapper.epmapper.Insert_noreplace": Expect("failure", "NT_STATUS_ACCESS_DENIED", _REGISTRATION),
     "rpc.samba3.smb1-pipe-name": Expect(smb_cause=(
-        "SMB1 NT_CREATE_ANDX of 'pipe\\srvsvc' opens the pipe; Windows and Samba answer "
-        "STATUS_OBJECT_NAME_NOT_FOUND (only OpenAndX takes the \\pipe\\ prefix): "
-        "samba3rpc.c:4014 status was NT_STATUS_OK, expected NT_STATUS_OBJECT_NAME_NOT_FOUND")),
+        "SMB1 NT_CREATE_ANDX of 'pipe\\srvsvc' is refused with STATUS_OBJECT_NAME_NOT_FOUND, but "
+        "'\\pipe\\srvsvc' still opens the pipe: impacket sends that name for the common binding "
+        "ncacn_np:HOST[\\pipe\\NAME], and the lab keeps its peers working: samba3rpc.c:4020 "
+        "status was NT_STATUS_OK, expected NT_STATUS_OBJECT_NAME_NOT_FOUND")),
     "rpc.samba3.smb2-pipe-name": Expect(smb_cause=(
         "SMB2 CREATE of '\\srvsvc' (leading backslash) is refused with "
         "STATUS_OBJECT_NAME_NOT_FOUND (MS-SMB2 2.2.13), but 'pipe\\srvsvc' still opens the pipe: "
