@@ -229,7 +229,7 @@ def verdicts(conn: Connection) -> list[str]:
             refused = "the RPC layer refused the call" + (
                 " (the logon in the bind failed)" if call.status == "0x00000005" and rpc_logon else "")
             offered = _who(conn.offered_user, conn.offered_domain) if conn.offered_user else conn.acting
-            claimed = (f"; the bind offered credentials of {offered} in frame {conn.identity_frame}"
+            claimed = (f"; the bind offered credentials of {offered} in frame {conn.offered_frame or conn.identity_frame}"
                        if rpc_logon else "")
             out.append(f"{call.call} for {dn} never ran: {refused} -> fault {call.status_name} "
                        f"({call.status}){claimed}")

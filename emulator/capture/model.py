@@ -100,6 +100,7 @@ class Connection:
     # Who the RPC-layer token named, whether or not the server accepted it.
     offered_user: str | None = None
     offered_domain: str | None = None
+    offered_frame: int | None = None   # the client's message that named offered_user
     smb_user: str | None = None
     smb_domain: str | None = None
     smb_session_frame: int | None = None
@@ -142,6 +143,7 @@ class Connection:
             "mechanism": self.mechanism}
         if self.offered_user is not None:
             d["offered_user"], d["offered_domain"] = self.offered_user, self.offered_domain
+            d["offered_frame"] = self.offered_frame
         # smb_user only when there is an SMB session, as DESIGN.md section 5 says.
         if self.transport == "ncacn_np":
             d["smb_user"], d["smb_domain"] = self.smb_user, self.smb_domain

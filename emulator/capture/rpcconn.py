@@ -264,13 +264,13 @@ class ObservedRpcConnection:
             if self._keyring is not None and self._keyring.kerberos and info.raw:
                 self._read_kerberos(info, f, frame, d, leg)
             if client:
-                self._claim(info, f.auth.auth_type)
+                self._claim(info, f.auth.auth_type, frame)
             return
         if info.mechanism == "schannel":
             self.event(frame, f"schannel.{info.message or 'token'}", d, leg=leg,
                        **({"user": info.user, "domain": info.domain} if client else {}))
             if client:
-                self._claim(info, f.auth.auth_type)
+                self._claim(info, f.auth.auth_type, frame)
             elif not isinstance(f, w.BindNak):
                 self._settle(frame, ok=True)  # the server's NL_AUTH_MESSAGE answers the bind
             return
@@ -282,7 +282,7 @@ class ObservedRpcConnection:
                    **({"user": info.user, "domain": info.domain, "ntlm_version": info.ntlm_version}
                       if info.message == "authenticate" else {}))
         if info.message == "authenticate" and client:
-            self._claim(info, f.auth.auth_type)
+            self._claim(info, f.auth.auth_type, frame)
             # The server's verdict shows later, if at all: a bind_nak, or an access-denied fault
             # on the first call (AUTH3 has no answer, MS-RPCE 3.3.1.5.7). Until the capture
             # shows one, the logon stands, as tshark's reading of a capture takes it.
@@ -330,7 +330,7 @@ class ObservedRpcConnection:
             return mechanism_name(info, self._kerberos_seen) if info.mechanism != "unknown" else "spnego"
         return AUTH_TYPE_NAMES.get(auth_type, str(auth_type))
 
-    def _claim(self, info: TokenInfo, auth_type: int) -> None:
+    def _claim(self, info: TokenInfo, auth_type: int, frame: int) -> None:
         """The client's token names (or hides) who it is."""
         mech = self._security.mechanism
         if mech is None:
@@ -340,6 +340,7 @@ class ObservedRpcConnection:
             mech.mechanism = self._mechanism(auth_type, info)
             if info.user is not None:
                 self._offered = info
+                self.conn.offered_frame = frame
 
     def _answer(self, frame: int) -> None:
         """A response came back: the context under way (or just settled) was accepted."""
