@@ -108,7 +108,9 @@ def start_ours(smb: bool = True, tcp: bool = True, *, policy: dict | None = None
     ready = os.path.join(tmp, "ready.json")
     smb_port, tcp_port = free_port(), free_port()
     config = os.path.join(tmp, "lab.yaml")
-    with open(DEFAULT_LAB) as src:
+    # Another checkout reads its own default lab: an older one refuses keys it does not know.
+    default_lab = os.path.join(root, "emulator", "default_lab.yaml") if root else DEFAULT_LAB
+    with open(default_lab) as src:
         lab = yaml.safe_load(src)
     # every bench client comes from 127.0.0.1: allow the held sessions and connections from it
     lab["policy"]["limits"] = {"max_connections_per_peer": 2 * connections + 64,

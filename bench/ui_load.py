@@ -4,7 +4,8 @@ driven by bench/client.py, with the server in four settings:
   plain       rpcauth serve                       (no page, no capture)
   captures    rpcauth serve --captures DIR        (one pcap per connection, as the page records)
   ui-0        rpcauth serve --ui 127.0.0.1:0      (the page's server, nobody watching)
-  ui-50       the same with 50 pages connected    (50 Server-Sent Events streams, read and discarded)
+  ui-50       the same with 50 pages connected    (50 Server-Sent Events streams that accept gzip
+                                                   as browsers do, read and discarded)
 
 Each setting runs ROUNDS times in turn (interleaved, so drift on a shared machine spreads over all
 of them) and the median is reported. It also times the pcap recorder per frame: the struct
@@ -75,7 +76,9 @@ class Pages:
         self.socks = []
         for _ in range(n):
             s = socket.create_connection((parts.hostname, parts.port))
-            s.sendall(f"GET /api/events HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+            # As a browser asks: it accepts gzip, so the server sends the stream compressed.
+            s.sendall(f"GET /api/events HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                      f"Accept-Encoding: gzip, deflate\r\n\r\n".encode())
             s.setblocking(False)
             self.sel.register(s, selectors.EVENT_READ)
             self.socks.append(s)

@@ -209,7 +209,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     lab = load_config(args.lab) if args.lab else None
     # Written as it is read (JSON streams connection by connection), so memory stays flat.
     explain_to(sys.stdout, args.capture, args.format, passwords=_passwords(args), lab=lab,
-               progress=terminal_progress())
+               keytab=args.keytab, progress=terminal_progress())
     return 0
 
 
@@ -276,13 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the rows against one lab with the live view, then keep serving it until Ctrl-C")
     m.add_argument("--kerberos", action="store_true",
                    help="add the rows beyond the KB: Kerberos at either layer (needs MIT Kerberos)")
+    m.add_argument("--encrypt", action="store_true",
+                   help="the lab requires SMB3 encryption (policy.smb_encryption: required); the KB's "
+                        "outcome is unchanged, the report's ladders show the encryption")
     m.set_defaults(func=cmd_matrix)
 
     e = sub.add_parser("explain", help="explain who authenticated where in a capture")
     e.add_argument("capture")
     e.add_argument("--format", choices=["text", "json", "mermaid", "html"], default="text")
-    e.add_argument("--lab", help="lab config whose users' keys unseal PKT_PRIVACY stubs")
-    e.add_argument("--password", action="append", metavar="USER:PW", help="a user's password, to unseal stubs")
+    e.add_argument("--lab", help="lab config whose users' keys unseal PKT_PRIVACY stubs and decrypt SMB3 (NTLM) and "
+                                 "name a ticket's client as its lab user; a config names no "
+                                 "Kerberos keys (the lab's realm gets fresh ones at every start), "
+                                 "so give --keytab as well for Kerberos")
+    e.add_argument("--keytab", metavar="FILE",
+                   help="keytab with the service keys (the lab's is the ready file's \"keytab\"): "
+                        "decrypts Kerberos tickets and authenticators, names the client principal, "
+                        "verifies and unseals Kerberos-protected stubs, decrypts SMB3 Kerberos sessions")
+    e.add_argument("--password", action="append", metavar="USER:PW",
+                   help="a user's password, to unseal stubs and decrypt the user's SMB3 sessions")
     e.set_defaults(func=cmd_explain)
 
     k = sub.add_parser("compare", help="compare the auth paths of two captures")

@@ -78,7 +78,9 @@ class RowResult:
                 "use_network_security": s.use_network_security, "typed": _typed_label(s.typed),
                 "expected": self.expected, "observed": self.observed, "checks": self.checks, "ok": self.ok,
                 "capture": os.path.basename(self.capture) if self.capture else None,
-                "client": self.report.to_dict()}
+                "client": self.report.to_dict(),
+                # The ciphers the server's SMB sessions of this row encrypted with (none: clear).
+                "smb_encryption": sorted({e["cipher"] for e in self.events if e["kind"] == "smb.encryption"})}
 
 
 def _typed_label(typed: str | None) -> str | None:
@@ -248,6 +250,13 @@ def matrix_default_config() -> LabConfig:
     return default_config_with({"policy": {"smb_encryption": "off"}})
 
 
+def requiring_encryption(config: LabConfig) -> LabConfig:
+    """The same lab with `policy.smb_encryption: required`: every SMB3 session encrypts, and a
+    client that cannot is refused (docs/security.md). The KB's outcome must not change: the pipe
+    still inherits the SMB session's identity, whatever protects the SMB messages."""
+    return replace(config, policy=replace(config.policy, smb_encryption="required"))
+
+
 def run_matrix(scenarios: list[Scenario], config: LabConfig | None = None, *, capture_dir: str | None = None,
                seed: int | None = None, progress=None) -> list[RowResult]:
     base = coerce_config(config) if config is not None else matrix_default_config()
@@ -300,26 +309,37 @@ def _progress(i: int, n: int, s: Scenario) -> None:
         print(f"[{bar}] {i}/{n} {s.id}", file=sys.stderr, flush=True)
 
 
+def rows_and_config(args: argparse.Namespace) -> tuple[list[Scenario], LabConfig | None]:
+    """The rows and the lab config `rpcauth matrix` was asked for (with or without the live
+    view). Raises OSError or ValueError (ConfigError is one) with a message for the user."""
+    if args.scenarios:
+        with open(args.scenarios, encoding="utf-8") as fh:
+            scenarios = load_scenarios(fh.read(), args.scenarios)
+    else:
+        scenarios = kb_scenarios()
+    if args.kerberos:
+        scenarios += kerberos_scenarios()
+    config = load_config(args.config) if args.config else None
+    if getattr(args, "encrypt", False):
+        config = requiring_encryption(config or matrix_default_config())
+    return scenarios, config
+
+
 def run_matrix_command(args: argparse.Namespace) -> int:
     try:
-        if args.scenarios:
-            with open(args.scenarios, encoding="utf-8") as fh:
-                scenarios = load_scenarios(fh.read(), args.scenarios)
-        else:
-            scenarios = kb_scenarios()
-        if args.kerberos:
-            scenarios += kerberos_scenarios()
-        config = load_config(args.config) if args.config else None
+        scenarios, config = rows_and_config(args)
     except (OSError, ValueError) as exc:
         print(f"rpcauth matrix: {exc}", file=sys.stderr)
         return 2
     results = run_matrix(scenarios, config, capture_dir=args.captures, seed=args.seed, progress=_progress)
     doc = {"rows": [r.to_dict() for r in results], "ok": all(r.ok for r in results)}
+    if args.encrypt:
+        doc["smb_encryption"] = "required"
     if args.captures:
         with open(os.path.join(args.captures, "matrix.json"), "w", encoding="utf-8") as fh:
             json.dump(doc, fh, indent=2)
     if args.report:
-        _write_report(args.report, doc, args.captures)
+        _write_report(args.report, doc, args.captures, config)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -329,9 +349,17 @@ def run_matrix_command(args: argparse.Namespace) -> int:
     return 0 if doc["ok"] else 1
 
 
-def _write_report(directory: str, doc: dict[str, Any], capture_dir: str | None) -> str:
-    """The HTML teaching report: the KB table, and per row its ladder, verdict and capture."""
+def _write_report(directory: str, doc: dict[str, Any], capture_dir: str | None,
+                  config: LabConfig | None = None) -> str:
+    """The HTML teaching report: the KB table, and per row its ladder, verdict and capture.
+    A run whose lab required SMB3 encryption is read with the lab users' keys (the report is
+    the lab's own), so its ladders show the encryption and what ran inside it."""
     from .capture.report import write_report
+    from .capture.unseal import Keyring
+
+    keyring = None
+    if doc.get("smb_encryption") == "required":
+        keyring = Keyring.build(lab=config or matrix_default_config())
 
     rows = []
     for r in doc["rows"]:
@@ -342,7 +370,7 @@ def _write_report(directory: str, doc: dict[str, Any], capture_dir: str | None) 
         rows.append({"row": f"{r['id']}: {r['title']}", "expected": pretty(r["expected"]),
                      "observed": pretty(r["observed"]), "ok": r["ok"], "capture": capture})
     os.makedirs(directory, exist_ok=True)
-    path = write_report(directory, rows)
+    path = write_report(directory, rows, keyring=keyring)
     print(f"report: {path}", file=sys.stderr)
     return path
 

@@ -62,7 +62,8 @@ class Run:
     # SMB dialect, forced as both minimum and maximum; None leaves the choice to the test
     # (rpc.samba3's pipe tests pick SMB1 or SMB2 themselves).
     dialect: str | None = DEFAULT_DIALECT
-    lab: str = "kb"                    # kb (the default KB lab), anonymous (anonymous logons allowed)
+    lab: str = "kb"                    # kb (the default KB lab), anonymous (anonymous logons allowed),
+                                       # encryption (SMB3 encryption offered)
     needs_135: bool = False
     extra: tuple[str, ...] = ()
     subtests: tuple[str, ...] = ()     # the full names smbtorture reports for this run
@@ -118,13 +119,16 @@ EXPECT: dict[str, Expect] = {
     "rpc.epmapper.epmapper.Map_full": Expect("failure", "test_Insert failed", _REGISTRATION),
     "rpc.epmapper.epmapper.Insert_noreplace": Expect("failure", "NT_STATUS_ACCESS_DENIED", _REGISTRATION),
     "rpc.samba3.smb1-pipe-name": Expect(smb_cause=(
-        "SMB1 NT_CREATE_ANDX of 'pipe\\srvsvc' opens the pipe; Windows and Samba answer "
-        "STATUS_OBJECT_NAME_NOT_FOUND (only OpenAndX takes the \\pipe\\ prefix): "
-        "samba3rpc.c:4014 status was NT_STATUS_OK, expected NT_STATUS_OBJECT_NAME_NOT_FOUND")),
+        "SMB1 NT_CREATE_ANDX of 'pipe\\srvsvc' is refused with STATUS_OBJECT_NAME_NOT_FOUND, but "
+        "'\\pipe\\srvsvc' still opens the pipe: impacket sends that name for the common binding "
+        "ncacn_np:HOST[\\pipe\\NAME], and the lab keeps its peers working: samba3rpc.c:4020 "
+        "status was NT_STATUS_OK, expected NT_STATUS_OBJECT_NAME_NOT_FOUND")),
     "rpc.samba3.smb2-pipe-name": Expect(smb_cause=(
-        "SMB2 CREATE of '\\srvsvc' (leading backslash) opens the pipe; Windows and Samba answer "
-        "STATUS_OBJECT_NAME_NOT_FOUND: samba3rpc.c:4268 status was NT_STATUS_OK, expected "
-        "NT_STATUS_OBJECT_NAME_NOT_FOUND")),
+        "SMB2 CREATE of '\\srvsvc' (leading backslash) is refused with "
+        "STATUS_OBJECT_NAME_NOT_FOUND (MS-SMB2 2.2.13), but 'pipe\\srvsvc' still opens the pipe: "
+        "impacket sends that name for the common binding ncacn_np:HOST[\\pipe\\NAME] (it drops "
+        "only the leading backslash), and the lab keeps its peers working: samba3rpc.c:4280 "
+        "status was NT_STATUS_OK, expected NT_STATUS_OBJECT_NAME_NOT_FOUND")),
     "rpc.samba3.smb2-pipe-read-close": Expect(smb_cause=_LSARPC_READ),
     "rpc.samba3.smb2-pipe-read-tdis": Expect(smb_cause=_LSARPC_READ),
     "rpc.samba3.smb2-pipe-read-logoff": Expect(smb_cause=_LSARPC_READ),
@@ -196,7 +200,7 @@ def catalogue() -> list[Run]:
                         subtests=("smb2.ioctl.bug14788.VALIDATE_NEGOTIATE",)))
     # SMB3 encryption with each cipher forced, over 3.1.1 with signing negotiation.
     runs.append(Run("smb2-session-encryption", "smb2.session", ENCRYPTION_SUBTESTS, "unc", dialect="SMB3_11",
-                    subtests=ENCRYPTION_SUBTESTS))
+                    lab="encryption", subtests=ENCRYPTION_SUBTESTS))
     runs.append(Run("secleak-smb1", "base.secleak", ("base.secleak",), "unc", dialect=None,
                     extra=("--timelimit=2",), subtests=("base.secleak",)))
     # Through the endpoint mapper on TCP 135: rpc.mgmt over TCP maps each interface there.
@@ -372,6 +376,9 @@ def lab_config(kind: str):
     from emulator.config import default_config, default_config_with
     if kind == "anonymous":
         return default_config_with({"policy": {"anonymous_allowed": True}})
+    if kind == "encryption":
+        # The KB lab does not offer SMB3 encryption; this one offers it as a Windows server does.
+        return default_config_with({"policy": {"smb_encryption": "desired"}})
     return default_config()
 
 

@@ -28,8 +28,10 @@ def key_frames(conn) -> list[str]:
         out.append(f"{conn.smb_session_frame} (SMB session setup as {conn.smb_domain}\\{conn.smb_user})")
     for b in conn.binds:
         out.append(f"{b.frame} ({b.kind} {b.interface_name}, auth {b.auth_type}/{b.auth_level})")
-    if conn.identity_frame and conn.identity_source.startswith("rpc"):
+    if conn.identity_frame and conn.identity_source == "rpc_auth":
         out.append(f"{conn.identity_frame} (NTLM AUTHENTICATE as {conn.acting})")
+    elif conn.offered_frame and conn.offered_user:
+        out.append(f"{conn.offered_frame} (NTLM AUTHENTICATE as {conn.offered_domain}\\{conn.offered_user}, refused)")
     for c in conn.emsmdb:
         out.append(f"{c.frame} ({c.call}) / {c.response_frame} ({c.status_name})")
     return out

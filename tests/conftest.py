@@ -18,3 +18,13 @@ def lab():
 def fresh_lab():
     with Lab() as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def krb_lab():
+    """A lab with its own MIT realm and KDC (skips with a reason when MIT Kerberos is absent)."""
+    from harness.kerberos import start_kerberos_lab
+
+    lab = start_kerberos_lab()
+    yield lab
+    lab.stop()

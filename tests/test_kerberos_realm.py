@@ -21,13 +21,6 @@ from harness.kerberos import (HOSTNAME, REALM, client_env, kadmin, kinit, kvno, 
                               start_kerberos_lab)
 
 
-@pytest.fixture(scope="module")
-def krb_lab():
-    lab = start_kerberos_lab()
-    yield lab
-    lab.stop()
-
-
 def klist(env: dict, *args: str) -> str:
     return subprocess.run([find_tool("klist") or "klist", *args], capture_output=True, text=True,
                           env=env, timeout=30).stdout
@@ -59,6 +52,13 @@ def test_kinit_gets_a_tgt_and_a_service_ticket(krb_lab):
 def test_wrong_password_gets_no_ticket(krb_lab):
     proc, _ = kinit(krb_lab, "bob", password="not-bobs-password", name="bob-wrong")
     assert proc.returncode != 0 and "incorrect" in proc.stderr.lower()
+
+
+def test_every_lab_user_requires_preauthentication(krb_lab):
+    """No AS-REP in a user's key for whoever asks (offline guessing): as in Active Directory."""
+    for user in ("alice", "bob", "mallory"):
+        got = kadmin(krb_lab, f"getprinc {user}")
+        assert got.returncode == 0 and "REQUIRES_PRE_AUTH" in got.stdout, got.stdout
 
 
 def test_disabled_user_gets_no_ticket(krb_lab):

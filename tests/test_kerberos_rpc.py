@@ -28,19 +28,11 @@ from emulator.interfaces.emsmdb import EMSMDB_UUID, hEcDoConnect
 
 from harness.cast import dn
 from harness.kerberos import (HOSTNAME, MGMT, REALM, RawRpc, auth3_pdu, bind_pdu, gss_initiator,
-                              kinit, kvno, sealed_request, start_kerberos_lab,
-                              unseal_response)
+                              kinit, kvno, sealed_request, unseal_response)
 
 EMSMDB = uuidtup_to_bin((EMSMDB_UUID, "0.81"))
 LEVELS = {"integrity": RPC_C_AUTHN_LEVEL_PKT_INTEGRITY, "privacy": RPC_C_AUTHN_LEVEL_PKT_PRIVACY}
 CASES = [("alice", 0), ("bob", 0x3F2), ("carol", 0)]   # alice may open carol's: a grant
-
-
-@pytest.fixture(scope="module")
-def krb_lab():
-    lab = start_kerberos_lab()
-    yield lab
-    lab.stop()
 
 
 @pytest.fixture(scope="module")

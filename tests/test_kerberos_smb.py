@@ -14,13 +14,6 @@ from harness.kerberos import HOSTNAME, REALM, kadmin, kinit, run_samba, start_ke
 
 
 @pytest.fixture(scope="module")
-def krb_lab():
-    lab = start_kerberos_lab()
-    yield lab
-    lab.stop()
-
-
-@pytest.fixture(scope="module")
 def alice(krb_lab):
     proc, ticket = kinit(krb_lab, "alice")
     assert proc.returncode == 0, proc.stderr

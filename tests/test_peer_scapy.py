@@ -30,6 +30,7 @@ from scapy.layers.ntlm import NTLMSSP
 from scapy.layers.smbclient import SMB_RPC_SOCKET, SMB_Client
 from scapy.layers.spnego import SPNEGOSSP
 
+from emulator.config import default_config_with
 from emulator.interfaces import emsmdb
 from emulator.interfaces.emsmdb import (
     EMSMDB_UUID,
@@ -37,6 +38,7 @@ from emulator.interfaces.emsmdb import (
     hEcDoConnectEx,
     hEcDoDisconnect,
 )
+from emulator.lab import Lab
 from emulator.ntlm import keys
 
 
@@ -330,26 +332,43 @@ def test_named_pipe_unsigned_request_after_integrity_bind_is_faulted(lab):
     assert not lab.records("emsmdb.connect", conn=conn)
 
 
-def test_named_pipe_privacy_through_connect_runs_over_smb3_encryption(lab):
-    """DCERPC_Client.connect() over NCACN_NP at level privacy insists on SMB3 encryption, which
-    the lab offers: scapy negotiates 3.1.1 with AES-128-CCM, logs on and seals every SMB message,
-    and binds at privacy. It then sends its calls with no RPC verifier (it counts on the SMB
-    encryption), which a privacy context must refuse (MS-RPCE 3.3.1.5.2): nothing is served.
-    Privacy on the pipe with an RPC seal is covered above on a signed session."""
-    before = smb_conns(lab)
-    client = np_client(lab, "alice", level=6)
-    try:
-        assert client.bind(emsmdb_interface())
-        with pytest.raises(DCERPCException):
-            hEcDoConnect(ScapyDce(client), dn("alice"))
-    finally:
-        client.close()
-    (conn,) = wait_for(lambda: smb_conns(lab) - before)
-    [on] = lab.records("smb.encryption", conn=conn)
-    assert (on["cipher"], on["dialect"]) == ("AES-128-CCM", "3.1.1")
-    assert [b["auth_level"] for b in lab.records("rpc.bind", conn=conn)] == ["privacy"]
-    assert [v["result"] for v in lab.records("rpc.verify", conn=conn)] == ["missing_verifier"]
-    assert not lab.records("emsmdb.connect", conn=conn)
+def test_named_pipe_privacy_through_connect_wants_smb_encryption_a_lab_may_not_offer():
+    """DCERPC_Client.connect() over NCACN_NP at level privacy insists on SMB3 encryption. A lab
+    that does not offer it (policy.smb_encryption: off) sees scapy stop after NEGOTIATE: no
+    session, no pipe."""
+    with Lab(default_config_with({"policy": {"smb_encryption": "off"}})) as lab:
+        before = smb_conns(lab)
+        with pytest.raises(Scapy_Exception, match="encryption"):
+            np_client(lab, "alice", level=6)
+        (conn,) = wait_for(lambda: smb_conns(lab) - before)
+        assert wait_for(lambda: lab.records("conn.close", conn=conn))
+        negotiated = lab.records("smb.negotiate", conn=conn)
+        assert negotiated and negotiated[-1]["dialect"] == "3.1.1" and negotiated[-1]["cipher"] is None
+        assert not lab.records("smb.session_setup", conn=conn)
+        assert not lab.records("smb.pipe_open", conn=conn)
+
+
+def test_named_pipe_privacy_through_connect_runs_over_smb3_encryption():
+    """With encryption offered (as a Windows server does), scapy negotiates 3.1.1 with
+    AES-128-CCM, logs on, seals every SMB message and binds at privacy. It then sends its calls
+    with no RPC verifier (it counts on the SMB encryption), which a privacy context must refuse
+    (MS-RPCE 3.3.1.5.2): nothing is served. Privacy on the pipe with an RPC seal is covered above
+    on a signed session."""
+    with Lab(default_config_with({"policy": {"smb_encryption": "desired"}})) as lab:
+        before = smb_conns(lab)
+        client = np_client(lab, "alice", level=6)
+        try:
+            assert client.bind(emsmdb_interface())
+            with pytest.raises(DCERPCException):
+                hEcDoConnect(ScapyDce(client), dn("alice"))
+        finally:
+            client.close()
+        (conn,) = wait_for(lambda: smb_conns(lab) - before)
+        [on] = lab.records("smb.encryption", conn=conn)
+        assert (on["cipher"], on["dialect"]) == ("AES-128-CCM", "3.1.1")
+        assert [b["auth_level"] for b in lab.records("rpc.bind", conn=conn)] == ["privacy"]
+        assert [v["result"] for v in lab.records("rpc.verify", conn=conn)] == ["missing_verifier"]
+        assert not lab.records("emsmdb.connect", conn=conn)
 
 
 def test_named_pipe_wrong_password_opens_nothing(lab):

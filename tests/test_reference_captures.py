@@ -90,5 +90,9 @@ def test_tshark_decodes_reference_capture(row):
         assert c.user in fields
     elif c.identity_source == "none":   # the bind's logon was refused: the user it offered
         assert c.offered_user in fields and c.emsmdb[0].fault
+        # ... in the frame where tshark reads that user's NTLM AUTHENTICATE, not the fault's.
+        frames = subprocess.run([tshark, "-r", path, "-Y", "ntlmssp.messagetype == 3", "-T", "fields",
+                                 "-e", "frame.number"], capture_output=True, text=True, timeout=60).stdout.split()
+        assert str(c.offered_frame) in frames
     else:
         assert c.smb_user in fields

@@ -4,7 +4,6 @@ The client is the standard library's HTTP client; captures are checked with tsha
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -21,7 +20,6 @@ import pytest
 from emulator.lab import Lab
 from emulator.web import parse_address
 from emulator.web.address import AddressError
-from emulator.web.broadcast import QUEUE_SIZE, Broadcaster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -244,19 +242,31 @@ def test_vanished_and_silent_pages_cost_nothing(loopback_lab):
     assert fetch(url + "/api/lab")[0] == 200
 
 
-def test_a_page_that_does_not_keep_up_is_dropped():
-    async def run() -> tuple[int, bool, int]:
-        hub = Broadcaster(lambda dirty: None)
-        hub.attach(asyncio.get_running_loop())
-        slow, quick = hub.subscribe(), hub.subscribe()
-        for i in range(QUEUE_SIZE + 5):
-            hub.publish("row", {"n": i})
-            while not quick.queue.empty():
-                quick.queue.get_nowait()
-        return hub.subscribers, slow.dropped, slow.queue.qsize()
+def test_a_page_that_does_not_keep_up_is_dropped(loopback_lab):
+    """A page that never reads: once its unsent bytes pass the bound it is cut off, and the
+    pages that do read, and the server, go on."""
+    from emulator.web.broadcast import MAX_BUFFERED
 
-    subscribers, dropped, held = asyncio.run(run())
-    assert dropped and subscribers == 1 and held == QUEUE_SIZE
+    host, port = loopback_lab.ui_address.host, loopback_lab.ui.port
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    silent.connect((host, port))
+    silent.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    time.sleep(0.5)
+    hub, loop = loopback_lab.ui.hub, loopback_lab._loop
+    before = hub.dropped
+    big = {"filler": "x" * (256 << 10)}
+    deadline = time.monotonic() + 30
+    while hub.dropped == before and time.monotonic() < deadline:
+        loop.call_soon_threadsafe(hub.publish, "row", big)
+        time.sleep(0.01)
+    assert hub.dropped > before, f"a page holding {MAX_BUFFERED} unsent bytes was not dropped"
+    silent.settimeout(5)
+    with pytest.raises(OSError):                # the server cut it off
+        while silent.recv(1 << 20):
+            pass
+    silent.close()
+    assert fetch(base(loopback_lab) + "/api/lab")[0] == 200
 
 
 # ---------------------------------------------------------------------- the command line
@@ -333,3 +343,46 @@ def test_a_flood_of_connections_sends_a_count_not_ladders(loopback_lab):
     assert flood["conns"] == [] and flood["skipped"] == len(known)
     assert flood["latest"]["conn"] == known[-1] and "acting as" in flood["latest"]["words"]
     assert view._render(known) is None            # at most one flood notice a second
+
+
+def test_a_page_that_accepts_gzip_gets_one_stream_it_can_decode(loopback_lab):
+    """Messages are deflated once for every page and appended to each page's gzip stream; a
+    page that joined at any time must decode all of them, the snapshot first."""
+    host, port = loopback_lab.ui_address.host, loopback_lab.ui.port
+    streams = []
+    for _ in range(2):
+        s = socket.create_connection((host, port), timeout=30)
+        s.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}:{port}\r\nAccept-Encoding: gzip\r\n\r\n".encode())
+        streams.append(s)
+        fetch(base(loopback_lab) + WHATIF, data=b"binding_order=ncacn_ip_tcp&typed=bob&logged_on=alice")
+    for s in streams:
+        raw = b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            head, sep, body = raw.partition(b"\r\n\r\n")
+            if sep and b"event: whatif" in _dechunked_gunzip(body):
+                break
+            raw += s.recv(65536)
+        s.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"Content-Encoding: gzip" in head
+        text = _dechunked_gunzip(body).decode()
+        assert text.startswith("retry: 2000\n\nevent: snapshot\n")
+        assert "event: whatif" in text
+        for user in ("alice", "bob"):
+            assert loopback_lab.password(user) not in text
+
+
+def _dechunked_gunzip(body: bytes) -> bytes:
+    import zlib
+
+    data, rest = b"", body
+    while rest:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        if not sep or not size_line:
+            break
+        size = int(size_line, 16)
+        if len(rest) < size + 2:
+            break
+        data, rest = data + rest[:size], rest[size + 2:]
+    return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)

@@ -21,6 +21,8 @@ NTLMSSP_SIGNATURE = ntlm.SIGNATURE
 KERBEROS_OIDS = frozenset(oid for oid, name in KNOWN_MECHS.items() if "krb5" in name)
 # RFC 4120 5.5.1 / 5.5.2 / 5.9.1: AP-REQ, AP-REP and KRB-ERROR application tags.
 KERBEROS_TAGS = (b"\x6e", b"\x6f", b"\x7e")
+# RFC 1964 1.1 / RFC 4121 4.1: the TOK_ID after an InitialContextToken's mechanism OID.
+_GSS_TOK_IDS = {b"\x01\x00": "ap_req", b"\x02\x00": "ap_rep", b"\x03\x00": "krb_error"}
 # MS-RPCE 2.2.1.1.7 security providers the reader names.
 AUTH_TYPE_SPNEGO, AUTH_TYPE_NTLM, AUTH_TYPE_KERBEROS, AUTH_TYPE_SCHANNEL = 9, 10, 16, 68
 
@@ -31,12 +33,14 @@ _VERSIONS = {"NTLMv2": "v2", "NTLMv1": "v1", "LM": "v1"}
 @dataclass
 class TokenInfo:
     mechanism: str  # "ntlm" | "kerberos" | "schannel" | "unknown"
-    message: str | None = None  # negotiate | challenge | authenticate (NTLM, schannel)
+    # negotiate | challenge | authenticate (NTLM, schannel); ap_req | ap_rep | krb_error (Kerberos)
+    message: str | None = None
     user: str | None = None
     domain: str | None = None
     ntlm_version: str | None = None  # "v1" | "v2"
     anonymous: bool = False
     spnego: bool = False  # the token came wrapped in SPNEGO
+    principal: str | None = None  # a Kerberos ticket's client (user@REALM), read with a keytab
     # The NTLM message itself (for key derivation when the analyst supplies a password) and
     # the CHALLENGE's server challenge. Never printed.
     raw: bytes = field(default=b"", repr=False)
@@ -52,13 +56,39 @@ def inspect_token(token: bytes, auth_type: int | None = None) -> TokenInfo:
     if token[:8] == NTLMSSP_SIGNATURE:
         return _ntlm(token)
     if token[:1] in KERBEROS_TAGS or (token[:1] == b"\x60" and _kerberos_framed(token)):
-        return TokenInfo("kerberos")
+        # `raw` is what a keytab reads (capture/kerberos_keys.py).
+        return TokenInfo("kerberos", kerberos_message(token), raw=bytes(token))
     if token[:1] in (b"\x60", b"\xa0", b"\xa1"):
         return _spnego(token)
     pos = token.find(NTLMSSP_SIGNATURE)  # NTLMSSP behind some framing we do not know
     if pos > 0:
         return _ntlm(token[pos:])
     return TokenInfo("unknown")
+
+
+def kerberos_message(token: bytes) -> str | None:
+    """ap_req | ap_rep | krb_error for a bare or GSS-framed Kerberos token, else None."""
+    tag = token[:1]
+    if tag == b"\x6e":
+        return "ap_req"
+    if tag == b"\x6f":
+        return "ap_rep"
+    if tag == b"\x7e":
+        return "krb_error"
+    inner = unframe_kerberos(token)
+    return _GSS_TOK_IDS.get(inner[:2]) if inner is not None else None
+
+
+def unframe_kerberos(token: bytes) -> bytes | None:
+    """The TOK_ID and message after RFC 2743 3.1's 0x60 framing and the mechanism OID."""
+    if token[:1] != b"\x60":
+        return None
+    try:
+        outer, _ = der.read(token)
+        oid, after = der.read(outer.value)
+    except ProtocolError:
+        return None
+    return bytes(outer.value[after:]) if oid.tag == der.OID else None
 
 
 def _kerberos_framed(token: bytes) -> bool:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from typing import Any, Iterable, TextIO
 
-from .ladder import session_line, steps, verdicts
+from .ladder import Step, kdc_steps, session_line, steps, verdicts
 from .model import Connection
 from .fileformat import CaptureError, ProgressFn
 from .streams import Analysis, CaptureScan, StreamSummary, analyse
@@ -24,19 +24,23 @@ def _progress(progress: ProgressFn | bool | None) -> ProgressFn | None:
 
 
 def explain(path: str, fmt: str = "text", *, passwords: Iterable[str] | None = None,
-            lab: Any = None, progress: ProgressFn | bool | None = None) -> str:
+            lab: Any = None, keytab: str | None = None,
+            progress: ProgressFn | bool | None = None) -> str:
     """Explain a pcap/pcapng. `progress`: a callable receiving (bytes read, file size), or
     None/False for none. Raises CaptureError for unreadable
     captures. `passwords` ({user: password} or "user:password" strings) and `lab` (a LabConfig
     or its path) give NT hashes to verify signatures and read PKT_PRIVACY stubs of NTLMv2
-    contexts; without them sealed stubs are reported as sealed."""
+    contexts; without them sealed stubs are reported as sealed. `keytab` (a keytab file with
+    the service keys) decrypts Kerberos tickets, names their client principal and reads
+    Kerberos-sealed stubs (capture/kerberos_keys.py)."""
     out = io.StringIO()
-    explain_to(out, path, fmt, passwords=passwords, lab=lab, progress=progress)
+    explain_to(out, path, fmt, passwords=passwords, lab=lab, keytab=keytab, progress=progress)
     return out.getvalue()
 
 
 def explain_to(out: TextIO, path: str, fmt: str = "text", *, passwords: Iterable[str] | None = None,
-               lab: Any = None, progress: ProgressFn | bool | None = None) -> None:
+               lab: Any = None, keytab: str | None = None,
+               progress: ProgressFn | bool | None = None) -> None:
     """Write the explanation to `out`, ending with a newline.
 
     JSON streams: each connection's object is written as soon as its TCP stream ends, so memory
@@ -45,7 +49,8 @@ def explain_to(out: TextIO, path: str, fmt: str = "text", *, passwords: Iterable
     orders connections by their first frame)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    keyring = Keyring.build(passwords, lab) if (passwords or lab is not None) else None
+    keyring = (Keyring.build(passwords, lab, keytab)
+               if (passwords or lab is not None or keytab is not None) else None)
     if fmt == "json":
         JsonWriter(out, path).run(CaptureScan(path, keyring), _progress(progress))
         return
@@ -152,8 +157,12 @@ def _title(i: int, c: Connection) -> str:
 
 
 def text_ladder(c: Connection, width: int = 46) -> list[str]:
+    return text_steps(steps(c), width)
+
+
+def text_steps(st: list[Step], width: int = 46) -> list[str]:
     lines = [f"  {'frame':>6}  {'client':<{width}}  server"]
-    for s in steps(c):
+    for s in st:
         if s.note:
             lines.append(f"  {s.frame:>6}  {'':<{width // 2 - 4}}[{s.label}]")
         elif s.to_server:
@@ -174,6 +183,10 @@ def to_text(analysis: Analysis) -> str:
         out.extend(text_ladder(c))
         for v in verdicts(c):
             out.append(f"  Verdict: {v}")
+    for n in (n for n in analysis.stream_notes if n.kdc):
+        out.append("")
+        out.append(f"Kerberos KDC exchange: tcp.stream {n.stream}, {n.client} -> {n.server}")
+        out.extend(text_steps(kdc_steps(n.kdc)))
     # Sessions whose stream opened a pipe are in that connection's ladder already.
     with_pipes = {c.stream for c in analysis.connections if c.transport == "ncacn_np"}
     notes = [n for n in analysis.stream_notes

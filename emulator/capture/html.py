@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from .ladder import AUTHENTICATED, IDENTITY, Step, session_line, steps, verdicts
+from .ladder import AUTHENTICATED, IDENTITY, Step, kdc_steps, session_line, steps, verdicts
 from .model import Connection
 
 CSS = """
@@ -96,8 +96,16 @@ def to_html(analysis) -> str:
             f"Frame numbers are Wireshark's.</p>"]
     if not analysis.connections:
         head.append("<p>No SMB named-pipe or DCE/RPC conversation was found.</p>")
-    sections = [connection_section(i, c) for i, c in enumerate(analysis.connections, 1)]
+    sections = [kdc_section(n) for n in analysis.stream_notes if n.kdc]
+    sections += [connection_section(i, c) for i, c in enumerate(analysis.connections, 1)]
     return page(f"explain {analysis.path}", "\n".join(head + sections + [streams_section(analysis)]))
+
+
+def kdc_section(note) -> str:
+    """A stream to the KDC: the AS and TGS exchanges that fetched the tickets."""
+    return (f"<section><h2>Kerberos KDC exchange: tcp.stream {note.stream}</h2>"
+            + draw_ladder(kdc_steps(note.kdc), f"client {note.client}", f"KDC {note.server}",
+                          f"ladder of KDC stream {note.stream}") + "</section>")
 
 
 def streams_section(analysis) -> str:

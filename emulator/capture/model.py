@@ -36,6 +36,7 @@ MAX_EVENTS = 4096
 AUTH_EVENT_KINDS = frozenset({
     "smb.negotiate", "smb.session_setup", "smb.tree_connect", "smb.pipe_open",
     "ntlm.negotiate", "ntlm.challenge", "ntlm.authenticate", "ntlm.session_keys", "kerberos.token",
+    "kerberos.ticket", "kerberos.ap_rep",
     "schannel.negotiate", "schannel.challenge",
     "rpc.bind", "rpc.alter_context", "rpc.bind_ack", "rpc.alter_context_resp", "rpc.bind_nak",
     "rpc.identity", "emsmdb.connect_request", "emsmdb.connect"})
@@ -99,12 +100,15 @@ class Connection:
     # Who the RPC-layer token named, whether or not the server accepted it.
     offered_user: str | None = None
     offered_domain: str | None = None
+    offered_frame: int | None = None   # the client's message that named offered_user
     smb_user: str | None = None
     smb_domain: str | None = None
     smb_session_frame: int | None = None
     smb_mechanism: str | None = None  # how the SMB session was set up; "anonymous" for a null session
     ntlm_version: str | None = None
     identity_frame: int | None = None
+    # The Kerberos client principal (user@REALM) behind the identity, read with a keytab.
+    principal: str | None = None
     pipes: list[str] = field(default_factory=list)
     binds: list[BindInfo] = field(default_factory=list)
     emsmdb: list[EmsmdbCall] = field(default_factory=list)
@@ -139,12 +143,15 @@ class Connection:
             "mechanism": self.mechanism}
         if self.offered_user is not None:
             d["offered_user"], d["offered_domain"] = self.offered_user, self.offered_domain
+            d["offered_frame"] = self.offered_frame
         # smb_user only when there is an SMB session, as DESIGN.md section 5 says.
         if self.transport == "ncacn_np":
             d["smb_user"], d["smb_domain"] = self.smb_user, self.smb_domain
             d["smb_session_frame"] = self.smb_session_frame
             d["smb_mechanism"] = self.smb_mechanism
         d["ntlm_version"], d["identity_frame"] = self.ntlm_version, self.identity_frame
+        if self.principal is not None:
+            d["principal"] = self.principal
         d["pipes"] = list(self.pipes)
         d["binds"] = [dict(b.__dict__) for b in self.binds]
         d["emsmdb"] = [dict(e.__dict__) for e in self.emsmdb]
@@ -172,7 +179,17 @@ class SmbSession:
     established: bool
     frame: int
     ntlm_version: str | None = None
+    # SMB3 encryption: the cipher, whether its messages were read ("ok") or why not
+    # (capture/smb3_keys.py), and how many were read or failed verification.
+    cipher: str | None = None
+    decryption: str | None = None
+    decrypted_messages: int = 0
+    failed_messages: int = 0
     encrypted_messages: int = 0  # SMB3 TRANSFORM messages of this session (not readable)
+    principal: str | None = None  # the Kerberos client (user@REALM), read with a keytab
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d["principal"] is None:
+            del d["principal"]
+        return d

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 from .html import connection_section, page
 from .fileformat import CaptureError
 from .streams import analyse
+from .unseal import Keyring
 
 REPORT_NAME = "report.html"
 
@@ -62,7 +63,7 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(out)
 
 
-def _row_detail(i: int, r: dict[str, Any], directory: str) -> str:
+def _row_detail(i: int, r: dict[str, Any], directory: str, keyring: Keyring | None = None) -> str:
     out = [f'<h2 id="row{i}">Row {i}: {escape(str(r.get("row", "")))}</h2>']
     cap = r.get("capture")
     if not cap:
@@ -72,7 +73,7 @@ def _row_detail(i: int, r: dict[str, Any], directory: str) -> str:
     href = os.path.relpath(path, directory)
     out.append(f'<p>Capture: <a href="{escape(href)}">{escape(href)}</a></p>')
     try:
-        conns = analyse(path).connections
+        conns = analyse(path, keyring=keyring).connections
     except CaptureError as exc:
         out.append(f'<p class="verdict partial">{escape(str(exc))}</p>')
         return "\n".join(out)
@@ -86,8 +87,9 @@ def _row_detail(i: int, r: dict[str, Any], directory: str) -> str:
     return "\n".join(out)
 
 
-def write_report(directory: str, rows: Iterable[dict[str, Any]]) -> str:
-    """Write DIRECTORY/report.html and return its path."""
+def write_report(directory: str, rows: Iterable[dict[str, Any]], keyring: Keyring | None = None) -> str:
+    """Write DIRECTORY/report.html and return its path. `keyring` (the lab users' keys) reads
+    the rows' SMB3-encrypted and sealed traffic."""
     rows = list(rows)
     os.makedirs(directory, exist_ok=True)
     cols = _columns(rows)
@@ -101,7 +103,7 @@ def write_report(directory: str, rows: Iterable[dict[str, Any]]) -> str:
         f"<p>{passed} of {len(rows)} rows behaved as expected.</p>",
         _table(rows, cols),
     ]
-    body += [_row_detail(i, r, directory) for i, r in enumerate(rows, 1)]
+    body += [_row_detail(i, r, directory, keyring) for i, r in enumerate(rows, 1)]
     out = os.path.join(directory, REPORT_NAME)
     with open(out, "w", encoding="utf-8") as f:
         f.write(page("KB Q146188 matrix report", "\n".join(body)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..auth.context import State
 from ..directory import status_hex, status_name
@@ -24,6 +24,9 @@ from .authtokens import (AUTH_TYPE_KERBEROS, AUTH_TYPE_NTLM, AUTH_TYPE_SCHANNEL,
                          TokenInfo, inspect_token)
 from .observer import NO_MECHANISM, ObservedContext, mechanism_name
 from .unseal import Keyring, Unsealer, derive
+
+if TYPE_CHECKING:
+    from .kerberos_keys import KerberosExchange, KerberosUnsealer
 from .model import (AUTH_LEVEL_NAMES, AUTH_TYPE_NAMES, EMSMDB_CALLS, EMSMDB_UUID,
                     INTERFACE_NAMES, BindInfo, Connection, EmsmdbCall, add_event)
 
@@ -49,6 +52,7 @@ class SmbSessionInfo:
     events: list[dict[str, Any]]
     mechanism: str = NO_MECHANISM
     established: bool = True
+    principal: str | None = None  # the Kerberos client principal, read with a keytab
 
 
 def read_user_dn(stub: bytes, endian: str = "<") -> str | None:
@@ -77,7 +81,7 @@ class ObservedRpcConnection:
         self._keyring = keyring
         self._finished = self._released = False
         self._server_challenge: bytes | None = None
-        self._unsealer: Unsealer | None = None
+        self._unsealer: Unsealer | KerberosUnsealer | None = None
         self._frames = {True: w.FrameBuffer(), False: w.FrameBuffer()}
         self._contexts: dict[int, str] = {}
         self._calls: dict[int, dict[str, Any]] = {}
@@ -95,6 +99,7 @@ class ObservedRpcConnection:
         self._auth: tuple[int, int] | None = None  # (auth_type, auth_level) of the context
         self._answered = False  # a response came back since the context began
         self._kerberos_seen = False
+        self._kerberos: KerberosExchange | None = None  # with a keytab: the ticket's keys
         self._offered: TokenInfo | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -252,18 +257,20 @@ class ObservedRpcConnection:
             self._answered = False
             self._security.begin(self._mechanism(f.auth.auth_type, info))
         if info.mechanism == "kerberos" or f.auth.auth_type == AUTH_TYPE_KERBEROS:
-            # Kerberos is named, not parsed: the client principal is inside the ticket. A client
-            # may try it and fall back to NTLM in the same SPNEGO exchange.
+            # Without a keytab Kerberos is named, not parsed: the client principal is inside
+            # the ticket. A client may try it and fall back to NTLM in the same SPNEGO exchange.
             self._kerberos_seen = True
-            self.event(frame, "kerberos.token", d, leg=leg)
+            self.event(frame, "kerberos.token", d, leg=leg, message=info.message)
+            if self._keyring is not None and self._keyring.kerberos and info.raw:
+                self._read_kerberos(info, f, frame, d, leg)
             if client:
-                self._claim(info, f.auth.auth_type)
+                self._claim(info, f.auth.auth_type, frame)
             return
         if info.mechanism == "schannel":
             self.event(frame, f"schannel.{info.message or 'token'}", d, leg=leg,
                        **({"user": info.user, "domain": info.domain} if client else {}))
             if client:
-                self._claim(info, f.auth.auth_type)
+                self._claim(info, f.auth.auth_type, frame)
             elif not isinstance(f, w.BindNak):
                 self._settle(frame, ok=True)  # the server's NL_AUTH_MESSAGE answers the bind
             return
@@ -275,17 +282,42 @@ class ObservedRpcConnection:
                    **({"user": info.user, "domain": info.domain, "ntlm_version": info.ntlm_version}
                       if info.message == "authenticate" else {}))
         if info.message == "authenticate" and client:
-            self._claim(info, f.auth.auth_type)
+            self._claim(info, f.auth.auth_type, frame)
             # The server's verdict shows later, if at all: a bind_nak, or an access-denied fault
             # on the first call (AUTH3 has no answer, MS-RPCE 3.3.1.5.7). Until the capture
             # shows one, the logon stands, as tshark's reading of a capture takes it.
             self._settle(frame, ok=True)
-            if self._keyring and f.auth.auth_level >= 3:
+            if self._keyring is not None and self._keyring.hashes and f.auth.auth_level >= 3:
                 keys = derive(info.raw, self._server_challenge, self._keyring)
                 self.event(frame, "ntlm.session_keys", d, user=info.user, result=keys.reason)
                 if keys.ok and keys.readers is not None:
                     self._unsealer = Unsealer(keys.readers, f.auth.auth_type, f.auth.auth_level,
                                               f.auth.context_id)
+
+    def _read_kerberos(self, info: TokenInfo, f: w.Pdu, frame: int, direction: str, leg: str) -> None:
+        """With a keytab: the AP-REQ's ticket names the client (the claim then carries it), and
+        the AP-REP's subkey completes the key that signs and seals the calls."""
+        from .kerberos_keys import KerberosExchange, KerberosUnsealer
+
+        keys, auth = self._keyring.kerberos if self._keyring is not None else None, f.auth
+        if keys is None or auth is None:
+            return
+        if info.message == "ap_req" and direction == "c2s":
+            self._kerberos = KerberosExchange(keys)
+            ticket = self._kerberos.ap_req(info.raw)
+            self.event(frame, "kerberos.ticket", direction, leg=leg, result=ticket.result,
+                       service=ticket.service, enctype=ticket.enctype, principal=ticket.client,
+                       user=ticket.user, domain=ticket.domain)
+            if ticket.result == "ok":
+                info.user, info.domain, info.principal = ticket.user, ticket.domain, ticket.client
+                if auth.auth_level >= 4 and self._kerberos.readable:
+                    self._unsealer = KerberosUnsealer(
+                        self._kerberos, auth.auth_type, auth.auth_level, auth.context_id,
+                        bool(f.header.pfc_flags & w.PFC_SUPPORT_HEADER_SIGN))
+        elif info.message == "ap_rep" and self._kerberos is not None:
+            result = self._kerberos.ap_rep(info.raw)
+            if result != "ok":
+                self.event(frame, "kerberos.ap_rep", direction, leg=leg, result=result)
 
     def _mechanism(self, auth_type: int, info: TokenInfo) -> str:
         if auth_type == AUTH_TYPE_SCHANNEL:
@@ -298,7 +330,7 @@ class ObservedRpcConnection:
             return mechanism_name(info, self._kerberos_seen) if info.mechanism != "unknown" else "spnego"
         return AUTH_TYPE_NAMES.get(auth_type, str(auth_type))
 
-    def _claim(self, info: TokenInfo, auth_type: int) -> None:
+    def _claim(self, info: TokenInfo, auth_type: int, frame: int) -> None:
         """The client's token names (or hides) who it is."""
         mech = self._security.mechanism
         if mech is None:
@@ -308,6 +340,7 @@ class ObservedRpcConnection:
             mech.mechanism = self._mechanism(auth_type, info)
             if info.user is not None:
                 self._offered = info
+                self.conn.offered_frame = frame
 
     def _answer(self, frame: int) -> None:
         """A response came back: the context under way (or just settled) was accepted."""
@@ -342,6 +375,10 @@ class ObservedRpcConnection:
             c.identity_source, c.user, c.domain = acting.source, acting.user, acting.domain or None
         if self._offered is not None:
             c.offered_user, c.offered_domain = self._offered.user, self._offered.domain
+        if c.identity_source == SMB_SESSION:
+            c.principal = self.smb.principal if self.smb is not None else None
+        else:
+            c.principal = claimed.principal if claimed is not None and acting is not None else None
         c.identity_frame = frame
         fields: dict[str, Any] = {"source": c.identity_source, "user": c.user, "domain": c.domain,
                                   "mechanism": c.mechanism, "auth_type": c.auth_type,
@@ -349,6 +386,8 @@ class ObservedRpcConnection:
         if c.identity_source == SMB_SESSION and self.smb is not None:
             fields["session_frame"] = self.smb.frame
             fields["session_mechanism"] = self.smb.mechanism
+        if c.principal is not None:
+            fields["principal"] = c.principal
         if reason is not None:
             fields["result"] = reason
         self.event(frame, "rpc.identity", direction, **fields)

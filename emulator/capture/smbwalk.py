@@ -26,6 +26,7 @@ from .authtokens import TokenInfo, inspect_token
 from .model import AUTH_EVENT_KINDS, MAX_EVENTS, Connection, SmbSession
 from .observer import ObservedContext, mechanism_name
 from .rpcconn import ObservedRpcConnection, SmbSessionInfo
+from .smb3_keys import Smb3Reader
 
 STATUS_SUCCESS = 0
 STATUS_MORE_PROCESSING_REQUIRED = 0xC0000016
@@ -90,6 +91,7 @@ class SmbWalker:
         self._files: dict[Any, ObservedRpcConnection] = {}
         self._pending: dict[Any, dict[str, Any]] = {}
         self.partial = False
+        self._smb3 = Smb3Reader(keyring)  # SMB3 decryption, given a user's key
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -137,7 +139,8 @@ class SmbWalker:
         user, domain = sess.identity() if sess is not None else (None, None)
         record = sess.record if sess is not None else None
         mechanism = "none" if record is None else "anonymous" if record.anonymous else record.mechanism
-        info = SmbSessionInfo(user, domain, sess.frame if sess else None, [], mechanism=mechanism)
+        info = SmbSessionInfo(user, domain, sess.frame if sess else None, [], mechanism=mechanism,
+                              principal=record.principal if record is not None else None)
         rpc = ObservedRpcConnection(conn, info, keyring=self._keyring)
         rpc.event(frame, "smb.pipe_open", "s2c", pipe=pipe, tree=tree, session_user=info.user)
         self._files[key] = rpc
@@ -148,9 +151,23 @@ class SmbWalker:
         info = inspect_token(blob)
         req = self._request(key, frame)
         req["token"] = info
+        if info.message == "ap_req" and self._keyring is not None and self._keyring.kerberos:
+            self._read_ticket(info, frame)
         if info.message == "authenticate":
             self._event(frame, "ntlm.authenticate", "c2s", None, leg="session_setup", user=info.user,
                         domain=info.domain, ntlm_version=info.ntlm_version)
+
+    def _read_ticket(self, info: TokenInfo, frame: int) -> None:
+        """With a keytab, the session setup's ticket names its client (capture/kerberos_keys.py).
+        SMB needs no more of the exchange: the reader does not check SMB signatures."""
+        from .kerberos_keys import KerberosExchange
+
+        ticket = KerberosExchange(self._keyring.kerberos).ap_req(info.raw)
+        self.note({"frame": frame, "kind": "kerberos.ticket", "dir": "c2s", "leg": "session_setup",
+                   "result": ticket.result, "service": ticket.service, "enctype": ticket.enctype,
+                   "principal": ticket.client, "user": ticket.user, "domain": ticket.domain})
+        if ticket.result == "ok":
+            info.user, info.domain, info.principal = ticket.user, ticket.domain, ticket.client
 
     def _setup_result(self, frame: int, status: int, session_key: int, key: Any,
                       null_session: bool = False) -> None:
@@ -192,13 +209,15 @@ class SmbWalker:
         record = SmbSession(self.stream, self.client, self.server, session_key, self.dialect,
                             mechanism, None if anonymous else user, domain, anonymous,
                             f"0x{status:08x}", ok, frame,
-                            claimed.ntlm_version if claimed is not None else None)
+                            claimed.ntlm_version if claimed is not None else None,
+                            principal=claimed.principal if claimed is not None else None)
         sess.record = record
         if len(self.sessions) < MAX_SESSION_RECORDS:
             self.sessions.append(record)
         self._event(frame, "smb.session_setup", "s2c", sess, dialect=self.dialect or "SMB",
                     mechanism=mechanism, user=record.user, domain=domain,
                     ntlm_version=record.ntlm_version, anonymous=anonymous,
+                    **({"principal": record.principal} if record.principal else {}),
                     result="ok" if ok else f"0x{status:08x}", request_frame=req.get("frame"))
 
     @staticmethod
@@ -212,14 +231,36 @@ class SmbWalker:
         return name
 
     def encrypted(self, msg: bytes, frame: int, from_client: bool) -> None:
-        """An SMB3 TRANSFORM message: counted against its session, not read."""
-        session_id = s2.parse_transform_session(msg)
-        sess = self._sessions.get(session_id)
-        if sess is not None and sess.record is not None:
-            sess.record.encrypted_messages += 1
-        if sess is None or sess.record is None or sess.record.encrypted_messages == 1:
-            self.note({"frame": frame, "kind": "smb.encrypted", "dir": "c2s" if from_client else "s2c",
-                       "session_id": session_id})
+        """An SMB3 TRANSFORM message: read as if clear when the session's key is known and the
+        message verifies (capture/smb3_keys.py); otherwise counted against its session."""
+        opened = self._smb3.open(msg, from_client)
+        sess = self._sessions.get(opened.session_id)
+        record = sess.record if sess is not None else None
+        direction = "c2s" if from_client else "s2c"
+        if record is not None:
+            # A message that fails verification was tried under a known key: the key is
+            # "ok", the message is not (counted in failed_messages).
+            record.cipher = opened.cipher
+            record.decryption = "ok" if opened.failed_verification else opened.reason
+        if opened.plain is not None:
+            if record is not None:
+                record.decrypted_messages += 1
+            if record is None or record.decrypted_messages == 1:
+                self.note({"frame": frame, "kind": "smb.decrypted", "dir": direction,
+                           "session_id": opened.session_id, "cipher": opened.cipher})
+            self.smb2(opened.plain, frame)
+            return
+        if opened.failed_verification:  # a key was at hand: the message is not authentic
+            if record is not None:
+                record.failed_messages += 1
+            self.note({"frame": frame, "kind": "smb.decrypt_failed", "dir": direction,
+                       "session_id": opened.session_id, "cipher": opened.cipher, "reason": opened.reason})
+            return
+        if record is not None:
+            record.encrypted_messages += 1
+        if record is None or record.encrypted_messages == 1:
+            self.note({"frame": frame, "kind": "smb.encrypted", "dir": direction,
+                       "session_id": opened.session_id, "reason": opened.reason})
 
     def release(self) -> None:
         for rpc in self._files.values():
@@ -363,6 +404,7 @@ class SmbWalker:
 
     def _smb2_one(self, m: bytes, frame: int, last_file: bytes | None) -> bytes | None:
         h = s2.parse_header(m)
+        self._smb3.observe(m, h)
         reply = bool(h.flags & s2.FLAGS_SERVER_TO_REDIR)
         if reply and h.status == STATUS_PENDING:
             return last_file  # an interim response; the final one follows

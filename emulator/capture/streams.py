@@ -19,6 +19,7 @@ from .reassembly import Reassembler, TcpStream
 from .scan import read_into as _read_into
 from .rpcconn import ObservedRpcConnection
 from .smbwalk import SmbWalker
+from .kdc import KdcWalker, looks_like_kdc
 from .unseal import Keyring
 
 MAX_STREAM_NOTES = 16  # malformed messages kept per stream for its summary
@@ -41,16 +42,21 @@ class StreamSummary:
     """What one SMB or DCE/RPC stream showed besides its RPC connections: every SMB session
     setup (with or without a pipe) and the first messages it could not decode."""
     stream: int
-    kind: str  # smb | rpc
+    kind: str  # smb | rpc | kdc
     client: str
     server: str
     smb_sessions: list[SmbSession]
     malformed: list[dict[str, Any]]
+    # AS and TGS messages of a stream to a KDC (capture/kdc.py), as ladder events.
+    kdc: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"stream": self.stream, "kind": self.kind, "client": self.client,
-                "server": self.server, "smb_sessions": [s.to_json() for s in self.smb_sessions],
-                "malformed": [dict(m) for m in self.malformed]}
+        d = {"stream": self.stream, "kind": self.kind, "client": self.client,
+             "server": self.server, "smb_sessions": [s.to_json() for s in self.smb_sessions],
+             "malformed": [dict(m) for m in self.malformed]}
+        if self.kdc:
+            d["kdc"] = [dict(e) for e in self.kdc]
+        return d
 
 
 @dataclass
@@ -77,6 +83,7 @@ class StreamWalker:
         self._dirs = {True: _Dir(), False: _Dir()}
         self._rpc: ObservedRpcConnection | None = None
         self._smb: SmbWalker | None = None
+        self._kdc: KdcWalker | None = None
         self._synced = {True: False, False: False}
         self._oriented = False
         self._a_is_client: bool | None = None
@@ -129,6 +136,8 @@ class StreamWalker:
                 self._start("rpc")
             elif payload[:1] in (b"\x81", b"\x82", b"\x85") and self.kind in (None, "smb"):
                 self._start("smb")  # NetBIOS session request/response/keep-alive on port 139
+            elif looks_like_kdc(payload) and self.kind in (None, "kdc"):
+                self._start("kdc")
             else:
                 if self.kind is None and d.tries >= DETECT_TRIES and self._dirs[not from_a].tries >= DETECT_TRIES:
                     # Neither SMB nor DCE/RPC: stop reassembling this stream at all.
@@ -140,6 +149,8 @@ class StreamWalker:
             # Which side is the client is read from the PDU types, so a capture that missed
             # the SYN still attributes requests correctly.
             self._rpc_data(from_a, payload, frame)
+        elif self.kind == "kdc" and self._kdc is not None:
+            self._kdc.feed(from_a, payload, frame)
         else:
             self._smb_data(from_a, payload, frame)
 
@@ -153,6 +164,8 @@ class StreamWalker:
         if self._smb is not None:
             sessions = self._smb.sessions
             self._smb.release()
+        kdc = self._kdc.events if self._kdc is not None else []
+        a_is_server = self._kdc is not None and self._kdc.a_is_client is False
         found, self.found = self.found, []
         self._rpc = self._smb = None
         st = self.st
@@ -170,9 +183,13 @@ class StreamWalker:
             settled.append(rpc)
         if settled:
             self._emit(st, settled)
-        if self._on_stream is not None and kind in ("smb", "rpc"):
+        if self._on_stream is not None and kind in ("smb", "rpc", "kdc"):
             client, server = self._endpoints()
-            self._on_stream(StreamSummary(st.number, kind, client, server, sessions, self._malformed))
+            if kind == "kdc":
+                (ca, cp), (sa, sp) = (self.st.b, self.st.a) if a_is_server else (self.st.a, self.st.b)
+                client, server = f"{ca}:{cp}", f"{sa}:{sp}"
+            self._on_stream(StreamSummary(st.number, kind, client, server, sessions, self._malformed,
+                                          kdc))
 
     def gap(self, from_a: bool, frame: int) -> None:
         self._dirs[from_a] = _Dir()
@@ -194,6 +211,8 @@ class StreamWalker:
             conn = Connection(self.st.number, "ncacn_ip_tcp", client, server, partial=self.st.partial)
             self._rpc = ObservedRpcConnection(conn, keyring=self._keyring)
             self._found(self._rpc)
+        elif kind == "kdc":
+            self._kdc = KdcWalker()
         else:
             self._smb = SmbWalker(self.st.number, client, server, self._found, self._keyring)
 
@@ -275,6 +294,8 @@ class StreamWalker:
         if self._rpc is not None:
             self._rpc.gap(True)
             self._rpc.gap(False)
+        if self._kdc is not None:
+            self._kdc.gap()
 
 
 @dataclass
@@ -320,7 +341,7 @@ class CaptureScan:
                 on_connection(rpc.conn)
 
         def noted(summary: StreamSummary) -> None:
-            if on_stream is not None and (summary.smb_sessions or summary.malformed):
+            if on_stream is not None and (summary.smb_sessions or summary.malformed or summary.kdc):
                 on_stream(summary)
 
         def sink(st: TcpStream) -> StreamWalker:

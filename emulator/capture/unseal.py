@@ -20,31 +20,37 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 
 from ..rpc import pdu as P
 from ..rpc.verifier import RpcProtection, VerifyError, unprotect
+
+if TYPE_CHECKING:
+    from .kerberos_keys import KerberosKeys
 
 NT_PROOF_LEN = 16
 
 
 @dataclass
 class Keyring:
-    """NT hashes by lower-case user name."""
+    """NT hashes by lower-case user name, and the service keys of a keytab (Kerberos)."""
     hashes: dict[str, bytes] = field(default_factory=dict, repr=False)
+    kerberos: "KerberosKeys | None" = field(default=None, repr=False)
 
     def __repr__(self) -> str:
-        return f"Keyring(users={sorted(self.hashes)})"
+        return f"Keyring(users={sorted(self.hashes)}, kerberos={self.kerberos!r})"
 
     def __bool__(self) -> bool:
-        return bool(self.hashes)
+        return bool(self.hashes) or bool(self.kerberos)
 
     def nt_hash(self, user: str) -> bytes | None:
         return self.hashes.get(user.lower())
 
     @classmethod
-    def build(cls, passwords: Mapping[str, str] | Iterable[str] | None = None, lab: Any = None) -> "Keyring":
+    def build(cls, passwords: Mapping[str, str] | Iterable[str] | None = None, lab: Any = None,
+              keytab: str | None = None) -> "Keyring":
+        """Raises KeytabError (naming the file, never a key) for an unreadable keytab."""
         from impacket import ntlm as imp  # only when keys are asked for: it is slow to import
         ring = cls()
         if lab is not None:
@@ -53,6 +59,11 @@ class Keyring:
                 lab = load_config(lab)
             for u in lab.users:
                 ring.hashes[u.name.lower()] = bytes(u.nt_hash)
+        if keytab is not None:
+            from .kerberos_keys import KerberosKeys
+            ring.kerberos = KerberosKeys.load(keytab)
+            if lab is not None:  # a ticket's client is named as the lab user it maps to
+                ring.kerberos = ring.kerberos.with_lab([u.name for u in lab.users], lab.server.domain)
         if passwords:
             items = passwords.items() if isinstance(passwords, Mapping) else (
                 p.partition(":")[::2] for p in passwords)
@@ -88,6 +99,8 @@ class KeyResult:
     ok: bool
     reason: str  # "ok" | "no_key" | "wrong_password" | "ntlmv1" | "anonymous"
     readers: dict[bool, _Reader] | None = field(default=None, repr=False)
+    # The ExportedSessionKey: an SMB session's key (MS-SMB2 3.3.5.5.3), for capture/smb3_keys.py.
+    session_key: bytes = field(default=b"", repr=False)
 
 
 def derive(auth_msg: bytes, server_challenge: bytes | None, keyring: Keyring) -> KeyResult:
@@ -129,7 +142,7 @@ def derive(auth_msg: bytes, server_challenge: bytes | None, keyring: Keyring) ->
         exported = ARC4.new(kxkey).decrypt(encrypted)
     # Requests are read as the server reads them, responses as the client does.
     readers = {True: _Reader(exported, flags, "server"), False: _Reader(exported, flags, "client")}
-    return KeyResult(True, "ok", readers)
+    return KeyResult(True, "ok", readers, exported)
 
 
 class Unsealer:

@@ -225,7 +225,10 @@ class Realm:
     def _add_users(self, users: tuple[User, ...]) -> tuple[str, ...]:
         ntlm_only: list[str] = []
         for user in users:
-            flags = "" if user.enabled else "-allow_tix "
+            # Users need pre-authentication, as in Active Directory: without it the KDC hands
+            # an AS-REP in the user's key to anyone who asks, for offline guessing. (Not on
+            # service principals: there MIT reads the flag as a rule about the client's TGT.)
+            flags = "+requires_preauth " + ("" if user.enabled else "-allow_tix ")
             if user.password is not None:
                 # kadmin.local prompts for the password twice on stdin.
                 self._kadmin(f"addprinc {user.name}", f"addprinc {flags}{user.name}",

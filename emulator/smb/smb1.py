@@ -393,6 +393,12 @@ class Smb1Engine:
         unicode = ctx.header.unicode
         start = block.data_offset + (1 if unicode and block.data_offset % 2 else 0)
         name, _ = w.read_string(ctx.message, start, end, unicode, name_len if name_len <= end - start else None)
+        if name.lower().startswith("pipe\\"):
+            # On IPC$ the name is the pipe's, after the root's backslash; a bare `pipe\` prefix
+            # names nothing, as Windows and Samba answer (smbtorture's rpc.samba3.smb1-pipe-name).
+            raise SmbError(w.STATUS_OBJECT_NAME_NOT_FOUND, event(
+                w.LAYER, "smb.pipe_open", pipe=name, result="not_found", reason="pipe_prefix",
+                smb_user=session.label))
         fid = self._fids.take(self.core.opens)
         _op, events = self.core.open_pipe(session, tree, name, fid, fid=fid)
         ctx.events.extend(events)

@@ -12,7 +12,6 @@ The security rules that matter for the product:
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -26,7 +25,8 @@ from . import smb2_wire as w
 from .pipe import Pipe, PipeFactory
 from .session_core import Open, Session, SessionCore, SmbError, Tree, netbios_frame
 from .smb2_signing import Signer, session_key_16, signing_key
-from .smb3_encryption import CIPHERS, EncryptionError, Opener, Sealer, choose_cipher, encryption_keys
+from .smb3_encryption import (CIPHERS, PREAUTH_SEED, EncryptionError, Opener, Sealer, choose_cipher,
+                              encryption_keys, preauth_next)
 
 LAYER = "smb"
 CREDIT_WINDOW = 512             # at most this many MessageIds granted and not yet used
@@ -426,10 +426,10 @@ class Smb2Engine:
         reply = Reply(st.STATUS_SUCCESS, self._negotiate_body(dialect, contexts))
         if dialect == w.DIALECT_311:
             # MS-SMB2 3.3.5.4: the connection's preauth hash covers this request and response.
-            self._preauth = hashlib.sha512(b"\x00" * 64 + msg).digest()
+            self._preauth = preauth_next(PREAUTH_SEED, msg)
 
             def after(data: bytes) -> None:
-                self._preauth = hashlib.sha512(self._preauth + data).digest()
+                self._preauth = preauth_next(self._preauth, data)
             reply.on_sent = after
         events.append(event(
             LAYER, "smb.negotiate", dialect=dialect_name(dialect), result="ok",
@@ -522,7 +522,7 @@ class Smb2Engine:
         if req.security_mode & w.NEGOTIATE_SIGNING_REQUIRED or self._config.policy.smb_signing_required:
             keys.signing_required = True
         if self.dialect == w.DIALECT_311 and not session.established:
-            keys.preauth = hashlib.sha512(keys.preauth + msg).digest()
+            keys.preauth = preauth_next(keys.preauth, msg)
 
         sid = session.session_id
         try:
@@ -540,7 +540,7 @@ class Smb2Engine:
                 return self._finish(h, session, reply)
             if self.dialect == w.DIALECT_311:
                 def after(data: bytes, k: Keys = keys) -> None:
-                    k.preauth = hashlib.sha512(k.preauth + data).digest()
+                    k.preauth = preauth_next(k.preauth, data)
                 reply.on_sent = after
             return reply
 
@@ -653,9 +653,14 @@ class Smb2Engine:
             file_id = self._random(16)
             if file_id != w.FILE_ID_ANY and file_id not in self.core.opens:
                 break
-        name = req.name.lstrip("\\")
+        # SMB2 names are relative to the share (MS-SMB2 2.2.13: "MUST NOT begin with a
+        # separator"): a leading backslash names no pipe, as Windows and Samba answer.
+        if req.name.startswith("\\"):
+            events.append(event(LAYER, "smb.pipe_open", pipe=req.name, result="not_found",
+                                reason="leading_separator", smb_user=session.label))
+            return Reply(st.STATUS_OBJECT_NAME_NOT_FOUND, w.build_error_response())
         try:
-            _op, pipe_events = self.core.open_pipe(session, tree, name, file_id)
+            _op, pipe_events = self.core.open_pipe(session, tree, req.name, file_id)
         except SmbError as exc:
             events.extend(exc.events)
             return Reply(exc.status, w.build_error_response())

@@ -19,6 +19,7 @@ key in a repr.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -28,6 +29,14 @@ from . import smb2_wire as w
 from .smb2_signing import kdf_counter_mode, session_key_16
 
 TAG_SIZE = 16
+PREAUTH_SEED = b"\x00" * 64   # MS-SMB2 3.3.5.4: the hash chain starts from 64 zero bytes
+
+
+def preauth_next(previous: bytes, message: bytes) -> bytes:
+    """One step of the 3.1.1 preauth integrity hash (MS-SMB2 3.3.5.4, 3.3.5.5):
+    SHA-512(previous value || the whole SMB2 message). The server keeps it for its own keys; the
+    capture reader recomputes it from the messages it sees (capture/smb3_keys.py)."""
+    return hashlib.sha512(previous + message).digest()
 
 
 @dataclass(frozen=True)

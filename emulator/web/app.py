@@ -25,7 +25,8 @@ from aiohttp import web
 
 from ..matrix import Scenario, kb_scenarios
 from .address import TOKEN_FREE_HOSTS, UiAddress
-from .broadcast import FLOOD_SECONDS, MAX_FINALS_PER_TICK, MAX_VIEWS_PER_TICK, Broadcaster, sse
+from .broadcast import (FLOOD_SECONDS, GZIP_HEADER, MAX_FINALS_PER_TICK, MAX_VIEWS_PER_TICK, Broadcaster,
+                        Message, sse)
 from .forms import FormError, what_if
 from .labview import lab_summary
 from .live import LiveConnections
@@ -91,8 +92,8 @@ class LiveView:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.address.host, self.address.port, reuse_address=True)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else self.address.port
+        bound = self._runner.addresses               # (host, port[, ...]) per listening socket
+        self.port = bound[0][1] if bound else self.address.port
 
     async def stop(self) -> None:
         self._stopped = True
@@ -244,19 +245,23 @@ class LiveView:
         return web.json_response(msg)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+        gzip = "gzip" in request.headers.get("Accept-Encoding", "").lower()
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+        resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
-        sub = self.hub.subscribe()
+        chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        sub = self.hub.subscribe(request.transport, gzip, chunked)
         try:
             snapshot = {"lab": self._lab_doc(), "matrix": self._matrix_doc(),
                         "conns": [v.to_message(True, ladders=False) for v in self.conns.recent(SNAPSHOT_CONNS)]}
-            await resp.write(b"retry: 2000\n\n" + sse("snapshot", snapshot))
-            while not sub.dropped and not self._stopped:
-                payload = await sub.queue.get()        # the hub sends keepalives to all pages
-                if payload is None or sub.dropped:
-                    break
-                await resp.write(payload)
+            first = Message(b"retry: 2000\n\n" + sse("snapshot", snapshot)).for_page(gzip)
+            # aiohttp writes the headers and this first chunk; later messages go to the socket
+            # directly, framed the same way (broadcast.Message.for_page).
+            await resp.write(GZIP_HEADER + first if gzip else first)
+            self.hub.ready(sub)
+            await sub.done
         except (ConnectionError, RuntimeError):
             pass                                   # the page went away
         finally:

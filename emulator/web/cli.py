@@ -4,12 +4,12 @@ it, the table printed as `rpcauth matrix` prints it, then the page kept up until
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from typing import Callable
 
-from ..config import ConfigError, load_config
-from ..matrix import kb_scenarios, load_scenarios, render_table
+from ..matrix import render_table, rows_and_config
 from .address import UiAddress
 from .runs import result_message, run_scenario
 
@@ -21,16 +21,20 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
     if args.seed is not None:
         print("rpcauth matrix: --seed fixes ports and nonces per row; it does not mix with --ui", file=sys.stderr)
         return 2
+    if args.kerberos:
+        # The page runs every row against one lab; the Kerberos rows need a realm per row and a
+        # workstation ticket, which only `rpcauth matrix --kerberos` sets up today.
+        print("rpcauth matrix: --kerberos does not mix with --ui; run it without the page", file=sys.stderr)
+        return 2
     try:
-        if args.scenarios:
-            with open(args.scenarios, encoding="utf-8") as fh:
-                scenarios = load_scenarios(fh.read(), args.scenarios)
-        else:
-            scenarios = kb_scenarios()
-        config = load_config(args.config) if args.config else None
-    except (OSError, ValueError, ConfigError) as exc:
+        scenarios, config = rows_and_config(args)
+    except (OSError, ValueError) as exc:
         print(f"rpcauth matrix: {exc}", file=sys.stderr)
         return 2
+    # Ctrl-C (or SIGTERM) ends the run between rows, or the wait after them.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     lab = Lab(config, captures=args.captures, ui=address)
     try:
         lab.start()
@@ -45,15 +49,14 @@ def run_matrix_with_ui(args: argparse.Namespace, address: UiAddress,
         announce(view.url, address)
         results = []
         for s in scenarios:
+            if stop.is_set():
+                break
             result = run_scenario(lab, s)
             results.append(result)
             view.publish_result_threadsafe(s.id, result_message(result))
         print(render_table(results), flush=True)
         print("rpcauth: the live view stays up; Ctrl-C to stop", file=sys.stderr, flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-        return 0 if all(r.ok for r in results) else 1
+        stop.wait()
+        return 0 if len(results) == len(scenarios) and all(r.ok for r in results) else 1
     finally:
         lab.stop()

@@ -33,6 +33,7 @@ _DIRECTION = {
     "smb.pipe_open": False, "ntlm.negotiate": True, "ntlm.challenge": False, "ntlm.authenticate": True,
     "rpc.bind": True, "rpc.alter_context": True, "rpc.identity": None, "emsmdb.connect": False,
     "rpc.fault": False, "malformed": None, "limit": None,
+    "kerberos.accept": True,   # the client's AP-REQ, with the server's verdict on its ticket
 }
 
 

@@ -297,3 +297,17 @@ def test_pipe_open_on_a_tree_that_is_not_ipc(lab):
     trees = wait_records(lab, "smb.tree_connect", conn=conn)
     assert [(t["result"], t["share"]) for t in trees] == [("bad_network_name", "C$")]
     assert [r[:2] for r in refusals(lab, conn, 2)] == [("NT_CREATE_ANDX", "no_tree")] * 2
+
+
+def test_smb1_nt_create_of_a_bare_pipe_prefix_names_no_pipe(lab):
+    """On IPC$ the NT_CREATE_ANDX name follows the root's backslash: `pipe\\emsmdb` names
+    nothing, as on Windows and Samba (smbtorture's rpc.samba3.smb1-pipe-name)."""
+    client = RawSmb1(lab.ports["smb"])
+    conn = conn_of(lab, client.sock)
+    _, final = client.login("alice", lab.password("alice"))
+    assert final is not None and final.status == 0
+    tid = client.tree_connect().tid
+    assert client.nt_create(tid, "pipe\\emsmdb").status == nt_errors.STATUS_OBJECT_NAME_NOT_FOUND
+    [refused] = wait_records(lab, "smb.pipe_open", conn=conn)
+    assert (refused["result"], refused["reason"]) == ("not_found", "pipe_prefix")
+    assert client.nt_create(tid, "\\emsmdb").status == 0

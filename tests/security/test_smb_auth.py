@@ -253,3 +253,16 @@ def test_unsigned_requests_when_signing_is_required(signing_lab):
     assert not opened_pipes(signing_lab, conn)
     unsigned = [m for m in wait_records(signing_lab, "malformed", conn=conn) if m["reason"] == "unsigned_request"]
     assert len(unsigned) == 2
+
+
+def test_smb2_create_with_a_leading_backslash_names_no_pipe(lab):
+    """SMB2 paths are relative to the share (MS-SMB2 2.2.13): `\\emsmdb` is not a pipe, as on
+    Windows and Samba (smbtorture's rpc.samba3.smb2-pipe-name); `emsmdb` is."""
+    client, conn = smb(lab)
+    assert client.login("alice", lab.password("alice")).status == 0
+    tid = client.tree_connect().packet["TreeID"]
+    assert client.create(tid, "\\emsmdb").status == nt_errors.STATUS_OBJECT_NAME_NOT_FOUND
+    [refused] = wait_records(lab, "smb.pipe_open", conn=conn)
+    assert (refused["result"], refused["reason"], refused["pipe"]) == ("not_found", "leading_separator", "\\emsmdb")
+    assert client.create(tid, "emsmdb").status == 0
+    assert [p["pipe"] for p in opened_pipes(lab, conn)] == ["emsmdb"]

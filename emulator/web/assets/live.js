@@ -56,19 +56,20 @@
     const tbody = document.querySelector("#matrix-table tbody");
     thead.textContent = ""; tbody.textContent = "";
     const hr = el("tr");
-    ["row"].concat(Object.values(headings)).concat(["match", ""]).forEach(h => hr.appendChild(el("th", {}, h)));
+    // The Run button and the verdict come first, so they stay in view on a narrow screen.
+    ["row", "match"].concat(Object.values(headings)).forEach(h => hr.appendChild(el("th", {}, h)));
     thead.appendChild(hr);
     m.rows.forEach(r => {
       const tr = el("tr", {id: "row-" + r.id});
-      const name = el("td", {title: r.title + " (" + r.cite + ")"}, r.id);
-      name.appendChild(el("small", {}, r.order + ", UNS " + r.uns + ", typed: " + r.typed));
-      tr.appendChild(name);
-      Object.keys(headings).forEach(c => tr.appendChild(el("td", {"data-col": c, title: "expected: " + (r.expected[c] || "-")}, "want " + (r.expected[c] || "-"))));
-      tr.appendChild(el("td", {"data-col": "match"}, ""));
-      const td = el("td");
+      const name = el("td", {title: r.title + " (" + r.cite + ")"});
       const b = el("button", {type: "button", id: "run-" + r.id}, "Run");
       b.addEventListener("click", () => runRow(r.id, b));
-      td.appendChild(b); tr.appendChild(td);
+      name.appendChild(b);
+      name.appendChild(document.createTextNode(" " + r.id));
+      name.appendChild(el("small", {}, r.order + ", UNS " + r.uns + ", typed: " + r.typed));
+      tr.appendChild(name);
+      tr.appendChild(el("td", {"data-col": "match"}, ""));
+      Object.keys(headings).forEach(c => tr.appendChild(el("td", {"data-col": c, title: "expected: " + (r.expected[c] || "-")}, "want " + (r.expected[c] || "-"))));
       tbody.appendChild(tr);
       rows[r.id] = tr;
     });
