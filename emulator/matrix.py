@@ -320,7 +320,7 @@ def rows_and_config(args: argparse.Namespace) -> tuple[list[Scenario], LabConfig
     if args.kerberos:
         scenarios += kerberos_scenarios()
     config = load_config(args.config) if args.config else None
-    if getattr(args, "encrypt", False):
+    if args.encrypt:
         config = requiring_encryption(config or matrix_default_config())
     return scenarios, config
 
