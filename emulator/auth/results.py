@@ -15,6 +15,9 @@ REASONS = (
     "ok", "wrong_password", "unknown_user", "disabled", "ntlmv1_forbidden", "lm_forbidden",
     "anonymous_forbidden", "guest_forbidden", "bad_mic", "bad_target_info", "malformed",
     "bad_state", "expired", "unsupported_mech",
+    # Kerberos (emulator/kerberos/acceptor.py) and SPNEGO under policy.require_kerberos.
+    "wrong_service", "replay", "bad_integrity", "clock_skew", "not_yet_valid", "refused",
+    "downgrade",
 )
 
 # What `AuthResult.mech` names: the mechanism that proved the identity, in the vocabulary of the
