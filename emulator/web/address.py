@@ -57,4 +57,4 @@ def parse_address(spec: str | int, *, token: str | None = None) -> UiAddress:
         raise AddressError(f"port {port} is out of range")
     if host not in TOKEN_FREE_HOSTS and token is None:
         token = secrets.token_urlsafe(24)
-    return UiAddress(host, port, token if host not in TOKEN_FREE_HOSTS else token)
+    return UiAddress(host, port, token)
