@@ -20,19 +20,13 @@ import pytest
 from harness.cast import CORPUS, dn, need_tool
 from harness.kerberos import (
     HOSTNAME,
-    MGMT,
     REALM,
-    RawRpc,
-    auth3_pdu,
-    bind_pdu,
-    gss_initiator,
     kerberos_config,
     kinit,
     kvno,
+    mit_sealed_mgmt_call,
     need_kerberos,
     run_samba,
-    sealed_request,
-    unseal_response,
 )
 
 from emulator.lab import Lab
@@ -115,15 +109,7 @@ def recorded(tmp_path_factory):
         finally:
             dce.disconnect()
         # MIT's initiator: auth_type 16, the final AP-REP in AUTH3, one sealed call.
-        ctx = gss_initiator(ticket, f"host@{HOSTNAME}")
-        rpc = RawRpc(lab.ports["emsmdb"])
-        try:
-            rpc.send(bind_pdu(MGMT, 16, 6, ctx.step()))
-            rpc.send(auth3_pdu(16, 6, ctx.step(rpc.recv()["auth_data"])))
-            rpc.send(sealed_request(ctx, 16, 0, b"", call_id=3))
-            assert unseal_response(ctx, rpc.recv())[-4:] == b"\0\0\0\0"
-        finally:
-            rpc.close()
+        assert mit_sealed_mgmt_call(lab, ticket)[-4:] == b"\0\0\0\0"
         shutil.copy(lab.realm.keytab, keytab)        # the realm's directory goes with the lab
         connects = lab.records("emsmdb.connect")
         identities = [(r["user"], r["domain"]) for r in lab.records("rpc.identity")
@@ -438,15 +424,7 @@ def rc4_capture(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr
         ticket.env["KRB5_CONFIG"] = os.environ["KRB5_CONFIG"] = str(rc4_conf)   # the initiator is in-process
         assert kvno(ticket, f"host/{HOSTNAME}@{REALM}").returncode == 0
-        ctx = gss_initiator(ticket, f"host@{HOSTNAME}")
-        rpc = RawRpc(lab.ports["emsmdb"])
-        try:
-            rpc.send(bind_pdu(MGMT, 16, 6, ctx.step()))
-            rpc.send(auth3_pdu(16, 6, ctx.step(rpc.recv()["auth_data"])))
-            rpc.send(sealed_request(ctx, 16, 0, b"", call_id=3))
-            assert unseal_response(ctx, rpc.recv())[-4:] == b"\0\0\0\0"
-        finally:
-            rpc.close()
+        assert mit_sealed_mgmt_call(lab, ticket)[-4:] == b"\0\0\0\0"
         klist = subprocess.run(["klist", "-e"], env=ticket.env, capture_output=True, text=True).stdout
         keytab = tmp / "lab.keytab"
         shutil.copy(lab.realm.keytab, keytab)

@@ -149,16 +149,12 @@ class Header:
 
 
 def parse_header(message: bytes) -> Header:
-    if len(message) < HEADER_SIZE + 3:
-        raise ProtocolError(LAYER, "short_message")
-    (magic, command, status, flags, flags2, pid_high, signature, _reserved,
-     tid, pid, uid, mid) = _HEADER.unpack_from(message)
-    if magic != MAGIC:
-        raise ProtocolError(LAYER, "bad_protocol_id")
-    if flags & FLAGS_REPLY:
+    """The header of a client's request (the engine's side): a reply is refused."""
+    header = parse_observed_header(message)
+    if header.flags & FLAGS_REPLY:
         # A client never sends a reply; bouncing it back would confuse a reflecting peer.
         raise ProtocolError(LAYER, "reply_flag_in_request")
-    return Header(command, status, flags, flags2, pid_high, signature, tid, pid, uid, mid)
+    return header
 
 
 # ---------------------------------------------------------------- command blocks

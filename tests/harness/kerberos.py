@@ -265,3 +265,17 @@ def unseal_response(ctx, pdu) -> bytes:
     graw.unwrap_iov(ctx, iov)
     body = bytes(iov[1].value)
     return body[:len(body) - pad]
+
+
+def mit_sealed_mgmt_call(lab: Lab, ticket: Ticket) -> bytes:
+    """MIT's own initiator over TCP: auth_type 16 at privacy, the final AP-REP in AUTH3 (as
+    Samba sends it), then one sealed inq_if_ids call. Returns the unsealed response stub."""
+    ctx = gss_initiator(ticket, f"host@{HOSTNAME}")
+    rpc = RawRpc(lab.ports["emsmdb"])
+    try:
+        rpc.send(bind_pdu(MGMT, 16, 6, ctx.step()))
+        rpc.send(auth3_pdu(16, 6, ctx.step(rpc.recv()["auth_data"])))
+        rpc.send(sealed_request(ctx, 16, 0, b"", call_id=3))
+        return unseal_response(ctx, rpc.recv())
+    finally:
+        rpc.close()
