@@ -296,7 +296,10 @@ def render_table(results: list[RowResult]) -> str:
     out += [line(c) for c in rows]
     bad = [r.scenario.id for r in results if not r.ok]
     out.append("")
-    out.append(f"{len(results) - len(bad)}/{len(results)} rows as the KB says" +
+    beyond = sum(r.scenario.beyond_kb for r in results)
+    # Rows beyond the KB are checked against their own cited sources (or lab policy), not the KB.
+    scope = f" (the KB's {len(results) - beyond} and {beyond} beyond it, as their sources say)" if beyond else ""
+    out.append(f"{len(results) - len(bad)}/{len(results)} rows as the KB says{scope}" +
                (f"; MISMATCH in {', '.join(bad)}" if bad else ""))
     return "\n".join(out)
 
