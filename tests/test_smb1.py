@@ -550,19 +550,3 @@ def test_reauthentication_keeps_the_session_and_its_pipes(lab):
         ("alice", False, setups[0]["uid"]), ("bob", True, setups[0]["uid"])]
     assert not lab.records("smb.close", conn=cid)
     conn.close()
-
-
-def test_failed_reauthentication_with_impacket_ends_the_session(lab):
-    from harness.smb_peers import EC_SUCCESS, conn_of, emsmdb_pipe, impacket_login, mailbox_answers
-    conn = impacket_login(lab, "alice", "SMB1")
-    cid = conn_of(lab, conn)
-    pipe = emsmdb_pipe(lab, conn)
-    assert mailbox_answers(pipe, "alice") == [EC_SUCCESS]
-    with pytest.raises(SessionError) as failed:
-        conn.login("bob", "not-bobs", "CORP")
-    assert failed.value.getErrorCode() == nt_errors.STATUS_LOGON_FAILURE
-    with pytest.raises(SessionError) as gone:
-        mailbox_answers(pipe, "alice")
-    assert gone.value.getErrorCode() == nt_errors.STATUS_USER_SESSION_DELETED
-    assert [c["reason"] for c in lab.records("smb.close", conn=cid)] == ["logon_failed"]
-    conn.close()

@@ -671,9 +671,11 @@ def test_reauthentication_keeps_the_session_and_its_pipes(lab, dialect):
     smb.close()
 
 
-def test_failed_reauthentication_ends_the_session_and_its_pipes(lab):
+@pytest.mark.parametrize("dialect", ["SMB1", "2.1"])
+def test_failed_reauthentication_ends_the_session_and_its_pipes(lab, dialect):
+    """One policy on both dialects (emulator/smb/session_core.py)."""
     from harness.smb_peers import EC_SUCCESS, conn_of, emsmdb_pipe, impacket_login, mailbox_answers
-    smb = impacket_login(lab, "alice", "2.1")
+    smb = impacket_login(lab, "alice", dialect)
     conn = conn_of(lab, smb)
     pipe = emsmdb_pipe(lab, smb)
     assert mailbox_answers(pipe, "alice") == [EC_SUCCESS]
